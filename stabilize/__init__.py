@@ -1,0 +1,43 @@
+"""stabilize: keep neural-network training numerically stable, in PyTorch and TensorFlow.
+
+Importing this package imports neither torch nor tensorflow; a backend is
+loaded the first time it is needed.
+"""
+
+from .config import set_backend, use_backend
+from .errors import (
+    BackendNotAvailableError,
+    ConfigError,
+    NonFiniteError,
+    StabilizeError,
+    UnknownBackendError,
+)
+from .finite import FiniteReport, LeafReport, check_finite
+from .ops import clip_grads, global_norm, safe_cross_entropy, safe_div, safe_log, safe_mse
+from .registry import backend_for, get_backend, known_backends, register_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "set_backend",
+    "use_backend",
+    "get_backend",
+    "backend_for",
+    "known_backends",
+    "register_backend",
+    "safe_log",
+    "safe_div",
+    "safe_mse",
+    "safe_cross_entropy",
+    "clip_grads",
+    "global_norm",
+    "check_finite",
+    "FiniteReport",
+    "LeafReport",
+    "StabilizeError",
+    "ConfigError",
+    "UnknownBackendError",
+    "BackendNotAvailableError",
+    "NonFiniteError",
+]

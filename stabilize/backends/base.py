@@ -1,0 +1,116 @@
+"""The primitive interface every backend implements, and dtype facts.
+
+The formulas of stabilize (``stabilize.ops``, the optimizers, the finite check)
+are written once against these primitives. A backend method converts, calls one
+framework op and returns; where frameworks really differ the method says why.
+
+The dtype table is written out here rather than asked of numpy because numpy
+has no bfloat16.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+__all__ = ["Backend", "FloatInfo", "FLOAT_INFO", "ACCUMULATE"]
+
+
+class FloatInfo(NamedTuple):
+    """Facts about a floating dtype: smallest normal, machine epsilon, largest finite."""
+
+    tiny: float
+    eps: float
+    max: float
+
+
+FLOAT_INFO: dict[str, FloatInfo] = {
+    "float16": FloatInfo(2.0**-14, 2.0**-10, 65504.0),
+    "bfloat16": FloatInfo(2.0**-126, 2.0**-7, 3.3895313892515355e38),
+    "float32": FloatInfo(2.0**-126, 2.0**-23, 3.4028234663852886e38),
+    "float64": FloatInfo(2.0**-1022, 2.0**-52, 1.7976931348623157e308),
+}
+
+# Reductions accumulate in at least float32: float16 squares overflow past 256.
+ACCUMULATE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+
+
+class Backend:
+    """Primitives over one framework's tensors. Subclasses implement every method."""
+
+    name: str = "base"
+    framework_module: str | None = None
+
+    # -- conversion ---------------------------------------------------------
+    def is_tensor(self, x: Any) -> bool:
+        raise NotImplementedError
+
+    def convert(self, x: Any, dtype: str | None = None) -> Any:
+        """A framework tensor from ``x`` (native tensors pass through, cast only if asked)."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any):
+        raise NotImplementedError
+
+    def dtype(self, x: Any) -> str:
+        """The canonical dtype name: ``float16``, ``bfloat16``, ``float32``, ``int64``..."""
+        raise NotImplementedError
+
+    def cast(self, x: Any, dtype: str) -> Any:
+        raise NotImplementedError
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # -- elementwise --------------------------------------------------------
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        """Select ``a`` where ``cond`` else ``b``; either may be a Python scalar."""
+        raise NotImplementedError
+
+    def abs(self, x):
+        raise NotImplementedError
+
+    def log(self, x):
+        raise NotImplementedError
+
+    def exp(self, x):
+        raise NotImplementedError
+
+    def sqrt(self, x):
+        raise NotImplementedError
+
+    def isfinite(self, x):
+        raise NotImplementedError
+
+    def isnan(self, x):
+        raise NotImplementedError
+
+    # -- reductions ---------------------------------------------------------
+    def sum(self, x, axis: int | None = None, keepdims: bool = False):
+        raise NotImplementedError
+
+    def amax(self, x, axis: int | None = None, keepdims: bool = False):
+        """Maximum that propagates NaN (a NaN anywhere gives NaN)."""
+        raise NotImplementedError
+
+    def all(self, x):
+        raise NotImplementedError
+
+    # -- autodiff -----------------------------------------------------------
+    def stop_gradient(self, x):
+        raise NotImplementedError
+
+    def custom_grad(
+        self,
+        forward: Callable[..., tuple[Any, Sequence[Any]]],
+        backward: Callable[[Sequence[Any], Any], Sequence[Any]],
+    ) -> Callable[..., Any]:
+        """Wrap ``forward(*xs) -> (y, saved)`` and ``backward(saved, dy) -> dxs``
+        as one differentiable function of ``xs`` (first order)."""
+        raise NotImplementedError
+
+    # -- misc ---------------------------------------------------------------
+    def one_hot(self, labels, num_classes: int, dtype: str):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<stabilize backend {self.name!r}>"

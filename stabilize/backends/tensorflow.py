@@ -1,0 +1,93 @@
+"""The TensorFlow backend (Keras 3 models run on it through ``tf.Variable``)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from .base import Backend
+
+__all__ = ["TensorFlowBackend"]
+
+
+class TensorFlowBackend(Backend):
+    name = "tensorflow"
+    framework_module = "tensorflow"
+
+    def is_tensor(self, x):
+        return isinstance(x, (tf.Tensor, tf.Variable))
+
+    def convert(self, x, dtype=None):
+        if isinstance(x, (tf.Tensor, tf.Variable)):
+            return x if dtype is None or x.dtype.name == dtype else tf.cast(x, dtype)
+        return tf.convert_to_tensor(x, dtype=dtype)
+
+    def to_numpy(self, x):
+        x = tf.convert_to_tensor(x)
+        if x.dtype == tf.bfloat16:  # numpy has no bfloat16
+            x = tf.cast(x, tf.float32)
+        return x.numpy()
+
+    def dtype(self, x):
+        return x.dtype.name
+
+    def cast(self, x, dtype):
+        return tf.cast(x, dtype)
+
+    def shape(self, x):
+        return tuple(x.shape)
+
+    def where(self, cond, a, b):
+        # tf.where does not promote Python scalars; give them the tensor's dtype.
+        dtype = (b if tf.is_tensor(b) else a).dtype
+        a = a if tf.is_tensor(a) else tf.constant(a, dtype)
+        b = b if tf.is_tensor(b) else tf.constant(b, dtype)
+        return tf.where(cond, a, b)
+
+    def abs(self, x):
+        return tf.abs(x)
+
+    def log(self, x):
+        return tf.math.log(x)
+
+    def exp(self, x):
+        return tf.exp(x)
+
+    def sqrt(self, x):
+        return tf.sqrt(x)
+
+    def isfinite(self, x):
+        return tf.math.is_finite(x)
+
+    def isnan(self, x):
+        return tf.math.is_nan(x)
+
+    def sum(self, x, axis=None, keepdims=False):
+        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+    def amax(self, x, axis=None, keepdims=False):
+        # tf.reduce_max drops NaN on some kernels; torch.amax and numpy keep it.
+        m = tf.reduce_max(x, axis=axis, keepdims=keepdims)
+        has_nan = tf.reduce_any(tf.math.is_nan(x), axis=axis, keepdims=keepdims)
+        return tf.where(has_nan, tf.constant(float("nan"), x.dtype), m)
+
+    def all(self, x):
+        return tf.reduce_all(x)
+
+    def stop_gradient(self, x):
+        return tf.stop_gradient(x)
+
+    def custom_grad(self, forward, backward):
+        @tf.custom_gradient
+        def call(*xs):
+            y, saved = forward(*xs)
+            return y, lambda dy: tuple(backward(saved, dy))
+
+        return call
+
+    def one_hot(self, labels, num_classes, dtype):
+        # tf.one_hot silently gives a zero row for an out-of-range label.
+        labels = tf.cast(labels, tf.int64)
+        tf.debugging.assert_non_negative(labels, message="labels must be >= 0")
+        tf.debugging.assert_less(labels, tf.constant(num_classes, tf.int64),
+                                 message=f"labels must be < num_classes={num_classes}")
+        return tf.one_hot(labels, num_classes, dtype=dtype)

@@ -1,0 +1,362 @@
+"""Safe numerics, written once over backend primitives.
+
+Every op dispatches on the framework of the tensors it is given (numpy inputs
+go to the configured backend) and runs the very same formula there, so torch
+and TensorFlow agree bit for bit where their primitives do.
+
+The rule for every clamp in this module: the value is clamped, the gradient is
+the derivative *at the clamp boundary*, never zero. A zero gradient in the
+clamped region is the "fake loss" of seed 001 (``tf.clip_by_value(y, 1e-8, 1)``
+inside a log): the loss looks finite and learning silently stops.
+NaN is never turned into a number: it comes out as NaN in its own element.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .backends.base import ACCUMULATE, FLOAT_INFO
+from .registry import backend_for
+
+__all__ = ["safe_log", "safe_div", "safe_mse", "safe_cross_entropy", "clip_grads", "global_norm"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _float_dtype(B, x, op: str) -> str:
+    dt = B.dtype(x)
+    if dt not in FLOAT_INFO:
+        raise TypeError(
+            f"{op} expects a floating tensor (float16, bfloat16, float32, float64), "
+            f"got {dt}; cast it first, e.g. x.float() or tf.cast(x, 'float32')"
+        )
+    return dt
+
+
+def _positive(value, what: str, op: str) -> float:
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: {what} must be a positive finite number, got {value!r}")
+    return value
+
+
+def _size(shape) -> int:
+    return int(math.prod(shape))
+
+
+def _wider(a: str, b: str) -> str:
+    return "float64" if "float64" in (a, b) else "float32"
+
+
+def safe_log(x, eps: float | None = None, *, backend: str | None = None):
+    """``log(max(x, floor))`` with a finite, non-zero gradient below the floor.
+
+    Args:
+        x: a floating tensor (torch, TF) or array (numpy goes to the configured backend).
+        eps: the floor. Defaults to the dtype's smallest normal number
+            (6.1e-5 in float16, 1.2e-38 in float32), so it is right in every dtype.
+        backend: force a backend by name.
+
+    Returns:
+        A tensor of ``x``'s dtype. Below the floor (0, -0, negatives, -inf,
+        subnormals) the value is ``log(floor)`` and the gradient is
+        ``1/floor``: finite, positive, pointing towards larger ``x``. Above it,
+        value ``log(x)`` and gradient ``1/x``. NaN stays NaN in its element.
+
+    Example:
+        >>> import numpy as np, stabilize
+        >>> y = stabilize.safe_log(np.array([0.0, 1.0]), backend="numpy")
+        >>> bool(np.isfinite(y).all()), float(y[1])
+        (True, 0.0)
+    """
+    B = backend_for(x, backend=backend)
+    x = B.convert(x)
+    dt = _float_dtype(B, x, "safe_log")
+    floor = FLOAT_INFO[dt].tiny if eps is None else _positive(eps, "eps", "safe_log")
+
+    def forward(x):
+        # NaN < floor is False, so NaN passes through to log and stays NaN.
+        clamped = B.where(x < floor, floor, x)
+        return B.log(clamped), (clamped,)
+
+    def backward(saved, dy):
+        (clamped,) = saved
+        return (dy / clamped,)
+
+    return B.custom_grad(forward, backward)(x)
+
+
+def _unbroadcast(B, g, shape):
+    """Sum a broadcast gradient back down to ``shape``."""
+    gshape = B.shape(g)
+    while len(gshape) > len(shape):
+        g = B.sum(g, axis=0)
+        gshape = B.shape(g)
+    for axis, (have, want) in enumerate(zip(gshape, shape)):
+        if want == 1 and have != 1:
+            g = B.sum(g, axis=axis, keepdims=True)
+    return g
+
+
+def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
+    """``a / b`` with ``|b|`` floored at ``eps`` (sign kept; 0 and -0 count as +).
+
+    The default floor is ``sqrt(smallest normal)`` of the dtype, the largest
+    floor for which both ``a/b`` and the gradient ``-a/b**2`` stay finite for
+    ``|a| <= 1`` in every float dtype, float16 included.
+
+    Example:
+        >>> import numpy as np, stabilize
+        >>> float(stabilize.safe_div(np.float64(1.0), np.float64(0.0), eps=1e-3, backend="numpy"))
+        1000.0
+    """
+    B = backend_for(a, b, backend=backend)
+    a = B.convert(a)
+    dt = _float_dtype(B, a, "safe_div")
+    b = B.convert(b, dtype=None if B.is_tensor(b) else dt)
+    if B.dtype(b) != dt:
+        raise TypeError(f"safe_div: a is {dt} but b is {B.dtype(b)}; cast one of them so they match")
+    floor = math.sqrt(FLOAT_INFO[dt].tiny) if eps is None else _positive(eps, "eps", "safe_div")
+    shape_a, shape_b = B.shape(a), B.shape(b)
+
+    def forward(a, b):
+        safe_b = B.where(B.abs(b) < floor, B.where(b < 0, -floor, floor), b)
+        y = a / safe_b
+        return y, (y, safe_b)
+
+    def backward(saved, dy):
+        y, safe_b = saved
+        da = dy / safe_b
+        db = -(dy * y) / safe_b
+        return _unbroadcast(B, da, shape_a), _unbroadcast(B, db, shape_b)
+
+    return B.custom_grad(forward, backward)(a, b)
+
+
+def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = None):
+    """Mean squared error that stays finite wherever the true result is representable.
+
+    It accumulates in at least float32 and returns in that dtype (float16 and
+    bfloat16 inputs give a float32 loss: a float16 square overflows past 256).
+    The sum of squares is computed on ``d / max|d|`` and rescaled, so it does
+    not overflow before the mean is taken. The gradient is exactly
+    ``2 (pred - target) / n``, cast back to each input's dtype.
+
+    Args:
+        pred, target: tensors of the same shape. Shapes must match exactly:
+            silently broadcasting ``(N, 1)`` against ``(N,)`` is a classic bug.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import numpy as np, stabilize
+        >>> p = np.array([300.0, 0.0], dtype=np.float16)
+        >>> float(stabilize.safe_mse(p, np.zeros(2, np.float16), backend="numpy"))
+        45000.0
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"safe_mse: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    B = backend_for(pred, target, backend=backend)
+    pred = B.convert(pred)
+    dt_p = _float_dtype(B, pred, "safe_mse")
+    target = B.convert(target, dtype=None if B.is_tensor(target) else dt_p)
+    dt_t = _float_dtype(B, target, "safe_mse")
+    if B.shape(pred) != B.shape(target):
+        raise ValueError(
+            f"safe_mse: pred has shape {B.shape(pred)} but target has shape {B.shape(target)}; "
+            f"reshape one of them (e.g. target.reshape(pred.shape)) so they match exactly"
+        )
+    acc = _wider(ACCUMULATE[dt_p], ACCUMULATE[dt_t])
+    n = max(_size(B.shape(pred)), 1)
+
+    def forward(p, t):
+        d = B.cast(p, acc) - B.cast(t, acc)
+        if reduction == "none":
+            return d * d, (d,)
+        m = B.amax(B.abs(d)) if n else B.convert(0.0, acc)
+        scale = B.where(B.isfinite(m) & (m > 0), m, 1.0)
+        q = d / scale
+        total = B.sum(q * q)
+        root = scale * B.sqrt(total / n if reduction == "mean" else total)
+        return root * root, (d,)
+
+    def backward(saved, dy):
+        (d,) = saved
+        g = (2.0 / n if reduction == "mean" else 2.0) * d * B.cast(dy, acc)
+        return B.cast(g, dt_p), B.cast(-g, dt_t)
+
+    return B.custom_grad(forward, backward)(pred, target)
+
+
+def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str | None = None):
+    """Softmax cross-entropy computed from logits: the real fix for ``log(softmax(z))``.
+
+    ``log_softmax(z) = z - m - log(sum(exp(z - m)))`` with ``m = max(z)`` never
+    evaluates ``log(0)`` for finite logits; its gradient ``softmax(z) - y`` is
+    finite. A ``-inf`` logit (a masked class) is allowed where its label is 0.
+
+    Args:
+        logits: ``(N, C)`` floating tensor.
+        labels: sparse integer class ids of shape ``(N,)``, or one-hot /
+            probability targets of shape ``(N, C)``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import numpy as np, stabilize
+        >>> z = np.array([[1000.0, 0.0]])
+        >>> float(stabilize.safe_cross_entropy(z, np.array([1]), backend="numpy"))
+        1000.0
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"safe_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    B = backend_for(logits, labels, backend=backend)
+    logits = B.convert(logits)
+    dt = _float_dtype(B, logits, "safe_cross_entropy")
+    shape = B.shape(logits)
+    if len(shape) != 2:
+        raise ValueError(f"safe_cross_entropy: logits must be (N, C), got shape {shape}")
+    acc = ACCUMULATE[dt]
+    labels = B.convert(labels)
+    lshape = B.shape(labels)
+    if lshape == shape[:1] and not B.dtype(labels).startswith(("float", "bfloat")):
+        y = B.one_hot(labels, shape[1], acc)
+    elif lshape == shape:
+        y = B.cast(labels, acc)
+    else:
+        raise ValueError(
+            f"safe_cross_entropy: labels must be integer ids of shape {shape[:1]} or "
+            f"one-hot/probabilities of shape {shape}; got {B.dtype(labels)} of shape {lshape}"
+        )
+    z = B.cast(logits, acc)
+    m = B.stop_gradient(B.amax(z, axis=-1, keepdims=True))
+    shifted = z - m
+    log_probs = shifted - B.log(B.sum(B.exp(shifted), axis=-1, keepdims=True))
+    # 0 * -inf would be NaN for a masked (-inf) class whose label is 0.
+    per_class = B.where(y != 0, y * log_probs, 0.0)
+    losses = -B.sum(per_class, axis=-1)
+    if reduction == "none":
+        return losses
+    total = B.sum(losses)
+    return total / shape[0] if reduction == "mean" else total
+
+
+def _leaves(tree, path=()):
+    if isinstance(tree, dict):
+        for k in tree:
+            yield from _leaves(tree[k], path + (k,))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, tree
+
+
+def _rebuild(tree, values, path=()):
+    if isinstance(tree, dict):
+        return type(tree)((k, _rebuild(tree[k], values, path + (k,))) for k in tree)
+    if isinstance(tree, (list, tuple)):
+        items = [_rebuild(v, values, path + (i,)) for i, v in enumerate(tree)]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return values[path]
+
+
+def global_norm(grads, norm_type: float = 2.0, *, backend: str | None = None):
+    """The norm of all gradients taken together (``None`` leaves are ignored).
+
+    Accumulates in float32 (float64 if any gradient is float64). ``norm_type``
+    is a positive number or ``inf``.
+    """
+    present = [g for _, g in _leaves(grads) if g is not None]
+    B = backend_for(*present[:1], backend=backend)
+    if not present:
+        return B.convert(0.0, "float32")
+    acc = "float32"
+    for g in present:
+        acc = _wider(acc, ACCUMULATE[_float_dtype(B, B.convert(g), "clip_grads")])
+    parts = [B.abs(B.cast(B.convert(g), acc)) for g in present]
+    if norm_type == math.inf:
+        return B.amax(_stack_scalars(B, [B.amax(p) if _size(B.shape(p)) else B.convert(0.0, acc) for p in parts]))
+    if norm_type == 2.0:
+        total = _add_all([B.sum(p * p) for p in parts])
+        return B.sqrt(total)
+    if norm_type == 1.0:
+        return _add_all([B.sum(p) for p in parts])
+    total = _add_all([B.sum(p**norm_type) for p in parts])
+    return total ** (1.0 / norm_type)
+
+
+def _add_all(values):
+    out = values[0]
+    for v in values[1:]:
+        out = out + v
+    return out
+
+
+def _stack_scalars(B, values):
+    out = values[0]
+    for v in values[1:]:
+        out = B.where((v > out) | B.isnan(v), v, out)  # NaN-propagating running max
+    return out
+
+
+def clip_grads(
+    grads,
+    max_norm: float | None = None,
+    max_value: float | None = None,
+    norm_type: float = 2.0,
+    *,
+    backend: str | None = None,
+) -> tuple[Any, Any]:
+    """Clip gradients by value and/or by global norm; one formula on every backend.
+
+    Value clipping (``max_value``) clamps each element to ``[-max_value, max_value]``
+    first. Norm clipping (``max_norm``) then multiplies every gradient by
+    ``min(max_norm / (norm + 1e-6), 1)``, torch's formula, as a clamped
+    coefficient on the device rather than a Python branch, so it needs no
+    host sync. When the norm is inf or NaN the coefficient is 1: gradients are
+    never zeroed, negated or scaled into NaN, and the returned norm shows the
+    problem (``tf.clip_by_global_norm`` turns everything NaN instead).
+
+    Args:
+        grads: a tensor, or a list/tuple/dict of tensors (``None`` entries kept).
+        max_norm: the global-norm bound, or None.
+        max_value: the elementwise bound, or None.
+        norm_type: 2.0, 1.0, any p > 0, or ``math.inf``.
+
+    Returns:
+        ``(clipped, total_norm)``: the same structure as ``grads`` and the norm
+        of the gradients *as given* (before any clipping), for logging.
+
+    Example:
+        >>> import numpy as np, stabilize
+        >>> (g,), norm = stabilize.clip_grads([np.array([3.0, 4.0])], max_norm=1.0, backend="numpy")
+        >>> float(norm), np.round(g, 6).tolist()
+        (5.0, [0.6, 0.8])
+    """
+    if max_norm is not None:
+        max_norm = _positive(max_norm, "max_norm", "clip_grads")
+    if max_value is not None:
+        max_value = _positive(max_value, "max_value", "clip_grads")
+    norm_type = float(norm_type)
+    if not norm_type > 0:
+        raise ValueError(f"clip_grads: norm_type must be > 0 or inf, got {norm_type!r}")
+    single = not isinstance(grads, (list, tuple, dict))
+    tree = [grads] if single else grads
+    leaves = dict(_leaves(tree))
+    present = [g for g in leaves.values() if g is not None]
+    B = backend_for(*present[:1], backend=backend)
+    leaves = {k: (None if g is None else B.convert(g)) for k, g in leaves.items()}
+    total_norm = global_norm(list(leaves.values()), norm_type, backend=B)
+    if max_value is not None:
+        leaves = {
+            k: None if g is None else B.where(g > max_value, max_value, B.where(g < -max_value, -max_value, g))
+            for k, g in leaves.items()
+        }
+    if max_norm is not None:
+        norm = total_norm if max_value is None else global_norm(list(leaves.values()), norm_type, backend=B)
+        coef = max_norm / (norm + 1e-6)
+        # A non-finite norm means non-finite gradients: leave them for the caller to see.
+        coef = B.where(B.isfinite(norm) & (coef < 1.0), coef, 1.0)
+        leaves = {k: None if g is None else g * B.cast(coef, B.dtype(g)) for k, g in leaves.items()}
+    clipped = _rebuild(tree, leaves)
+    return (clipped[0] if single else clipped), total_norm
