@@ -121,7 +121,8 @@ def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
     shape_a, shape_b = B.shape(a), B.shape(b)
 
     def forward(a, b):
-        safe_b = B.where(B.abs(b) < floor, B.where(b < 0, -floor, floor), b)
+        signed_floor = B.where(b < 0, B.full_like(b, -floor), B.full_like(b, floor))
+        safe_b = B.where(B.abs(b) < floor, signed_floor, b)
         y = a / safe_b
         return y, (y, safe_b)
 

@@ -61,6 +61,10 @@ class Backend:
     def shape(self, x: Any) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def full_like(self, x: Any, value: float) -> Any:
+        """A tensor of ``x``'s shape, dtype and device filled with ``value``."""
+        raise NotImplementedError
+
     # -- elementwise --------------------------------------------------------
     def where(self, cond: Any, a: Any, b: Any) -> Any:
         """Select ``a`` where ``cond`` else ``b``; either may be a Python scalar."""

@@ -36,6 +36,9 @@ class NumpyBackend(Backend):
     def shape(self, x):
         return tuple(np.shape(x))
 
+    def full_like(self, x, value):
+        return np.full_like(x, value)
+
     def where(self, cond, a, b):
         out = np.where(cond, a, b)
         like = a if isinstance(a, np.ndarray) else b

@@ -36,6 +36,9 @@ class TensorFlowBackend(Backend):
     def shape(self, x):
         return tuple(x.shape)
 
+    def full_like(self, x, value):
+        return tf.fill(tf.shape(x), tf.constant(value, x.dtype))
+
     def where(self, cond, a, b):
         # tf.where does not promote Python scalars; give them the tensor's dtype.
         dtype = (b if tf.is_tensor(b) else a).dtype

@@ -77,6 +77,9 @@ class TorchBackend(Backend):
     def shape(self, x):
         return tuple(x.shape)
 
+    def full_like(self, x, value):
+        return torch.full_like(x, value)
+
     def where(self, cond, a, b):
         return torch.where(cond, a, b)
 
