@@ -116,5 +116,55 @@ class Backend:
     def one_hot(self, labels, num_classes: int, dtype: str):
         raise NotImplementedError
 
+    # -- training (used by the guarded step and the trainer) ----------------
+    def zeros_like(self, x):
+        raise NotImplementedError
+
+    def state_scalar(self, value: float, like):
+        """A 0-d tensor of ``like``'s float dtype and device holding ``value``."""
+        raise NotImplementedError
+
+    def scalar_pow(self, base: float, exponent):
+        """``base ** exponent`` for a Python float base and a tensor exponent."""
+        raise NotImplementedError
+
+    def stack(self, values, dtype: str):
+        """A 1-D tensor of scalars, cast to ``dtype`` (one read brings them all back)."""
+        raise NotImplementedError
+
+    def value_and_grad(self, loss_fn, params):
+        """``(loss, grads)`` of ``loss_fn()`` w.r.t. ``params`` (None where unused)."""
+        raise NotImplementedError
+
+    def no_grad(self):
+        """A context in which updates are not recorded for differentiation."""
+        raise NotImplementedError
+
+    def variable(self, value):
+        """A mutable slot holding ``value`` (a torch tensor, a ``tf.Variable``)."""
+        raise NotImplementedError
+
+    def assign(self, var, value) -> None:
+        raise NotImplementedError
+
+    def copy(self, x):
+        """A detached copy on the same device (snapshots)."""
+        raise NotImplementedError
+
+    def compile(self, fn):
+        """The framework's way to run ``fn`` as one fused step."""
+        raise NotImplementedError
+
+    def read(self, x) -> list[float]:
+        """Bring a 1-D tensor back to the host: the step's one device-to-host sync."""
+        return [float(v) for v in self.to_numpy(x)]
+
+    def build_mlp(self, spec, dtype: str, device: str | None = None):
+        """A native model computing ``spec`` from ``spec.weights()``."""
+        raise NotImplementedError
+
+    def parameters(self, model) -> list:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<stabilize backend {self.name!r}>"

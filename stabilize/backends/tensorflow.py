@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 
 from .base import Backend
@@ -28,7 +30,7 @@ class TensorFlowBackend(Backend):
         return x.numpy()
 
     def dtype(self, x):
-        return x.dtype.name
+        return tf.as_dtype(x.dtype).name
 
     def cast(self, x, dtype):
         return tf.cast(x, dtype)
@@ -86,6 +88,57 @@ class TensorFlowBackend(Backend):
             return y, lambda dy: tuple(backward(saved, dy))
 
         return call
+
+    def zeros_like(self, x):
+        return tf.zeros_like(x)
+
+    def state_scalar(self, value, like):
+        return tf.constant(value, like.dtype)
+
+    def scalar_pow(self, base, exponent):
+        return tf.pow(tf.constant(base, exponent.dtype), exponent)
+
+    def stack(self, values, dtype):
+        return tf.stack([tf.reshape(tf.cast(v, dtype), ()) for v in values])
+
+    def value_and_grad(self, loss_fn, params):
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return loss, tape.gradient(loss, params)
+
+    def no_grad(self):
+        return contextlib.nullcontext()  # nothing is recorded outside a GradientTape
+
+    def variable(self, value):
+        return tf.Variable(value, trainable=False)
+
+    def assign(self, var, value):
+        var.assign(value)
+
+    def copy(self, x):
+        return tf.identity(x)
+
+    def compile(self, fn):
+        return tf.function(fn, reduce_retracing=True)
+
+    def read(self, x):
+        return x.numpy().tolist()
+
+    def build_mlp(self, spec, dtype, device=None):
+        import keras
+
+        ws = spec.weights(dtype)
+        inputs = keras.Input((spec.sizes[0],), dtype=dtype)
+        h = inputs
+        for i, act in enumerate(spec.activations):
+            layer = keras.layers.Dense(spec.sizes[i + 1], activation=act, dtype=dtype, name=f"dense_{i}")
+            h = layer(h)
+            layer.set_weights([ws[2 * i], ws[2 * i + 1]])  # kernel (in, out), as in the spec
+        return keras.Model(inputs, h)
+
+    def parameters(self, model):
+        # Keras 3 wraps each tf.Variable; the step assigns and differentiates the tf.Variable itself.
+        return [getattr(v, "value", v) for v in model.trainable_variables]
 
     def one_hot(self, labels, num_classes, dtype):
         # tf.one_hot silently gives a zero row for an out-of-range label.

@@ -42,6 +42,37 @@ class _CustomGrad(torch.autograd.Function):
         return (None, None, *grads)
 
 
+_ACTS = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda h: h,
+}
+
+
+class _MLPModule(torch.nn.Module):
+    """``act(x @ W + b)`` per layer, kernels stored ``(in, out)`` as in the spec."""
+
+    def __init__(self, spec, dtype, device):
+        super().__init__()
+        ws = spec.weights()
+        self.kernels = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.tensor(w, dtype=dtype, device=device)) for w in ws[0::2]
+        )
+        self.biases = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.tensor(b, dtype=dtype, device=device)) for b in ws[1::2]
+        )
+        self.acts = spec.activations
+
+    def forward(self, x):
+        for w, b, act in zip(self.kernels, self.biases, self.acts):
+            x = _ACTS[act](x @ w + b)
+        return x
+
+    def parameters_in_spec_order(self):
+        return [p for pair in zip(self.kernels, self.biases) for p in pair]
+
+
 class TorchBackend(Backend):
     name = "torch"
     framework_module = "torch"
@@ -115,6 +146,51 @@ class TorchBackend(Backend):
 
     def custom_grad(self, forward, backward):
         return lambda *xs: _CustomGrad.apply(forward, backward, *xs)
+
+    def zeros_like(self, x):
+        return torch.zeros_like(x)
+
+    def state_scalar(self, value, like):
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+    def scalar_pow(self, base, exponent):
+        return torch.pow(base, exponent)
+
+    def stack(self, values, dtype):
+        return torch.stack([v.detach().to(_DTYPES[dtype]).reshape(()) for v in values])
+
+    def value_and_grad(self, loss_fn, params):
+        loss = loss_fn()
+        return loss, list(torch.autograd.grad(loss, params, allow_unused=True))
+
+    def no_grad(self):
+        return torch.no_grad()
+
+    def variable(self, value):
+        return value.detach().clone()
+
+    def assign(self, var, value):
+        with torch.no_grad():
+            var.copy_(value)
+
+    def copy(self, x):
+        return x.detach().clone()
+
+    def compile(self, fn):
+        # Eager on purpose: torch.compile adds seconds of warm-up to short runs
+        # and the step is already free of host syncs but the one final read.
+        return fn
+
+    def read(self, x):
+        return x.tolist()  # the one device-to-host sync of a step
+
+    def build_mlp(self, spec, dtype, device=None):
+        return _MLPModule(spec, _DTYPES[dtype], self.device(device))
+
+    def parameters(self, model):
+        if isinstance(model, _MLPModule):
+            return model.parameters_in_spec_order()
+        return [p for p in model.parameters() if p.requires_grad]
 
     def one_hot(self, labels, num_classes, dtype):
         # torch raises on out-of-range labels itself.

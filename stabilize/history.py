@@ -1,0 +1,88 @@
+"""What a run recorded: per-step curves, events, the first non-finite step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Event", "History"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One bad step and what was done about it.
+
+    Attributes:
+        step: the 0-based step index (every attempted step counts).
+        batch_index: the batch's position in its epoch.
+        epoch: the epoch.
+        kind: ``"nonfinite"`` or ``"large-update"`` (update/weight ratio above the bound).
+        nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"`` were non-finite.
+        action: ``"skipped"``, ``"backed-off"``, ``"rolled-back"``, ``"raised"``,
+            ``"applied"`` (policy ``ignore``) or ``"grew-lr"``.
+        lr: the learning rate the step ran with.
+        loss: the step's loss.
+        grad_norm: the step's gradient norm.
+    """
+
+    step: int
+    batch_index: int
+    epoch: int
+    kind: str
+    nonfinite: tuple[str, ...]
+    action: str
+    lr: float
+    loss: float
+    grad_norm: float
+
+    def __str__(self) -> str:
+        what = ", ".join(self.nonfinite) or f"update ratio over the bound"
+        return (
+            f"step {self.step} (epoch {self.epoch}, batch {self.batch_index}): {self.kind} [{what}]; "
+            f"loss={self.loss:.6g} grad_norm={self.grad_norm:.6g} lr={self.lr:.3g} -> {self.action}"
+        )
+
+
+@dataclass
+class History:
+    """Returned by ``StabilityTrainer.fit``.
+
+    Attributes:
+        losses, grad_norms, lrs, update_ratios: one float64 entry per attempted step.
+        committed: whether each step's update was applied.
+        events: the bad steps (and rate changes), in order.
+        first_nonfinite_step: the first step whose loss, gradients or candidate
+            weights were non-finite, or None.
+        diagnosis: filled by the diagnosis module when a step fails (else None).
+    """
+
+    losses: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    grad_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    lrs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    update_ratios: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    committed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    events: list[Event] = field(default_factory=list)
+    first_nonfinite_step: int | None = None
+    diagnosis: object | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """The loss of the last committed step (NaN if none was committed)."""
+        idx = np.flatnonzero(self.committed)
+        return float(self.losses[idx[-1]]) if idx.size else float("nan")
+
+    def report(self) -> str:
+        """A text summary: steps, final loss, every event."""
+        n = len(self.losses)
+        lines = [
+            f"{n} steps, {int(self.committed.sum())} applied, final loss {self.final_loss:.6g}, "
+            f"first non-finite step: {self.first_nonfinite_step}"
+        ]
+        lines += [f"  {e}" for e in self.events]
+        if self.diagnosis is not None:
+            lines.append(str(self.diagnosis))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()

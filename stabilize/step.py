@@ -1,0 +1,91 @@
+"""The guarded training step, written once for every backend.
+
+One step: forward, gradients, ``clip_grads``, the optimizer's candidate update,
+then the checks: the loss, the gradient norm and every candidate weight must be
+finite (and, when asked, the update must not be huge next to the weights). The
+candidate is committed with ``where(ok, new, old)`` on the device, for the
+parameters and the optimizer state alike, so a bad step changes nothing and a
+NaN update is never applied, without a Python branch on a device value. The
+step returns one small tensor of statistics; reading it is the step's only
+device-to-host sync (TensorFlow runs the whole step inside ``tf.function``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .ops import _leaves, _rebuild, clip_grads, global_norm
+
+__all__ = ["STAT_FIELDS", "make_step", "flatten_state", "unflatten_state"]
+
+# The order of the statistics the step returns.
+STAT_FIELDS = ("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio", "committed")
+
+
+def flatten_state(state) -> tuple[list[tuple], list[Any]]:
+    pairs = list(_leaves(state))
+    return [p for p, _ in pairs], [v for _, v in pairs]
+
+
+def unflatten_state(template, paths, values):
+    return _rebuild(template, dict(zip(paths, values)))
+
+
+def _all_finite(B, tensors):
+    ok = None
+    for t in tensors:
+        flag = B.all(B.isfinite(t))
+        ok = flag if ok is None else ok & flag
+    return ok
+
+
+def make_step(
+    B,
+    forward: Callable[[Any], Any],
+    loss_fn: Callable[[Any, Any], Any],
+    params: list,
+    optimizer,
+    state_template,
+    state_vars: list,
+    *,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+    max_update_ratio: float | None = None,
+    guard: bool = True,
+):
+    """Build ``step(x, y, lr) -> stats`` (see ``STAT_FIELDS``) for one backend.
+
+    ``guard=False`` commits every update whatever it holds: the plain loop
+    whose failure the scenarios reproduce.
+    """
+    paths, _ = flatten_state(state_template)
+
+    def step(x, y, lr):
+        loss, grads = B.value_and_grad(lambda: loss_fn(forward(x), y), params)
+        with B.no_grad():
+            grads = [B.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            if clip_norm is None and clip_value is None:
+                norm = global_norm(grads, backend=B)
+            else:
+                grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value, backend=B)
+            state = unflatten_state(state_template, paths, state_vars)
+            new_params, new_state = optimizer.update(B, params, grads, state, lr)
+            loss_ok = B.isfinite(loss)
+            grads_ok = B.isfinite(norm)
+            weights_ok = _all_finite(B, new_params)
+            ok = loss_ok & grads_ok & weights_ok
+            if max_update_ratio is not None:
+                delta = global_norm([n - p for n, p in zip(new_params, params)], backend=B)
+                ratio = delta / (global_norm(params, backend=B) + 1e-12)
+                ok = ok & (ratio <= max_update_ratio)
+            else:
+                ratio = norm * 0.0
+            commit = ok if guard else B.full_like(ok, True)
+            for p, n in zip(params, new_params):
+                B.assign(p, B.where(commit, n, p))
+            _, new_values = flatten_state(new_state)
+            for var, n in zip(state_vars, new_values):
+                B.assign(var, B.where(commit, n, var))
+            return B.stack([loss, norm, loss_ok, grads_ok, weights_ok, ratio, commit], "float64")
+
+    return B.compile(step)
