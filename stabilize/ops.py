@@ -41,10 +41,6 @@ def _positive(value, what: str, op: str) -> float:
     return value
 
 
-def _size(shape) -> int:
-    return int(math.prod(shape))
-
-
 def _wider(a: str, b: str) -> str:
     return "float64" if "float64" in (a, b) else "float32"
 
@@ -168,14 +164,17 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
             f"reshape one of them (e.g. target.reshape(pred.shape)) so they match exactly"
         )
     acc = _wider(ACCUMULATE[dt_p], ACCUMULATE[dt_t])
-    n = max(_size(B.shape(pred)), 1)
+    n = B.numel(pred, acc)
 
     def forward(p, t):
         d = B.cast(p, acc) - B.cast(t, acc)
         if reduction == "none":
             return d * d, (d,)
-        m = B.amax(B.abs(d)) if n else B.convert(0.0, acc)
-        scale = B.where(B.isfinite(m) & (m > 0), m, 1.0)
+        if isinstance(n, int) and n == 0:
+            empty = B.sum(d)  # 0 for "sum"; the mean of nothing is NaN, as in numpy and torch
+            return (empty if reduction == "sum" else empty / 0.0), (d,)
+        m = B.amax(B.abs(d))
+        scale = B.where(B.isfinite(m) & (m > 0), m, B.full_like(m, 1.0))
         q = d / scale
         total = B.sum(q * q)
         root = scale * B.sqrt(total / n if reduction == "mean" else total)
@@ -214,14 +213,14 @@ def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str 
     logits = B.convert(logits)
     dt = _float_dtype(B, logits, "safe_cross_entropy")
     shape = B.shape(logits)
-    if len(shape) != 2:
-        raise ValueError(f"safe_cross_entropy: logits must be (N, C), got shape {shape}")
+    if len(shape) != 2 or shape[1] is None:
+        raise ValueError(f"safe_cross_entropy: logits must be (N, C) with C known, got shape {shape}")
     acc = ACCUMULATE[dt]
     labels = B.convert(labels)
     lshape = B.shape(labels)
-    if lshape == shape[:1] and not B.dtype(labels).startswith(("float", "bfloat")):
+    if len(lshape) == 1 and not B.dtype(labels).startswith(("float", "bfloat")):
         y = B.one_hot(labels, shape[1], acc)
-    elif lshape == shape:
+    elif len(lshape) == 2 and lshape[1] == shape[1]:
         y = B.cast(labels, acc)
     else:
         raise ValueError(
@@ -238,7 +237,7 @@ def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str 
     if reduction == "none":
         return losses
     total = B.sum(losses)
-    return total / shape[0] if reduction == "mean" else total
+    return total / B.rows(logits, acc) if reduction == "mean" else total
 
 
 def _leaves(tree, path=()):
@@ -276,7 +275,7 @@ def global_norm(grads, norm_type: float = 2.0, *, backend: str | None = None):
         acc = _wider(acc, ACCUMULATE[_float_dtype(B, B.convert(g), "clip_grads")])
     parts = [B.abs(B.cast(B.convert(g), acc)) for g in present]
     if norm_type == math.inf:
-        return B.amax(_stack_scalars(B, [B.amax(p) if _size(B.shape(p)) else B.convert(0.0, acc) for p in parts]))
+        return B.amax(_stack_scalars(B, [B.convert(0.0, acc) if B.numel(p, acc) == 0 else B.amax(p) for p in parts]))
     if norm_type == 2.0:
         total = _add_all([B.sum(p * p) for p in parts])
         return B.sqrt(total)

@@ -413,6 +413,16 @@ class StabilityTrainer:
         # disable=None: tqdm turns itself off when stderr is not a terminal.
         return tqdm(total=total, disable=None if self.progress is None else False, leave=False, desc="stabilize")
 
+    def predict(self, x, batch_size: int = 1024) -> np.ndarray:
+        """The model's outputs for array (or dict) inputs, as float64 numpy."""
+        B = self.backend
+        n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        outs = []
+        for start in range(0, n, batch_size):
+            xb = {k: np.asarray(v)[start : start + batch_size] for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[start : start + batch_size]
+            outs.append(np.asarray(B.to_numpy(self.model(self._convert(xb))), dtype=np.float64))
+        return np.concatenate(outs, axis=0)
+
     def get_weights(self) -> list[np.ndarray]:
         """The current parameters as numpy arrays (in the spec's order for an MLP)."""
         return [self.backend.to_numpy(p) for p in self.params]

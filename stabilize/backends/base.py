@@ -59,6 +59,15 @@ class Backend:
         raise NotImplementedError
 
     def shape(self, x: Any) -> tuple[int, ...]:
+        """The static shape; an entry may be None inside a traced function."""
+        raise NotImplementedError
+
+    def numel(self, x: Any, dtype: str):
+        """The number of elements: a Python int when known statically, else a ``dtype`` scalar."""
+        raise NotImplementedError
+
+    def rows(self, x: Any, dtype: str):
+        """The size of the first axis, as :meth:`numel`."""
         raise NotImplementedError
 
     def full_like(self, x: Any, value: float) -> Any:

@@ -39,6 +39,12 @@ class NumpyBackend(Backend):
     def full_like(self, x, value):
         return np.full_like(x, value)
 
+    def numel(self, x, dtype):
+        return int(np.size(x))
+
+    def rows(self, x, dtype):
+        return int(np.shape(x)[0])
+
     def where(self, cond, a, b):
         out = np.where(cond, a, b)
         like = a if isinstance(a, np.ndarray) else b

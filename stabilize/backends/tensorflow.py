@@ -11,6 +11,21 @@ from .base import Backend
 __all__ = ["TensorFlowBackend"]
 
 
+def _relu_keeping_nan(h):
+    """ReLU that keeps NaN, gives 0 at -inf and has gradient 0 at 0, like ``torch.relu``.
+
+    Inside ``tf.function`` TensorFlow's graph optimizer fuses MatMul + bias +
+    ``Relu`` into one oneDNN kernel (on by default on x86), and that kernel
+    returns 0 for a NaN input: a NaN in the data gives a finite loss. Two
+    selects are not fused.
+    """
+    zero = tf.zeros_like(h)
+    return tf.where(h > 0, h, tf.where(h <= 0, zero, h))
+
+
+_ACTIVATIONS = {"relu": _relu_keeping_nan, "tanh": tf.tanh, "sigmoid": tf.sigmoid}
+
+
 class TensorFlowBackend(Backend):
     name = "tensorflow"
     framework_module = "tensorflow"
@@ -40,6 +55,17 @@ class TensorFlowBackend(Backend):
 
     def full_like(self, x, value):
         return tf.fill(tf.shape(x), tf.constant(value, x.dtype))
+
+    def numel(self, x, dtype):
+        # Inside tf.function the batch dimension may be unknown until run time.
+        if x.shape.is_fully_defined():
+            return x.shape.num_elements()
+        return tf.cast(tf.size(x), dtype)
+
+    def rows(self, x, dtype):
+        if x.shape[0] is not None:
+            return x.shape[0]
+        return tf.cast(tf.shape(x)[0], dtype)
 
     def where(self, cond, a, b):
         # tf.where does not promote Python scalars; give them the tensor's dtype.
@@ -131,9 +157,11 @@ class TensorFlowBackend(Backend):
         inputs = keras.Input((spec.sizes[0],), dtype=dtype)
         h = inputs
         for i, act in enumerate(spec.activations):
-            layer = keras.layers.Dense(spec.sizes[i + 1], activation=act, dtype=dtype, name=f"dense_{i}")
+            layer = keras.layers.Dense(spec.sizes[i + 1], dtype=dtype, name=f"dense_{i}")
             h = layer(h)
             layer.set_weights([ws[2 * i], ws[2 * i + 1]])  # kernel (in, out), as in the spec
+            if act != "linear":
+                h = keras.layers.Activation(_ACTIVATIONS[act], dtype=dtype, name=f"{act}_{i}")(h)
         return keras.Model(inputs, h)
 
     def parameters(self, model):

@@ -111,6 +111,12 @@ class TorchBackend(Backend):
     def full_like(self, x, value):
         return torch.full_like(x, value)
 
+    def numel(self, x, dtype):
+        return x.numel()
+
+    def rows(self, x, dtype):
+        return x.shape[0]
+
     def where(self, cond, a, b):
         return torch.where(cond, a, b)
 
