@@ -146,7 +146,8 @@ class StabilityTrainer:
         self.policy = Policy(self.policy_config, self._base_lr)
         self.step_count = 0
         self.applied_steps = 0
-        self._skip_batches: set[tuple[int, int]] = set()
+        self.skipped_rows: set[int] = set()  # rows left out after the last rollback of a fit
+        self.skipped_positions: set[int] = set()
         self._snapshot = None
 
     # -- setup ----------------------------------------------------------------
@@ -275,19 +276,27 @@ class StabilityTrainer:
         arr = np.asarray(xb)
         return B.convert(arr, self.dtype if arr.dtype.kind == "f" else None)
 
-    def _batches(self, x, y, batch_size, shuffle, rng, epoch) -> Iterator[tuple[int, Any, Any]]:
+    def _batches(self, x, y, batch_size, shuffle, rng, skip_rows, skip_positions):
+        """Yield ``(position, x, y, rows)``; ``rows`` are sample indices for array data, else None.
+
+        After a rollback the implicated data are left out: their rows for array
+        data (wherever shuffling puts them), their batch positions for a dataset.
+        """
         if y is None:  # a DataLoader, a tf.data.Dataset, or any iterable of (x, y)
             for i, item in enumerate(x):
                 if not isinstance(item, (tuple, list)) or len(item) != 2:
                     raise ValueError("a dataset must yield (inputs, targets) pairs")
-                yield i, item[0], item[1]
+                if i not in skip_positions:
+                    yield i, item[0], item[1], None
             return
         n = len(y)
         order = rng.permutation(n) if shuffle else np.arange(n)
-        for i, start in enumerate(range(0, n, batch_size)):
+        if skip_rows:
+            order = order[~np.isin(order, list(skip_rows))]
+        for i, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
             xb = {k: np.asarray(v)[idx] for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[idx]
-            yield i, xb, np.asarray(y)[idx]
+            yield i, xb, np.asarray(y)[idx], idx
 
     @staticmethod
     def _check_arrays(x, y, batch_size):
@@ -333,13 +342,15 @@ class StabilityTrainer:
         if self._snapshot is None and self.policy_config.on_nonfinite == "rollback" or self._native:
             self._take_snapshot()
         bar = self._progress(epochs, x, y, batch_size, max_steps)
+        skip_rows: set[int] = set()
+        skip_positions: set[int] = set()
+        streak: list[tuple[int, Any]] = []  # (position, rows) of the current run of bad steps
+        self.skipped_rows, self.skipped_positions = skip_rows, skip_positions
         try:
             for epoch in range(epochs):
-                for bi, xb, yb in self._batches(x, y, batch_size, shuffle, rng, epoch):
+                for bi, xb, yb, idx in self._batches(x, y, batch_size, shuffle, rng, skip_rows, skip_positions):
                     if max_steps is not None and len(rows) >= max_steps:
                         return self._history(rows, events, first_bad)
-                    if (epoch, bi) in self._skip_batches:
-                        continue
                     lr = self.current_lr()
                     stats = self._run_step(self._convert(xb), self._convert(yb), lr)
                     stats["lr"] = lr
@@ -354,6 +365,7 @@ class StabilityTrainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.3g}")
                     if not bad and not large:
+                        streak.clear()
                         self.applied_steps += 1
                         grew = self.policy.on_good()
                         if grew:
@@ -365,6 +377,7 @@ class StabilityTrainer:
                         self._restore_snapshot()
                         events.append(self._event(step, bi, epoch, "nonfinite", tuple(bad), "rolled-back", stats))
                         continue
+                    streak.append((bi, idx))
                     action = self.policy.on_bad()
                     if action == "applied":
                         self.applied_steps += 1
@@ -376,8 +389,12 @@ class StabilityTrainer:
                         raise NonFiniteError(f"training stopped: {event}\n{history.report()}", history)
                     if action == "rolled-back":
                         self._restore_snapshot()
-                        streak = [e for e in events[-self.policy_config.max_bad_steps :]]
-                        self._skip_batches.update((e.epoch, e.batch_index) for e in streak)
+                        for position, idx_bad in streak:
+                            if idx_bad is None:
+                                skip_positions.add(position)
+                            else:
+                                skip_rows.update(int(i) for i in idx_bad)
+                        streak.clear()
                     if stop_on_nonfinite and bad:
                         return self._history(rows, events, first_bad)
             return self._history(rows, events, first_bad)

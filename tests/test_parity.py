@@ -1,0 +1,123 @@
+"""Every scenario x variant on torch and TensorFlow: the same trajectory, diverging and fixed alike.
+
+Bars: float64, identical first non-finite step and losses within 1e-9 up to
+it; float32, the same step and 1e-4. Each run is also checked against what
+its variant claims (diverges, converges below its bound, stalls, is guarded).
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+from stabilize import parity, scenarios
+
+CASES = [(n, v) for n in scenarios.names() for v in scenarios.variants(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _report(name, variant, dtype):
+    from conftest import load_backend
+
+    load_backend("torch"), load_backend("tensorflow")
+    return parity.compare(name, variant, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,variant", CASES)
+def test_parity_same_first_nonfinite_step_and_losses_within_bar(name, variant, dtype):
+    report = _report(name, variant, dtype)
+    steps = set(report.first_nonfinite.values())
+    assert len(steps) == 1, report.first_nonfinite
+    assert report.max_rel_diff <= parity.BARS[dtype], report.row()
+    first = steps.pop()
+    if first == 0:
+        # Saturated from the start (log-zero): nothing finite to compare, so the
+        # non-finite values themselves must be of the same kind on both.
+        t, f = (report.trajectories[b] for b in ("torch", "tensorflow"))
+        for a, b in ((t.losses[0], f.losses[0]), (t.grad_norms[0], f.grad_norms[0])):
+            assert np.isnan(a) == np.isnan(b) and np.isinf(a) == np.isinf(b) and not np.isfinite(a)
+    else:
+        assert report.per_step_rel_diff.size >= min(first or 10**9, len(report.trajectories["torch"].losses))
+    assert report.ok
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,variant", CASES)
+def test_each_variant_shows_what_it_claims_on_each_backend(name, variant, dtype):
+    for backend, traj in _report(name, variant, dtype).trajectories.items():
+        assert traj.ok, (backend, traj.expect, traj.first_nonfinite_step, traj.final_loss, traj.bound)
+        if variant == "diverging":
+            assert traj.first_nonfinite_step is not None
+        if traj.expect == "finite":
+            assert traj.first_nonfinite_step is None and np.all(np.isfinite(traj.losses))
+            assert traj.final_loss < traj.bound
+
+
+def test_catalogue_has_every_scenario_and_variant_of_the_map():
+    assert scenarios.names() == ["unscaled-inputs", "log-zero", "high-lr", "huge-targets", "dirty-data",
+                                 "masked-loss", "numpy-net"]
+    assert scenarios.variants("unscaled-inputs") == ["diverging", "fixed", "leaky"]
+    assert scenarios.variants("log-zero") == ["diverging", "clipped", "fixed"]
+    assert scenarios.variants("high-lr") == ["diverging", "fixed", "backoff"]
+    assert set(scenarios.variants("huge-targets")) >= {"diverging", "fixed", "scaled"}
+    for name in scenarios.names():
+        assert {"diverging", "fixed"} <= set(scenarios.variants(name))
+    with pytest.raises(KeyError, match="known: unscaled-inputs"):
+        scenarios.variants("nope")
+    with pytest.raises(KeyError, match="has no variant 'x'; it has: diverging"):
+        scenarios.build("log-zero", "x")
+
+
+def test_log_zero_clipped_stalls_with_exactly_zero_gradient_where_clipped():
+    for traj in _report("log-zero", "clipped", "float64").trajectories.values():
+        f = traj.facts
+        assert f["clipped_samples"] > 0 and f["clipped_grad_norm"] == 0.0
+        assert f["clipped_loss"] == pytest.approx(-np.log(1e-8), rel=1e-9)  # every hidden sample sits at the clip
+        assert f["stalled"]
+
+
+def test_unscaled_leaky_variant_fits_the_scaler_on_all_rows():
+    from sklearn.preprocessing import StandardScaler
+
+    leaky = scenarios.build("unscaled-inputs", "leaky")
+    fixed = scenarios.build("unscaled-inputs", "fixed")
+    assert isinstance(leaky.facts["scaler"], StandardScaler)
+    assert leaky.facts["scaler_fit_rows"] == 400 > leaky.facts["train_rows"] == 320
+    assert fixed.facts["scaler_fit_rows"] == fixed.facts["train_rows"] == 320
+    t = _report("unscaled-inputs", "fixed", "float64").trajectories["torch"]
+    assert t.facts["test_rmse_original_units"] < 150  # predictions inverse-transformed to the original scale
+
+
+def test_dirty_data_fixed_names_the_bad_cells_and_lists_dropped_rows():
+    t = _report("dirty-data", "fixed", "float64").trajectories["torch"]
+    msg = t.facts["check_finite"]
+    assert "data['X']: shape (256, 4) float64: 3 NaN, 1 +inf, 0 -inf" in msg
+    assert "(row 101, col 0), (row 102, col 3), (row 117, col 1), (row 200, col 2)" in msg
+    assert t.facts["dropped_rows"] == [101, 102, 117, 200]
+
+
+def test_masked_loss_diverging_prints_finite_losses_over_nan_weights():
+    for traj in _report("masked-loss", "diverging", "float64").trajectories.values():
+        assert traj.facts["losses_all_finite"] and not traj.facts["weights_finite_at_end"]
+        assert traj.first_nonfinite_step == 1
+        assert np.isnan(traj.grad_norms[1])
+    for traj in _report("masked-loss", "fixed", "float64").trajectories.values():
+        assert traj.events and all(e.action == "skipped" and "gradients" in e.nonfinite for e in traj.events)
+        assert traj.facts["weights_finite_at_end"]
+
+
+def test_high_lr_backoff_rescues_the_original_rate():
+    for traj in _report("high-lr", "backoff", "float64").trajectories.values():
+        assert traj.history.lrs[0] == 0.5
+        assert traj.facts["final_lr"] == 0.5 * 0.5 ** traj.facts["backoffs"] < 0.5
+        assert all(e.action == "backed-off" for e in traj.events)
+
+
+def test_cuda_torch_matches_cpu_tensorflow_at_float64(device):
+    if device != "cuda":
+        pytest.skip("needs CUDA")
+    for name, variant in CASES:
+        report = parity.compare(name, variant, dtype="float64", device="cuda")
+        assert report.ok, report.row()
+        assert report.trajectories["torch"].device.startswith("cuda")

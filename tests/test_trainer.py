@@ -1,0 +1,185 @@
+"""StabilityTrainer: the models, optimizers and data it takes, determinism, and its errors."""
+
+import numpy as np
+import pytest
+
+import stabilize
+from stabilize.models import MLP
+from stabilize.optim import SGD, Adam
+from stabilize.trainer import StabilityTrainer
+
+
+def _data(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    return X, X @ np.array([[1.0], [-1.0], [0.5]])
+
+
+def _sgd_reference(spec, X, y, lr, batches):
+    """Float64 numpy reference: ReLU MLP, MSE, plain SGD, manual backprop."""
+    ws = spec.weights()
+    losses = []
+    for idx in batches:
+        xb, yb = X[idx], y[idx]
+        h1 = xb @ ws[0] + ws[1]
+        a1 = np.maximum(h1, 0)
+        out = a1 @ ws[2] + ws[3]
+        d = out - yb
+        losses.append(np.mean(d**2))
+        g_out = 2 * d / d.size
+        g = [None] * 4
+        g[2], g[3] = a1.T @ g_out, g_out.sum(0)
+        g_a1 = g_out @ ws[2].T * (h1 > 0)
+        g[0], g[1] = xb.T @ g_a1, g_a1.sum(0)
+        ws = [w - lr * gw for w, gw in zip(ws, g)]
+    return np.array(losses), ws
+
+
+def test_neutral_mlp_matches_float64_numpy_reference(backend):
+    X, y = _data()
+    spec = MLP((3, 8, 1), seed=3)
+    trainer = StabilityTrainer(spec, "mse", SGD(lr=0.05), backend=backend, dtype="float64", progress=False)
+    h = trainer.fit(X, y, epochs=2, batch_size=32, shuffle=True, seed=5)
+    rng = np.random.default_rng(5)
+    batches = [p[i : i + 32] for p in (rng.permutation(96), rng.permutation(96)) for i in range(0, 96, 32)]
+    ref_losses, ref_w = _sgd_reference(spec, X, y, 0.05, batches)
+    np.testing.assert_allclose(h.losses, ref_losses, rtol=1e-12)
+    for a, b in zip(trainer.get_weights(), ref_w):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+
+
+def test_same_seed_same_run_and_initial_weights_equal_the_spec(backend):
+    X, y = _data()
+    spec = MLP((3, 8, 1), seed=0)
+    runs = []
+    for _ in range(2):
+        t = StabilityTrainer(spec, "mse", Adam(lr=0.01), backend=backend, dtype="float32", progress=False)
+        for a, b in zip(t.get_weights(), spec.weights("float32")):
+            np.testing.assert_array_equal(a, b)  # step 0: the very same numbers
+        runs.append(t.fit(X, y, epochs=2, batch_size=16, seed=7).losses)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_dict_inputs_are_columns_in_key_order(backend):
+    X, y = _data()
+    spec = MLP((3, 8, 1), seed=0)
+    a = StabilityTrainer(spec, "mse", SGD(lr=0.05), backend=backend, dtype="float64", progress=False)
+    b = StabilityTrainer(spec, "mse", SGD(lr=0.05), backend=backend, dtype="float64", progress=False)
+    ha = a.fit({"input1": X[:, :2], "input2": X[:, 2]}, y, batch_size=32)
+    hb = b.fit(X, y, batch_size=32)
+    np.testing.assert_array_equal(ha.losses, hb.losses)
+
+
+def test_native_torch_module_and_optimizer():
+    from conftest import load_backend
+
+    load_backend("torch")
+    import torch
+
+    X, y = _data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).double()
+    ref = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = StabilityTrainer(model, "mse", opt, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), batch_size=32)
+    h = trainer.fit(loader, epochs=3)
+    assert h.first_nonfinite_step is None and h.losses[-1] < h.losses[0]
+    # A plain torch loop over the same batches gives the same weights.
+    clone = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).double()
+    with torch.no_grad():
+        for p, r in zip(clone.parameters(), ref):
+            p.copy_(r)
+    opt2 = torch.optim.SGD(clone.parameters(), lr=0.05)
+    for _ in range(3):
+        for xb, yb in loader:
+            opt2.zero_grad()
+            torch.nn.functional.mse_loss(clone(xb), yb).backward()
+            opt2.step()
+    for a, b in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_native_torch_optimizer_skips_a_nan_batch_exactly():
+    from conftest import load_backend
+
+    load_backend("torch")
+    import torch
+
+    X, y = _data(32)
+    y[5] = np.nan
+    model = torch.nn.Linear(3, 1).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    trainer = StabilityTrainer(model, "mse", opt, progress=False)
+    trainer.fit(X[:16], y[:16] * 0 + 1.0, batch_size=16)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    h = trainer.fit(X[:16], y[:16], batch_size=16)
+    assert h.events[0].action == "skipped" and h.events[0].nonfinite == ("loss", "gradients")
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, state[k])
+
+
+def test_keras_model_and_tf_data():
+    from conftest import load_backend
+
+    load_backend("tensorflow")
+    import keras
+    import tensorflow as tf
+
+    X, y = _data()
+    model = keras.Sequential([keras.Input((3,), dtype="float64"), keras.layers.Dense(8, activation="relu", dtype="float64"),
+                              keras.layers.Dense(1, dtype="float64")])
+    trainer = StabilityTrainer(model, "mse", SGD(lr=0.05), clip_norm=5.0, progress=False)
+    assert trainer.backend.name == "tensorflow" and trainer.dtype == "float64"
+    h = trainer.fit(tf.data.Dataset.from_tensor_slices((X, y)).batch(32), epochs=4)
+    assert h.first_nonfinite_step is None and h.losses[-1] < h.losses[0] / 2
+
+
+def test_torch_step_makes_exactly_one_host_read(monkeypatch):
+    from conftest import load_backend
+
+    B = load_backend("torch")
+    import torch
+
+    X, y = _data()
+    trainer = StabilityTrainer(MLP((3, 8, 1)), "mse", Adam(lr=0.01), backend="torch", dtype="float32",
+                               clip_norm=1.0, progress=False)
+    calls = {"n": 0}
+    names = ["item", "tolist", "numpy", "__bool__", "__float__", "__int__", "cpu"]
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+    for n in names:
+        def wrapped(self, *a, _n=n, **k):
+            calls["n"] += 1
+            return originals[_n](self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, n, wrapped)
+    h = trainer.fit(X, y, epochs=1, batch_size=32, shuffle=False)
+    assert len(h.losses) == 3 and calls["n"] == 3  # one read of the stacked statistics per step
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"on_nonfinite": "retry"}, "on_nonfinite must be one of"),
+    ({"clip_norm": -1.0}, "clip_norm must be a positive"),
+    ({"backoff_factor": 1.5}, "backoff_factor must lie in"),
+])
+def test_bad_settings_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StabilityTrainer(MLP((3, 1)), "mse", SGD(lr=0.1), backend="numpy", **kwargs)
+
+
+def test_bad_model_loss_optimizer_and_data_are_clear_errors(backend):
+    with pytest.raises(TypeError, match="model must be a stabilize.models.MLP spec"):
+        StabilityTrainer(object(), "mse", SGD())
+    with pytest.raises(ValueError, match="loss must be a callable or one of"):
+        StabilityTrainer(MLP((3, 1)), "hinge", SGD(), backend=backend)
+    with pytest.raises(TypeError, match="pass an optimizer"):
+        StabilityTrainer(MLP((3, 1)), "mse", None, backend=backend)
+    with pytest.raises(ValueError, match="learning rate must be a positive number"):
+        SGD(lr=0)
+    t = StabilityTrainer(MLP((3, 1)), "mse", SGD(), backend=backend, progress=False)
+    with pytest.raises(ValueError, match="inputs 'x' have 10 rows but the targets have 9"):
+        t.fit(np.zeros((10, 3)), np.zeros((9, 1)))
+    with pytest.raises(ValueError, match="MLP activation must be one of"):
+        MLP((3, 1), activation="gelu")
