@@ -4,6 +4,7 @@ Importing this package imports neither torch nor tensorflow; a backend is
 loaded the first time it is needed.
 """
 
+from . import config
 from .config import set_backend, use_backend
 from .errors import (
     BackendNotAvailableError,
@@ -15,6 +16,8 @@ from .errors import (
 from .finite import FiniteReport, LeafReport, check_finite
 from .ops import clip_grads, global_norm, safe_cross_entropy, safe_div, safe_log, safe_mse
 from .registry import backend_for, get_backend, known_backends, register_backend
+from .trainer import StabilityTrainer
+from .history import Event, History
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,9 @@ __all__ = [
     "clip_grads",
     "global_norm",
     "check_finite",
+    "StabilityTrainer",
+    "History",
+    "Event",
     "FiniteReport",
     "LeafReport",
     "StabilizeError",
