@@ -11,6 +11,7 @@ native ``torch.optim`` optimizer.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Any, Callable, Iterator
@@ -27,6 +28,8 @@ from .registry import get_backend
 from .step import STAT_FIELDS, flatten_state, make_step
 
 __all__ = ["StabilityTrainer"]
+
+logger = logging.getLogger("stabilize")
 
 _LOSSES = {"mse": ops.safe_mse, "cross_entropy": ops.safe_cross_entropy}
 
@@ -65,6 +68,9 @@ class StabilityTrainer:
         schedule: ``schedule(applied_steps) -> factor`` on the learning rate;
             it advances only on applied steps.
         progress: show a tqdm bar (default: only on a terminal).
+        diagnose: on the first non-finite step of a ``fit``, replay it with
+            per-layer checks and attach a :class:`~stabilize.diagnose.Diagnosis`
+            to the history (costs nothing until a step fails).
 
     Example:
         >>> import numpy as np
@@ -99,6 +105,7 @@ class StabilityTrainer:
         max_update_ratio: float | None = None,
         schedule: Callable[[int], float] | None = None,
         progress: bool | None = None,
+        diagnose: bool = True,
     ):
         self.policy_config = PolicyConfig(
             on_nonfinite, backoff_factor, min_lr, grow_after, max_bad_steps, max_rollbacks
@@ -113,6 +120,7 @@ class StabilityTrainer:
         self.snapshot_every = snapshot_every
         self.schedule = schedule
         self.progress = progress
+        self.diagnose = diagnose
         self.loss_fn = self._loss(loss)
         self._spec = model if isinstance(model, MLP) else None
         if self._spec is not None:
@@ -339,6 +347,8 @@ class StabilityTrainer:
         rows: list[dict] = []
         events: list[Event] = []
         first_bad = None
+        diagnosis = None
+        self._diagnosis = None
         if self._snapshot is None and self.policy_config.on_nonfinite == "rollback" or self._native:
             self._take_snapshot()
         bar = self._progress(epochs, x, y, batch_size, max_steps)
@@ -352,6 +362,8 @@ class StabilityTrainer:
                     if max_steps is not None and len(rows) >= max_steps:
                         return self._history(rows, events, first_bad)
                     lr = self.current_lr()
+                    keep_pre = self.diagnose and diagnosis is None and self.policy_config.on_nonfinite == "ignore"
+                    pre = [self.backend.copy(p) for p in self.params] if keep_pre else None
                     stats = self._run_step(self._convert(xb), self._convert(yb), lr)
                     stats["lr"] = lr
                     rows.append(stats)
@@ -361,6 +373,12 @@ class StabilityTrainer:
                     large = self.max_update_ratio is not None and not stats["update_ratio"] <= self.max_update_ratio
                     if bad and first_bad is None:
                         first_bad = step
+                    if bad and diagnosis is None and self.diagnose:
+                        diagnosis = self._diagnose(xb, yb, step, bi, lr, rows, pre)
+                        if bar is not None:
+                            bar.write(diagnosis.line())
+                        else:
+                            logger.warning(diagnosis.line())
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.3g}")
@@ -405,6 +423,29 @@ class StabilityTrainer:
     def _event(self, step, bi, epoch, kind, bad, action, stats):
         return Event(step, bi, epoch, kind, bad, action, stats["lr"], stats["loss"], stats["grad_norm"])
 
+    def _diagnose(self, xb, yb, step, bi, lr, rows, pre):
+        """Replay the failing step from its pre-step weights (see :mod:`stabilize.diagnose`)."""
+        from .diagnose import diagnose
+
+        B = self.backend
+        current = None
+        if pre is not None:  # the unguarded step was applied: put the pre-step weights back for the replay
+            current = [B.copy(p) for p in self.params]
+            for p, saved in zip(self.params, pre):
+                B.assign(p, saved)
+        try:
+            weights = [np.asarray(B.to_numpy(p), dtype=np.float64) for p in self.params]
+            wnorm = float(np.sqrt(sum(float(np.sum(w * w)) for w in weights)))
+            col = lambda k: np.array([r[k] for r in rows], dtype=np.float64)
+            result = diagnose(B, self.model, self.loss_fn, self._convert(xb), self._convert(yb), step=step, batch_index=bi, lr=lr,
+                              losses=col("loss"), grad_norms=col("grad_norm"), weights_norm=wnorm)
+        finally:
+            if current is not None:
+                for p, saved in zip(self.params, current):
+                    B.assign(p, saved)
+        self._diagnosis = result
+        return result
+
     def _history(self, rows, events, first_bad) -> History:
         col = lambda k: np.array([r[k] for r in rows], dtype=np.float64)
         return History(
@@ -415,6 +456,7 @@ class StabilityTrainer:
             committed=col("committed").astype(bool) if rows else np.zeros(0, bool),
             events=events,
             first_nonfinite_step=first_bad,
+            diagnosis=self._diagnosis,
         )
 
     def _progress(self, epochs, x, y, batch_size, max_steps):

@@ -102,7 +102,7 @@ def test_masked_loss_diverging_prints_finite_losses_over_nan_weights():
         assert traj.facts["losses_all_finite"] and not traj.facts["weights_finite_at_end"]
         assert traj.first_nonfinite_step == 1
         assert np.isnan(traj.grad_norms[1])
-    for traj in _report("masked-loss", "fixed", "float64").trajectories.values():
+    for traj in _report("masked-loss", "guarded", "float64").trajectories.values():
         assert traj.events and all(e.action == "skipped" and "gradients" in e.nonfinite for e in traj.events)
         assert traj.facts["weights_finite_at_end"]
 

@@ -50,27 +50,28 @@ _ACTS = {
 }
 
 
-class _MLPModule(torch.nn.Module):
-    """``act(x @ W + b)`` per layer, kernels stored ``(in, out)`` as in the spec."""
+class _Dense(torch.nn.Module):
+    """``act(x @ W + b)`` with the kernel stored ``(in, out)``, as in the spec."""
 
-    def __init__(self, spec, dtype, device):
+    def __init__(self, kernel, bias, act):
         super().__init__()
-        ws = spec.weights()
-        self.kernels = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.tensor(w, dtype=dtype, device=device)) for w in ws[0::2]
-        )
-        self.biases = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.tensor(b, dtype=dtype, device=device)) for b in ws[1::2]
-        )
-        self.acts = spec.activations
+        self.weight = torch.nn.Parameter(kernel)
+        self.bias = torch.nn.Parameter(bias)
+        self.act = act
 
     def forward(self, x):
-        for w, b, act in zip(self.kernels, self.biases, self.acts):
-            x = _ACTS[act](x @ w + b)
-        return x
+        return _ACTS[self.act](x @ self.weight + self.bias)
 
-    def parameters_in_spec_order(self):
-        return [p for pair in zip(self.kernels, self.biases) for p in pair]
+    def extra_repr(self):
+        return f"in={self.weight.shape[0]}, out={self.weight.shape[1]}, act={self.act}"
+
+
+class _MLPModule(torch.nn.Sequential):
+    """The MLP spec as a torch module: one ``_Dense`` per layer, parameters in spec order."""
+
+    def __init__(self, spec, dtype, device):
+        ws = [torch.tensor(w, dtype=dtype, device=device) for w in spec.weights()]
+        super().__init__(*[_Dense(ws[2 * i], ws[2 * i + 1], act) for i, act in enumerate(spec.activations)])
 
 
 class TorchBackend(Backend):
@@ -194,9 +195,46 @@ class TorchBackend(Backend):
         return _MLPModule(spec, _DTYPES[dtype], self.device(device))
 
     def parameters(self, model):
-        if isinstance(model, _MLPModule):
-            return model.parameters_in_spec_order()
         return [p for p in model.parameters() if p.requires_grad]
+
+    def parameter_names(self, model):
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def trace_layers(self, model, loss_fn, x, y):
+        """Forward with a hook on every leaf module, then the gradients of the loss
+        w.r.t. each module's output, the prediction and the parameters. Hooks exist
+        only during this call; ``.grad`` of the parameters is not touched."""
+        outputs: list[tuple[str, torch.Tensor]] = []
+
+        def hook(name):
+            def record(module, inputs, output):
+                if isinstance(output, torch.Tensor):
+                    outputs.append((name, output))
+
+            return record
+
+        leaves = [(n or type(m).__name__, m) for n, m in model.named_modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+        try:
+            with torch.enable_grad():
+                pred = model(x)
+                loss = loss_fn(pred, y)
+                params = self.parameters(model)
+                targets = [o for _, o in outputs if o.requires_grad] + [pred] + params
+                grads = torch.autograd.grad(loss, targets, allow_unused=True) if loss.requires_grad else [None] * len(targets)
+        finally:
+            for h in handles:
+                h.remove()
+        n_out = len([o for _, o in outputs if o.requires_grad])
+        out_grads = dict(zip([n for n, o in outputs if o.requires_grad], grads[:n_out]))
+        return {
+            "forward": [(n, o.detach()) for n, o in outputs],
+            "output_grads": [(n, out_grads.get(n)) for n, _ in outputs],
+            "pred": pred.detach(),
+            "pred_grad": grads[n_out],
+            "loss": loss.detach(),
+            "param_grads": list(zip(self.parameter_names(model), grads[n_out + 1 :])),
+        }
 
     def one_hot(self, labels, num_classes, dtype):
         # torch raises on out-of-range labels itself.

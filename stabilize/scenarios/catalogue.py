@@ -183,7 +183,7 @@ def _masked_loss(variant: str) -> Case:
     if variant == "diverging":
         return Case(model, L.masked_relative_error, SGD(lr=0.01), X, y, "diverge", stop_on_nonfinite=False,
                     probe=probe, note="where(is_finite(l), l, 0): the loss prints fine over NaN weights")
-    if variant == "fixed":
+    if variant == "guarded":
         return Case(model, L.masked_relative_error, SGD(lr=0.01), X, y, "guarded", bound=0.4, probe=probe,
                     trainer_kwargs={"on_nonfinite": "skip"},
                     note="the same loss; the trainer's guard skips every step with NaN gradients")
@@ -227,7 +227,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("dirty-data", ("002_cf8ffe79dfe02bfd.txt", "003_cdfa176bf9e36a9f.txt"), "NaN/Inf in the inputs",
                  {v: (lambda v=v: _dirty_data(v)) for v in ("diverging", "fixed")}),
         Scenario("masked-loss", ("003_cdfa176bf9e36a9f.txt",), "a loss masked with where(is_finite(...))",
-                 {v: (lambda v=v: _masked_loss(v)) for v in ("diverging", "fixed", "double-where")}),
+                 {v: (lambda v=v: _masked_loss(v)) for v in ("diverging", "fixed", "guarded")}),
         Scenario("numpy-net", ("004_da81e5293ef0dddf.txt",), "a hand-written network: bad init, no scaling, no clipping",
                  {v: (lambda v=v: _numpy_net(v)) for v in ("diverging", "fixed")}),
     ]
