@@ -13,6 +13,8 @@ from .errors import (
     StabilizeError,
     UnknownBackendError,
 )
+from .audit import AuditReport, Finding, audit
+from .diagnose import Diagnosis
 from .finite import FiniteReport, LeafReport, check_finite
 from .ops import clip_grads, global_norm, safe_cross_entropy, safe_div, safe_log, safe_mse
 from .registry import backend_for, get_backend, known_backends, register_backend
@@ -36,6 +38,10 @@ __all__ = [
     "clip_grads",
     "global_norm",
     "check_finite",
+    "audit",
+    "AuditReport",
+    "Finding",
+    "Diagnosis",
     "StabilityTrainer",
     "History",
     "Event",

@@ -27,10 +27,11 @@ def _split_scale(X: np.ndarray, y: np.ndarray, *, leak: bool):
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, random_state=0)
+    train_index, test_index = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0)
+    X_tr, X_te, y_tr, y_te = X[train_index], X[test_index], y[train_index], y[test_index]
     fit_X, fit_y = (X, y) if leak else (X_tr, y_tr)
     sx, sy = StandardScaler().fit(fit_X), StandardScaler().fit(fit_y)
-    return X_tr, X_te, y_tr, y_te, sx, sy
+    return X_tr, X_te, y_tr, y_te, sx, sy, train_index
 
 
 def _as_inputs(M: np.ndarray) -> dict:
@@ -51,7 +52,7 @@ def _unscaled(variant: str) -> Case:
         return Case(model, L.naive_mse, SGD(lr=1e-3), inputs, y, "diverge", epochs=5,
                     note="raw inputs (input1 ~ N(3000, 4000²), input2 ~ N(5, 3²)) into a ReLU MLP")
     X = np.column_stack([inputs["input1"], inputs["input2"]])
-    X_tr, X_te, y_tr, y_te, sx, sy = _split_scale(X, y, leak=variant == "leaky")
+    X_tr, X_te, y_tr, y_te, sx, sy, train_index = _split_scale(X, y, leak=variant == "leaky")
 
     def probe(trainer, case):
         pred = trainer.predict(_as_inputs(sx.transform(X_te)))
@@ -62,7 +63,9 @@ def _unscaled(variant: str) -> Case:
         "train_rows": len(X_tr),
         "scaler_fit_rows": int(sx.n_samples_seen_),
         "scaler": sx,
-        "train_index_note": "train_test_split(test_size=0.2, random_state=0)",
+        "train_index": train_index,
+        "raw_inputs": X,
+        "raw_targets": y,
     }
     note = ("scaler fitted on ALL rows before splitting: test statistics leak into training"
             if variant == "leaky" else "split first, StandardScaler fitted on the training split only")
@@ -129,13 +132,13 @@ def _huge_targets(variant: str) -> Case:
     big = y * 1e10
     if variant == "diverging":
         return Case(model, L.naive_mse, SGD(lr=0.01), X, big, "diverge", note="targets multiplied by 1e10")
-    if variant == "scaled":
+    if variant == "fixed":
         return Case(model, safe_mse, SGD(lr=0.01), X, big / 1e10, "finite", bound=0.3,
                     note="targets divided back by 1e10 (predictions are multiplied by it)")
     return Case(model, safe_mse, SGD(lr=0.01), X, big, "finite", bound=float(np.mean(big**2)),
                 trainer_kwargs={"clip_norm": 1.0},
                 note="clip_norm=1.0: finite, and never worse than predicting 0 (the bound); the steps "
-                     "are too small to fit 1e10 targets, which the scaled variant does")
+                     "are too small to fit 1e10 targets, which the fixed (scaled) variant does")
 
 
 # -- dirty-data (seeds 002, 003) ------------------------------------------------------
@@ -223,7 +226,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("high-lr", ("001_c5368abc5e3e7511.txt", "002_cf8ffe79dfe02bfd.txt", "003_cdfa176bf9e36a9f.txt"),
                  "a learning rate that is too high", {v: (lambda v=v: _high_lr(v)) for v in ("diverging", "fixed", "backoff")}),
         Scenario("huge-targets", ("002_cf8ffe79dfe02bfd.txt",), "targets scaled by 1e10 under MSE",
-                 {v: (lambda v=v: _huge_targets(v)) for v in ("diverging", "fixed", "scaled")}),
+                 {v: (lambda v=v: _huge_targets(v)) for v in ("diverging", "fixed", "clip")}),
         Scenario("dirty-data", ("002_cf8ffe79dfe02bfd.txt", "003_cdfa176bf9e36a9f.txt"), "NaN/Inf in the inputs",
                  {v: (lambda v=v: _dirty_data(v)) for v in ("diverging", "fixed")}),
         Scenario("masked-loss", ("003_cdfa176bf9e36a9f.txt",), "a loss masked with where(is_finite(...))",
