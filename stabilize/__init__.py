@@ -20,6 +20,7 @@ from .ops import clip_grads, global_norm, safe_cross_entropy, safe_div, safe_log
 from .registry import backend_for, get_backend, known_backends, register_backend
 from .trainer import StabilityTrainer
 from .history import Event, History
+from .guards import TorchGuard, keras_guard
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = [
     "Finding",
     "Diagnosis",
     "StabilityTrainer",
+    "TorchGuard",
+    "keras_guard",
     "History",
     "Event",
     "FiniteReport",

@@ -215,3 +215,74 @@ class TensorFlowBackend(Backend):
         tf.debugging.assert_less(labels, tf.constant(num_classes, tf.int64),
                                  message=f"labels must be < num_classes={num_classes}")
         return tf.one_hot(labels, num_classes, dtype=dtype)
+
+
+def make_guarded_optimizer(inner, *, clip_norm=None, clip_value=None, max_update_ratio=None):
+    """Wrap a Keras optimizer so that a bad update is skipped inside the compiled step.
+
+    The wrapper clips with :func:`stabilize.clip_grads`, then applies the inner
+    optimizer under ``cond``: only when the gradient norm is finite (and, with
+    ``max_update_ratio``, when ``lr·‖g‖/‖w‖`` is within it), as Keras's own
+    ``LossScaleOptimizer`` skips non-finite steps. ``stabilize_stats`` holds the
+    last step's (loss placeholder, norm, 1, grads finite, weights finite, ratio,
+    committed) for the callback.
+    """
+    import keras
+
+    from ..ops import clip_grads, global_norm
+
+    class GuardedOptimizer(keras.optimizers.Optimizer):
+        def __init__(self):
+            super().__init__(learning_rate=0.0, name=f"guarded_{inner.name}")
+            self.inner_optimizer = inner
+
+        def build(self, var_list):
+            self.inner_optimizer.build(var_list)
+            self.stabilize_stats = self.add_variable(shape=(7,), dtype="float64", name="stabilize_stats")
+            self.built = True
+
+        @property
+        def variables(self):
+            return self._variables + self.inner_optimizer.variables
+
+        @property
+        def learning_rate(self):
+            return self.inner_optimizer.learning_rate
+
+        @learning_rate.setter
+        def learning_rate(self, value):
+            if hasattr(self, "inner_optimizer"):
+                self.inner_optimizer.learning_rate = value
+
+        @property
+        def iterations(self):
+            return self.inner_optimizer.iterations
+
+        def apply(self, grads, trainable_variables=None):
+            if not self.built:
+                self.build(trainable_variables)
+            tvs = list(trainable_variables)
+            grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, tvs)]
+            if clip_norm is None and clip_value is None:
+                norm = global_norm(grads)
+            else:
+                grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value)
+            values = [tf.convert_to_tensor(getattr(v, "value", v)) for v in tvs]
+            wnorm = global_norm(values)
+            lr = tf.cast(self.inner_optimizer.learning_rate, norm.dtype)
+            ratio = lr * norm / (tf.cast(wnorm, norm.dtype) + 1e-12)
+            ok = tf.math.is_finite(norm) & tf.math.is_finite(wnorm)
+            if max_update_ratio is not None:
+                ok = ok & (ratio <= max_update_ratio)
+
+            def apply_fn():
+                self.inner_optimizer.apply(grads, tvs)
+                return tf.constant(True)
+
+            tf.cond(ok, apply_fn, lambda: tf.constant(False))
+            as64 = lambda t: tf.cast(t, tf.float64)
+            self.stabilize_stats.assign(tf.stack([
+                tf.constant(0.0, tf.float64), as64(norm), tf.constant(1.0, tf.float64),
+                as64(tf.math.is_finite(norm)), as64(tf.math.is_finite(wnorm)), as64(ratio), as64(ok)]))
+
+    return GuardedOptimizer()

@@ -1,0 +1,269 @@
+"""Drop-in guards for loops you keep: a hand-written torch loop, and Keras ``model.fit``.
+
+Both use the very same :class:`~stabilize.policies.Policy` as
+:class:`~stabilize.StabilityTrainer` and the same ``clip_grads``; a bad step
+(non-finite loss or gradient norm, or an update too large next to the weights
+when ``max_update_ratio`` is set) is never applied.
+
+* :class:`TorchGuard`: ``guard.step(loss, model, optimizer)`` replaces
+  ``loss.backward(); optimizer.step(); optimizer.zero_grad()``.
+* :func:`keras_guard`: returns ``(optimizer, callback)``. The optimizer wraps
+  yours and skips a bad update inside the compiled train step (a callback
+  alone runs after the update has happened); the callback applies the policy
+  (back-off, rollback, raise) between steps and records the events.
+
+The update ratio is estimated as ``lr * ‖g‖ / ‖w‖`` before the step: exact
+for plain SGD, an estimate for momentum and adaptive optimizers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+
+from .errors import NonFiniteError
+from .history import Event, History
+from .ops import clip_grads, global_norm
+from .policies import Policy, PolicyConfig
+from .registry import get_backend
+
+__all__ = ["TorchGuard", "keras_guard"]
+
+logger = logging.getLogger("stabilize")
+
+
+class _Recorder:
+    """Per-step rows, events and the policy: what both guards share."""
+
+    def __init__(self, config: PolicyConfig, lr0: float):
+        self.policy = Policy(config, lr0)
+        self.rows: list[dict] = []
+        self.events: list[Event] = []
+        self.first_bad: int | None = None
+        self.diagnosis = None
+
+    def record(self, stats: dict, lr: float, max_update_ratio) -> tuple[str | None, list[str]]:
+        step = len(self.rows)
+        stats["lr"] = lr
+        self.rows.append(stats)
+        bad = [n for n, k in (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"))
+               if stats.get(k, 1.0) != 1.0]
+        large = max_update_ratio is not None and not stats["update_ratio"] <= max_update_ratio
+        if bad and self.first_bad is None:
+            self.first_bad = step
+        if not bad and not large:
+            grew = self.policy.on_good()
+            if grew:
+                self.events.append(Event(step, step, 0, "lr-growth", (), grew, lr, stats["loss"], stats["grad_norm"]))
+            return None, bad
+        action = self.policy.on_bad()
+        shown = "raised" if action == "raise" else action
+        self.events.append(Event(step, step, 0, "nonfinite" if bad else "large-update", tuple(bad), shown, lr,
+                                 stats["loss"], stats["grad_norm"]))
+        return action, bad
+
+    def history(self) -> History:
+        col = lambda k: np.array([r.get(k, 0.0) for r in self.rows], dtype=np.float64)
+        return History(col("loss"), col("grad_norm"), col("lr"), col("update_ratio"), col("committed").astype(bool),
+                       list(self.events), self.first_bad, self.diagnosis)
+
+
+class TorchGuard:
+    """Guard a hand-written torch loop.
+
+    Example:
+        >>> import torch, stabilize
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = stabilize.TorchGuard(clip_norm=1.0, on_nonfinite="backoff")
+        >>> x, y = torch.randn(8, 2), torch.full((8, 1), float("nan"))
+        >>> guard.step(torch.nn.functional.mse_loss(model(x), y), model, opt)
+        False
+        >>> guard.history.events[0].action
+        'backed-off'
+
+    Args:
+        clip_norm, clip_value: gradient clipping (:func:`stabilize.clip_grads`).
+        on_nonfinite, backoff_factor, min_lr, grow_after, max_bad_steps, max_rollbacks:
+            the policy, as in :class:`~stabilize.StabilityTrainer`.
+        max_update_ratio: also treat ``lr·‖g‖/‖w‖`` above this as a bad step.
+        snapshot_every: applied steps between snapshots (rollback policy).
+        loss_fn: ``loss_fn(pred, target)``; with ``batch=(x, y)`` given to
+            :meth:`step`, the first bad step is replayed and diagnosed.
+    """
+
+    def __init__(self, *, clip_norm=None, clip_value=None, on_nonfinite="skip", backoff_factor=0.5, min_lr=0.0,
+                 grow_after=None, max_bad_steps=3, max_rollbacks=3, max_update_ratio=None, snapshot_every=50,
+                 loss_fn=None):
+        self.config = PolicyConfig(on_nonfinite, backoff_factor, min_lr, grow_after, max_bad_steps, max_rollbacks)
+        self.clip_norm, self.clip_value, self.max_update_ratio = clip_norm, clip_value, max_update_ratio
+        self.snapshot_every, self.loss_fn = snapshot_every, loss_fn
+        self._rec: _Recorder | None = None
+        self._base_lrs: list[float] | None = None
+        self._snapshot = None
+        self._applied = 0
+
+    @property
+    def history(self) -> History:
+        return self._rec.history() if self._rec else History()
+
+    @property
+    def lr(self) -> float:
+        return self._rec.policy.lr if self._rec else float("nan")
+
+    def step(self, loss, model, optimizer, batch=None) -> bool:
+        """Backward, check, and step only if the step is good. Returns whether it was applied."""
+        import torch
+
+        B = get_backend("torch")
+        if self._rec is None:
+            self._base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            self._rec = _Recorder(self.config, self._base_lrs[0])
+        lr = self._rec.policy.lr
+        for group, base in zip(optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * lr / self._base_lrs[0]
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.config.on_nonfinite == "rollback" and self._snapshot is None:
+            self._take(params, optimizer)
+        loss.backward()
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if self.clip_norm is None and self.clip_value is None:
+                norm = global_norm(grads, backend=B)
+            else:
+                clipped, norm = clip_grads(grads, self.clip_norm, self.clip_value, backend=B)
+                for p, g in zip(params, clipped):
+                    if p.grad is not None:
+                        p.grad.copy_(g)
+            wnorm = global_norm(params, backend=B)
+            ratio = lr * global_norm([p.grad for p in params if p.grad is not None], backend=B) / (wnorm + 1e-12)
+            flags = [loss.detach(), norm, torch.isfinite(loss), torch.isfinite(norm), torch.isfinite(wnorm), ratio]
+            values = B.read(B.stack(flags, "float64"))  # the one device-to-host sync
+        stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio"), values))
+        action, bad = self._rec.record(stats, lr, self.max_update_ratio)
+        applied = action is None or action == "applied"
+        stats["committed"] = float(applied)
+        if bad and self._rec.diagnosis is None and batch is not None and self.loss_fn is not None:
+            self._diagnose(model, batch, lr, params)
+        if applied:
+            optimizer.step()
+            self._applied += 1
+            if self.config.on_nonfinite == "rollback" and self._applied % self.snapshot_every == 0:
+                self._take(params, optimizer)
+        elif action == "rolled-back":
+            self._restore(params, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if action == "raise":
+            raise NonFiniteError(f"training stopped: {self._rec.events[-1]}\n{self.history.report()}", self.history)
+        return applied
+
+    def _take(self, params, optimizer):
+        self._snapshot = ([p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict()))
+
+    def _restore(self, params, optimizer):
+        import torch
+
+        saved, state = self._snapshot
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        optimizer.load_state_dict(state)
+
+    def _diagnose(self, model, batch, lr, params):
+        from .diagnose import diagnose
+
+        B = get_backend("torch")
+        x, y = batch
+        rec = self._rec
+        col = lambda k: np.array([r[k] for r in rec.rows], dtype=np.float64)
+        wnorm = float(np.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in params)))
+        rec.diagnosis = diagnose(B, model, self.loss_fn, x, y, step=len(rec.rows) - 1, batch_index=len(rec.rows) - 1,
+                                 lr=lr, losses=col("loss"), grad_norms=col("grad_norm"), weights_norm=wnorm)
+        logger.warning(rec.diagnosis.line())
+
+
+def keras_guard(optimizer, *, clip_norm=None, clip_value=None, on_nonfinite="skip", backoff_factor=0.5, min_lr=0.0,
+                grow_after=None, max_bad_steps=3, max_rollbacks=3, max_update_ratio=None, snapshot_every=50,
+                diagnose_data=None, loss_fn=None):
+    """Guard Keras ``model.fit``: returns ``(guarded_optimizer, callback)``.
+
+    Example::
+
+        opt, cb = stabilize.keras_guard(keras.optimizers.SGD(0.5), on_nonfinite="backoff", max_update_ratio=0.5)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(X, y, callbacks=[cb])
+        print(cb.history.report())
+
+    ``diagnose_data=(x, y)`` with ``loss_fn`` lets the callback replay the data
+    through the model when the first bad step happens and attach a diagnosis
+    (Keras does not hand the failing batch to callbacks).
+    """
+    import keras
+
+    from .backends.tensorflow import make_guarded_optimizer
+
+    config = PolicyConfig(on_nonfinite, backoff_factor, min_lr, grow_after, max_bad_steps, max_rollbacks)
+    guarded = make_guarded_optimizer(optimizer, clip_norm=clip_norm, clip_value=clip_value,
+                                     max_update_ratio=max_update_ratio)
+
+    class StabilizeGuard(keras.callbacks.Callback):
+        """Applies the stabilize policy after each batch; ``history`` holds the record."""
+
+        def __init__(self):
+            super().__init__()
+            self.rec = _Recorder(config, float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+            self._snapshot = None
+            self._applied = 0
+
+        @property
+        def history(self) -> History:
+            return self.rec.history()
+
+        def on_train_begin(self, logs=None):
+            if config.on_nonfinite == "rollback":
+                self._take()
+
+        def _take(self):
+            self._snapshot = ([v.numpy() for v in self.model.weights], [v.numpy() for v in optimizer.variables])
+
+        def on_train_batch_end(self, batch, logs=None):
+            values = [float(v) for v in keras.ops.convert_to_numpy(guarded.stabilize_stats)]
+            stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio",
+                              "committed"), values))
+            # Keras logs the epoch's running-mean loss: shown, but one NaN batch would taint every
+            # later batch, so the verdict rests on the in-graph check of the gradients alone.
+            loss = (logs or {}).get("loss")
+            stats["loss"] = float("nan") if loss is None else float(loss)
+            lr = self.rec.policy.lr
+            action, bad = self.rec.record(stats, lr, max_update_ratio)
+            if bad and self.rec.diagnosis is None and diagnose_data is not None and loss_fn is not None:
+                self._diagnose(lr)
+            if action is None:
+                self._applied += 1
+                if self._snapshot is not None and self._applied % snapshot_every == 0:
+                    self._take()
+            elif action == "rolled-back":
+                weights, opt_vars = self._snapshot
+                self.model.set_weights(weights)
+                for v, s in zip(optimizer.variables, opt_vars):
+                    v.assign(s)
+            optimizer.learning_rate.assign(self.rec.policy.lr)
+            if action == "raise":
+                self.model.stop_training = True
+                raise NonFiniteError(f"training stopped: {self.rec.events[-1]}\n{self.history.report()}", self.history)
+
+        def _diagnose(self, lr):
+            from .diagnose import diagnose
+
+            B = get_backend("tensorflow")
+            x, y = diagnose_data
+            col = lambda k: np.array([r[k] for r in self.rec.rows], dtype=np.float64)
+            wnorm = float(np.sqrt(sum(float(np.sum(np.square(w))) for w in self.model.get_weights())))
+            step = len(self.rec.rows) - 1
+            self.rec.diagnosis = diagnose(B, self.model, loss_fn, B.convert(x), B.convert(y), step=step, batch_index=step,
+                                          lr=lr, losses=col("loss"), grad_norms=col("grad_norm"), weights_norm=wnorm)
+            logger.warning(self.rec.diagnosis.line())
+
+    return guarded, StabilizeGuard()
