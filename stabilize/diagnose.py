@@ -169,7 +169,8 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
     dtype_max = float(np.finfo(np.float64 if dtype == "float64" else np.float32).max)
     Yf = np.asarray(yn, dtype=np.float64)
     overflow = False
-    if _finite(pred) and not np.isfinite(loss) and Yf.shape == pred.shape:
+    regression = pred.ndim == 1 or (pred.ndim == 2 and pred.shape[1] == 1)
+    if _finite(pred) and not np.isfinite(loss) and Yf.shape == pred.shape and regression:
         # A squared error past the dtype's range is an overflow of huge values, not log(0).
         with np.errstate(over="ignore"):
             overflow = bool(np.max((pred - Yf) ** 2) * pred.size > dtype_max) if pred.size else False

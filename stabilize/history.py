@@ -79,10 +79,46 @@ class History:
             f"{n} steps, {int(self.committed.sum())} applied, final loss {self.final_loss:.6g}, "
             f"first non-finite step: {self.first_nonfinite_step}"
         ]
-        lines += [f"  {e}" for e in self.events]
+        events = self.events
+        if len(events) > 12:  # the first ones say what happened; the rest repeat it
+            lines += [f"  {e}" for e in events[:8]]
+            lines.append(f"  ... {len(events) - 10} more events ...")
+            lines += [f"  {e}" for e in events[-2:]]
+        else:
+            lines += [f"  {e}" for e in events]
         if self.diagnosis is not None:
             lines.append(str(self.diagnosis))
         return "\n".join(lines)
+
+    def plot(self, path: str, title: str | None = None) -> str:
+        """Write a PNG of the loss and gradient-norm curves, events marked (needs matplotlib)."""
+        try:
+            import matplotlib
+        except ImportError as exc:
+            raise ImportError("History.plot needs matplotlib: pip install 'stabilize[scenarios]'") from exc
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+        steps = np.arange(len(self.losses))
+        for ax, values, label in ((top, self.losses, "loss"), (bottom, self.grad_norms, "gradient norm")):
+            shown = np.where(np.isfinite(values), np.minimum(np.abs(values), 1e200), np.nan)
+            ax.plot(steps, shown, lw=1.5)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                ax.plot(steps[bad], np.full(bad.sum(), np.nanmax(shown) if np.isfinite(shown).any() else 1.0), "rx",
+                        label="non-finite")
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylabel(label)
+            for e in self.events:
+                ax.axvline(e.step, color="tab:red" if e.kind == "nonfinite" else "tab:orange", ls=":", lw=1)
+        bottom.set_xlabel("step (dotted: events)")
+        heading = title or (self.diagnosis.line() if self.diagnosis is not None else "training history")
+        top.set_title(heading if len(heading) < 90 else heading[:87] + "...", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
     def __str__(self) -> str:
         return self.report()

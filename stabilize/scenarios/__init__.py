@@ -76,6 +76,9 @@ def run(name: str, variant: str, backend: str | None = None, dtype: str = "float
     if case.expect == "guarded":
         facts["weights_finite_at_end"] = bool(all(np.isfinite(w).all() for w in trainer.get_weights()))
     dev = str(getattr(trainer.params[0], "device", "cpu"))
+    if "/device:" in dev:  # TensorFlow spells it /job:localhost/.../device:CPU:0
+        kind, _, index = dev.rsplit("/device:", 1)[1].partition(":")
+        dev = kind.lower() if kind == "CPU" else f"{kind.lower()}:{index}"
     return Trajectory(name, variant, trainer.backend.name, trainer.dtype, dev, case.expect, history.losses,
                       history.grad_norms, history.first_nonfinite_step, history.final_loss, history.events,
                       case.bound, facts, history)

@@ -1,0 +1,43 @@
+"""The examples run as the README says (the parity demo on one dtype, without plots, to keep CI short)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env_extra=None, cwd=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env_extra or {}))
+    env.pop("STABILIZE_BACKEND", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd or ROOT)
+
+
+@pytest.mark.parametrize("script", ["torch_user.py", "keras_user.py", "quickstart.py"])
+def test_example_runs(script):
+    out = _run([str(ROOT / "examples" / script)])
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_swap_backend_by_env_and_by_pyproject(tmp_path):
+    lines = {}
+    for name in ("torch", "tensorflow"):
+        out = _run([str(ROOT / "examples" / "swap_backend.py")], {"STABILIZE_BACKEND": name})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"backend: {name} (chosen by STABILIZE_BACKEND)" in out.stdout
+        lines[name] = [l for l in out.stdout.splitlines() if l.startswith("first loss")]
+    assert lines["torch"] == lines["tensorflow"]  # the same numbers, printed to 12 digits
+    (tmp_path / "pyproject.toml").write_text('[tool.stabilize]\nbackend = "tensorflow"\n')
+    out = _run([str(ROOT / "examples" / "swap_backend.py")], cwd=tmp_path)
+    assert "backend: tensorflow (chosen by" in out.stdout and "pyproject.toml" in out.stdout
+
+
+def test_parity_demo_runs(tmp_path):
+    out = _run([str(ROOT / "examples" / "parity_demo.py"), "--dtype", "float32", "--out", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "all parity bars met" in out.stdout
+    assert len(list(tmp_path.glob("*.png"))) == 7
