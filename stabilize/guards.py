@@ -25,9 +25,10 @@ import numpy as np
 
 from .errors import NonFiniteError
 from .history import Event, History
-from .ops import clip_grads, global_norm
+from .ops import global_norm
 from .policies import Policy, PolicyConfig
 from .registry import get_backend
+from .trainer import native_torch_check
 
 __all__ = ["TorchGuard", "keras_guard"]
 
@@ -128,20 +129,15 @@ class TorchGuard:
         if self.config.on_nonfinite == "rollback" and self._snapshot is None:
             self._take(params, optimizer)
         loss.backward()
-        with torch.no_grad():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            if self.clip_norm is None and self.clip_value is None:
-                norm = global_norm(grads, backend=B)
-            else:
-                clipped, norm = clip_grads(grads, self.clip_norm, self.clip_value, backend=B)
-                for p, g in zip(params, clipped):
-                    if p.grad is not None:
-                        p.grad.copy_(g)
-            wnorm = global_norm(params, backend=B)
-            ratio = lr * global_norm([p.grad for p in params if p.grad is not None], backend=B) / (wnorm + 1e-12)
-            flags = [loss.detach(), norm, torch.isfinite(loss), torch.isfinite(norm), torch.isfinite(wnorm), ratio]
-            values = B.read(B.stack(flags, "float64"))  # the one device-to-host sync
-        stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio"), values))
+        extra = ()
+        if self.max_update_ratio is not None:  # lr·‖g‖/‖w‖, read in the same sync
+            with torch.no_grad():
+                extra = (global_norm(params, backend=B),)
+        stats = native_torch_check(B, loss, params, self.clip_norm, self.clip_value, extra)
+        stats["update_ratio"] = lr * stats["_current"] / (stats["extra"][0] + 1e-12) if extra else 0.0
+        if stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0:  # only now: are the weights finite?
+            with torch.no_grad():
+                stats["weights_finite"] = float(bool(B.read(B.stack([B.all_finite(params)], "float64"))[0]))
         action, bad = self._rec.record(stats, lr, self.max_update_ratio)
         applied = action is None or action == "applied"
         stats["committed"] = float(applied)

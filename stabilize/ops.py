@@ -264,25 +264,26 @@ def global_norm(grads, norm_type: float = 2.0, *, backend: str | None = None):
     """The norm of all gradients taken together (``None`` leaves are ignored).
 
     Accumulates in float32 (float64 if any gradient is float64). ``norm_type``
-    is a positive number or ``inf``.
+    is a positive number or ``inf``. As in ``torch.nn.utils.clip_grad_norm_``,
+    it is the norm of the per-tensor norms, each taken in one pass.
     """
     present = [g for _, g in _leaves(grads) if g is not None]
     B = backend_for(*present[:1], backend=backend)
     if not present:
         return B.convert(0.0, "float32")
     acc = "float32"
-    for g in present:
-        acc = _wider(acc, ACCUMULATE[_float_dtype(B, B.convert(g), "clip_grads")])
-    parts = [B.abs(B.cast(B.convert(g), acc)) for g in present]
+    tensors = [B.convert(g) for g in present]
+    for g in tensors:
+        acc = _wider(acc, ACCUMULATE[_float_dtype(B, g, "clip_grads")])
+    # torch's formula: the norm of the per-tensor norms.
+    norms = B.norms(tensors, norm_type, acc)
     if norm_type == math.inf:
-        return B.amax(_stack_scalars(B, [B.convert(0.0, acc) if B.numel(p, acc) == 0 else B.amax(p) for p in parts]))
+        return _stack_scalars(B, norms)
     if norm_type == 2.0:
-        total = _add_all([B.sum(p * p) for p in parts])
-        return B.sqrt(total)
+        return B.sqrt(_add_all([n * n for n in norms]))
     if norm_type == 1.0:
-        return _add_all([B.sum(p) for p in parts])
-    total = _add_all([B.sum(p**norm_type) for p in parts])
-    return total ** (1.0 / norm_type)
+        return _add_all(norms)
+    return _add_all([n**norm_type for n in norms]) ** (1.0 / norm_type)
 
 
 def _add_all(values):

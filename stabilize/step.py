@@ -31,14 +31,6 @@ def unflatten_state(template, paths, values):
     return _rebuild(template, dict(zip(paths, values)))
 
 
-def _all_finite(B, tensors):
-    ok = None
-    for t in tensors:
-        flag = B.all(B.isfinite(t))
-        ok = flag if ok is None else ok & flag
-    return ok
-
-
 def make_step(
     B,
     forward: Callable[[Any], Any],
@@ -72,7 +64,7 @@ def make_step(
             new_params, new_state = optimizer.update(B, params, grads, state, lr)
             loss_ok = B.isfinite(loss)
             grads_ok = B.isfinite(norm)
-            weights_ok = _all_finite(B, new_params)
+            weights_ok = B.all_finite(new_params)
             ok = loss_ok & grads_ok & weights_ok
             if max_update_ratio is not None:
                 delta = global_norm([n - p for n, p in zip(new_params, params)], backend=B)

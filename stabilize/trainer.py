@@ -44,6 +44,42 @@ def _framework_of(model) -> str | None:
     return None
 
 
+def native_torch_check(B, loss, params, clip_norm, clip_value, extra=()):
+    """The guard's fast path for a native torch optimizer, after ``loss.backward()``.
+
+    Computes the gradient norm (torch's formula), reads it with the loss and the
+    finite flags in the step's one device-to-host sync, then clips in place only
+    if the norm is finite and above ``clip_norm``, with the coefficient
+    ``min(max_norm/(norm+1e-6), 1)`` computed in float32 as torch does. Below the
+    bound nothing is multiplied. Weights are not scanned here: a non-finite
+    weight makes the next loss non-finite, and is looked for then.
+
+    Returns the statistics as a dict (plus ``extra`` tensors, read in the same sync).
+    """
+    import torch
+
+    with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = ops.global_norm(grads, backend=B) if grads else torch.zeros((), device=params[0].device)
+        if clip_value is not None:
+            torch._foreach_clamp_min_(grads, -clip_value)  # clamping keeps NaN
+            torch._foreach_clamp_max_(grads, clip_value)
+            current = ops.global_norm(grads, backend=B)
+        else:
+            current = norm
+        loss = loss.detach()
+        values = B.read(B.stack([loss, norm, torch.isfinite(loss), torch.isfinite(norm), current, *extra], "float64"))
+        stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite", "_current"), values[:5]))
+        stats["weights_finite"] = 1.0
+        stats["extra"] = values[5:]
+        current = values[4]
+        if clip_norm is not None and grads and math.isfinite(current):
+            coef = float(np.float32(clip_norm) / (np.float32(current) + np.float32(1e-6)))
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        return stats
+
+
 class StabilityTrainer:
     """Train with every step checked, and bad steps skipped, backed off or rolled back.
 
@@ -242,33 +278,21 @@ class StabilityTrainer:
         return self._run_native_step(xb, yb, lr)
 
     def _run_native_step(self, xb, yb, lr):
-        import torch
-
         B = self.backend
         for group, base in zip(self.optimizer.param_groups, self._group_lrs):
             group["lr"] = base * lr / self._base_lr
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(xb), yb)
         loss.backward()
-        with torch.no_grad():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            if self.clip_norm is None and self.clip_value is None:
-                norm = ops.global_norm(grads, backend=B)
-            else:
-                clipped, norm = ops.clip_grads(grads, self.clip_norm, self.clip_value, backend=B)
-                for p, g in zip(self.params, clipped):
-                    if p.grad is not None:
-                        p.grad.copy_(g)
-            # A native optimizer's candidate is not visible before it is applied: the
-            # weights it produced are checked at the start of the next step instead.
-            weights_ok = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-            loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(norm)
-            stats = B.read(B.stack([loss, norm, loss_ok, grads_ok, weights_ok, norm * 0, loss_ok & grads_ok & weights_ok], "float64"))
-        out = dict(zip(STAT_FIELDS, stats))
-        commit = out["committed"] == 1.0 or self.policy_config.on_nonfinite == "ignore"
-        if commit and out["weights_finite"] == 1.0:
+        out = native_torch_check(B, loss, self.params, self.clip_norm, self.clip_value)
+        out["update_ratio"] = 0.0
+        ok = out["loss_finite"] == 1.0 and out["grads_finite"] == 1.0
+        if not ok:  # only now: did the previous update leave non-finite weights?
+            out["weights_finite"] = float(bool(B.read(B.stack([B.all_finite(self.params)], "float64"))[0]))
+        commit = (ok or self.policy_config.on_nonfinite == "ignore") and out["weights_finite"] == 1.0
+        if commit:
             self.optimizer.step()
-        out["committed"] = float(commit and out["weights_finite"] == 1.0)
+        out["committed"] = float(commit)
         return out
 
     # -- data ---------------------------------------------------------------------

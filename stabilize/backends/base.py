@@ -108,6 +108,17 @@ class Backend:
     def all(self, x):
         raise NotImplementedError
 
+    def norms(self, xs, ord: float, dtype: str) -> list:
+        """The ``ord``-norm of each tensor, accumulated and returned in ``dtype``.
+
+        ``ord`` is a positive number or ``inf``. One pass per tensor, no copies.
+        """
+        raise NotImplementedError
+
+    def all_finite(self, xs):
+        """A boolean scalar: every element of every tensor is finite."""
+        raise NotImplementedError
+
     # -- autodiff -----------------------------------------------------------
     def stop_gradient(self, x):
         raise NotImplementedError

@@ -80,6 +80,14 @@ class NumpyBackend(Backend):
     def all(self, x):
         return np.all(x)
 
+    def norms(self, xs, ord, dtype):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return [np.asarray(np.linalg.norm(np.asarray(x, dtype=dtype).ravel(), ord=ord), dtype=dtype) if np.size(x)
+                    else np.asarray(0.0, dtype=dtype) for x in xs]
+
+    def all_finite(self, xs):
+        return np.bool_(all(np.isfinite(x).all() for x in xs))
+
     def stop_gradient(self, x):
         return x
 

@@ -104,6 +104,23 @@ class TensorFlowBackend(Backend):
     def all(self, x):
         return tf.reduce_all(x)
 
+    def norms(self, xs, ord, dtype):
+        out = []
+        for x in xs:
+            x = tf.cast(x, dtype)
+            if ord == 2.0:
+                out.append(tf.sqrt(tf.reduce_sum(tf.square(x))))
+            elif ord == float("inf"):
+                out.append(self.amax(tf.abs(x)) if x.shape.num_elements() != 0 else tf.constant(0.0, dtype))
+            elif ord == 1.0:
+                out.append(tf.reduce_sum(tf.abs(x)))
+            else:
+                out.append(tf.reduce_sum(tf.abs(x) ** ord) ** (1.0 / ord))
+        return out
+
+    def all_finite(self, xs):
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in xs])
+
     def stop_gradient(self, x):
         return tf.stop_gradient(x)
 
