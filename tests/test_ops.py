@@ -187,3 +187,15 @@ def test_safe_cross_entropy_rejects_out_of_range_labels(backend):
 def test_ops_reject_integer_input_with_advice(backend):
     with pytest.raises(TypeError, match=r"cast it first"):
         value_and_grads(backend, stabilize.safe_log, [np.array([1, 2])], "float32", wrt=[])
+
+
+def test_all_finite_primitive_is_exact_in_each_dtype(backend):
+    """Regression: a large but finite float64 value must not read as inf (no float32 cast)."""
+    B = stabilize.get_backend(backend)
+    from helpers import to_native
+
+    big = to_native(backend, np.array([1e300, -1e300]), "float64")
+    assert bool(B.to_numpy(B.all_finite([big, to_native(backend, np.ones(3), "float32")])))
+    for bad in (np.nan, np.inf, -np.inf):
+        t = to_native(backend, np.array([1.0, bad, 2.0]), "float64")
+        assert not bool(B.to_numpy(B.all_finite([big, t])))

@@ -156,8 +156,9 @@ class TorchBackend(Backend):
         # min and max are non-finite exactly when some element is (NaN propagates), and
         # cannot overflow. aminmax is one vectorised pass; on CPU, isfinite().all(),
         # amax and the inf-norm each take about 15x longer (measured: benchmarks/overhead.py).
-        ends = [torch.stack(torch.aminmax(x)).to(torch.float32) for x in xs if x.numel()]
-        return torch.isfinite(torch.cat(ends)).all() if ends else torch.tensor(True)
+        # Checked in each tensor's own dtype: a cast would turn a large float64 weight into inf.
+        flags = [torch.isfinite(torch.stack(torch.aminmax(x))).all() for x in xs if x.numel()]
+        return torch.stack(flags).all() if flags else torch.tensor(True)
 
     def stop_gradient(self, x):
         return x.detach()
