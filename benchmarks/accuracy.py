@@ -3,7 +3,11 @@
 For each op, inputs are drawn log-uniformly across the dtype's range (both
 signs where the op allows), rounded to the dtype, and the op's value and
 gradient are compared with the float64 formula evaluated on the rounded inputs.
-Errors are relative (in units of the dtype's machine epsilon in brackets).
+Values: the largest element-wise relative error where the true result is a
+normal number of the dtype (a result that underflows to a subnormal or 0
+carries no relative precision). Gradients: the normwise relative error
+``max|g - ref| / max|ref|``, as in finite-difference gradient checks. In
+brackets, the same in units of the dtype's machine epsilon.
 
 Run: python benchmarks/accuracy.py
 """
@@ -25,10 +29,15 @@ from helpers import rounded, value_and_grads
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
-def _rel(a, b):
+def _rel(a, b, dtype):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ok = np.isfinite(b) & (b != 0)
+    ok = np.isfinite(b) & (np.abs(b) >= FLOAT_INFO[dtype].tiny)
     return float(np.max(np.abs(a[ok] - b[ok]) / np.abs(b[ok]))) if ok.any() else 0.0
+
+
+def _normwise(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def cases(dtype, rng):
@@ -55,15 +64,15 @@ def cases(dtype, rng):
 
 def main():
     rng = np.random.default_rng(0)
-    print(f"{'op':20s} {'dtype':9s} {'backend':11s} {'value rel err':>22s} {'gradient rel err':>22s}")
+    print(f"{'op':20s} {'dtype':9s} {'backend':11s} {'value rel err':>22s} {'gradient normwise err':>22s}")
     for dtype in DTYPES:
         eps = FLOAT_INFO[dtype].eps
         for op, (fn, inputs, ref, ref_grads) in cases(dtype, rng).items():
             wrt = [i for i, v in enumerate(inputs) if np.asarray(v).dtype.kind == "f"]
             for backend in ("torch", "tensorflow"):
                 value, grads, _ = value_and_grads(backend, fn, inputs, dtype, wrt=wrt)
-                ev = _rel(value, ref)
-                eg = max(_rel(g, r) for g, r in zip(grads, ref_grads))
+                ev = _rel(value, ref, dtype)
+                eg = max(_normwise(g, r) for g, r in zip(grads, ref_grads))
                 print(f"{op:20s} {dtype:9s} {backend:11s} {ev:12.3e} ({ev / eps:5.2f} eps) {eg:12.3e} ({eg / eps:5.2f} eps)")
 
 
