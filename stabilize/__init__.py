@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "config",
     "set_backend",
     "use_backend",
     "get_backend",

@@ -37,7 +37,7 @@ class Event:
     grad_norm: float
 
     def __str__(self) -> str:
-        what = ", ".join(self.nonfinite) or f"update ratio over the bound"
+        what = ", ".join(self.nonfinite) or "update ratio over the bound"
         return (
             f"step {self.step} (epoch {self.epoch}, batch {self.batch_index}): {self.kind} [{what}]; "
             f"loss={self.loss:.6g} grad_norm={self.grad_norm:.6g} lr={self.lr:.3g} -> {self.action}"

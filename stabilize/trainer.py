@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -373,7 +373,7 @@ class StabilityTrainer:
         first_bad = None
         diagnosis = None
         self._diagnosis = None
-        if self._snapshot is None and self.policy_config.on_nonfinite == "rollback" or self._native:
+        if self._snapshot is None and (self.policy_config.on_nonfinite == "rollback" or self._native):
             self._take_snapshot()
         bar = self._progress(epochs, x, y, batch_size, max_steps)
         skip_rows: set[int] = set()

@@ -53,7 +53,7 @@ def test_audit_nonfinite_names_rows_and_columns_of_a_dataframe():
 
 
 def test_audit_dict_inputs_name_their_keys():
-    x, y = scenarios.build("unscaled-inputs", "diverging").x, None
+    x = scenarios.build("unscaled-inputs", "diverging").x
     (finding,) = stabilize.audit(x).findings
     assert finding.kind == "unscaled-inputs" and "'input1'" in finding.where
     assert finding.figures["input1 std"] == pytest.approx(np.std(x["input1"]))

@@ -1,6 +1,5 @@
 """The stabilize command line: outputs and exit codes (0 good, 1 findings, 2 usage)."""
 
-import os
 import subprocess
 import sys
 

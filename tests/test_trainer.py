@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import stabilize
 from stabilize.models import MLP
 from stabilize.optim import SGD, Adam
 from stabilize.trainer import StabilityTrainer
@@ -141,7 +140,7 @@ def test_keras_model_and_tf_data():
 def test_torch_step_makes_exactly_one_host_read(monkeypatch):
     from conftest import load_backend
 
-    B = load_backend("torch")
+    load_backend("torch")
     import torch
 
     X, y = _data()
