@@ -225,26 +225,45 @@ class StabilityTrainer:
         )
 
     def _setup_native(self):
-        torch = sys.modules.get("torch")
-        if self.backend.name != "torch" or torch is None or not isinstance(self.optimizer, torch.optim.Optimizer):
+        torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
+        is_torch = self.backend.name == "torch" and torch is not None and isinstance(self.optimizer, torch.optim.Optimizer)
+        is_keras = (self.backend.name == "tensorflow" and keras is not None
+                    and isinstance(self.optimizer, keras.optimizers.Optimizer))
+        if not (is_torch or is_keras):
             raise TypeError(
-                f"optimizer must be a stabilize.optim spec (SGD, Adam) or a torch.optim optimizer for a "
-                f"torch model; got {type(self.optimizer).__name__}"
+                f"optimizer must be a stabilize.optim spec (SGD, Adam), a torch.optim optimizer for a torch "
+                f"model or a keras optimizer for a keras model; got {type(self.optimizer).__name__} for "
+                f"backend {self.backend.name}"
             )
         if self.max_update_ratio is not None:
             raise ValueError("max_update_ratio needs a stabilize.optim spec (the candidate update is not visible)")
-        self._base_lr = float(self.optimizer.param_groups[0]["lr"])
-        self._group_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.state_vars = []
+        if is_torch:
+            self._base_lr = float(self.optimizer.param_groups[0]["lr"])
+            self._group_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+            return
+        from .backends.tensorflow import make_keras_step
+
+        lr = self.optimizer.learning_rate
+        if not hasattr(lr, "assign"):
+            raise TypeError("a keras optimizer with a LearningRateSchedule cannot be backed off; pass a float "
+                            "learning rate and StabilityTrainer(schedule=...) instead")
+        self._base_lr = float(np.asarray(lr))
+        self._keras_step = make_keras_step(self.model, self.loss_fn, self.optimizer, self.params,
+                                           self.clip_norm, self.clip_value,
+                                           guard=self.policy_config.on_nonfinite != "ignore")
 
     # -- state ------------------------------------------------------------------
     def _take_snapshot(self):
         B = self.backend
-        if self._native:
+        if self._native and B.name == "torch":
             import copy
 
             opt_state = copy.deepcopy(self.optimizer.state_dict())
             self._snapshot = ([B.copy(p) for p in self.params], opt_state, self.applied_steps)
+        elif self._native:  # keras: its optimizer state is a list of variables
+            opt_vars = [getattr(v, "value", v) for v in self.optimizer.variables]
+            self._snapshot = ([B.copy(p) for p in self.params], [B.copy(v) for v in opt_vars], self.applied_steps)
         else:
             self._snapshot = (
                 [B.copy(p) for p in self.params],
@@ -257,8 +276,11 @@ class StabilityTrainer:
         params, opt_state, applied = self._snapshot
         for p, saved in zip(self.params, params):
             B.assign(p, saved)
-        if self._native:
+        if self._native and B.name == "torch":
             self.optimizer.load_state_dict(opt_state)
+        elif self._native:
+            for v, saved in zip(self.optimizer.variables, opt_state):
+                v.assign(saved)
         else:
             for v, saved in zip(self.state_vars, opt_state):
                 B.assign(v, saved)
@@ -279,6 +301,13 @@ class StabilityTrainer:
 
     def _run_native_step(self, xb, yb, lr):
         B = self.backend
+        if B.name == "tensorflow":
+            self.optimizer.learning_rate.assign(lr)
+            out = dict(zip(STAT_FIELDS, B.read(self._keras_step(xb, yb))))
+            if out["committed"] != 1.0 and out["weights_finite"] == 1.0:
+                # only now: did the previous update leave non-finite weights?
+                out["weights_finite"] = float(bool(B.to_numpy(B.all_finite(self.params))))
+            return out
         for group, base in zip(self.optimizer.param_groups, self._group_lrs):
             group["lr"] = base * lr / self._base_lr
         self.optimizer.zero_grad(set_to_none=True)

@@ -182,3 +182,45 @@ def test_bad_model_loss_optimizer_and_data_are_clear_errors(backend):
         t.fit(np.zeros((10, 3)), np.zeros((9, 1)))
     with pytest.raises(ValueError, match="MLP activation must be one of"):
         MLP((3, 1), activation="gelu")
+
+
+def test_keras_model_with_keras_optimizer_skips_a_nan_batch_exactly():
+    from conftest import load_backend
+
+    load_backend("tensorflow")
+    import keras
+
+    X, y = _data(32)
+    y[5] = np.nan
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+    opt = keras.optimizers.Adam(0.01)
+    trainer = StabilityTrainer(model, "mse", opt, clip_norm=1.0, progress=False)
+    h = trainer.fit(X[16:], y[16:], batch_size=16)
+    assert h.committed.tolist() == [True] and int(opt.iterations.numpy()) == 1
+    weights = [w.copy() for w in model.get_weights()]
+    opt_state = [np.array(v.numpy()) for v in opt.variables]
+    h = trainer.fit(X[:16], y[:16], batch_size=16)
+    assert h.events[0].action == "skipped" and h.events[0].nonfinite == ("loss", "gradients")
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    for v, s in zip(opt.variables, opt_state):
+        np.testing.assert_array_equal(v.numpy(), s)  # moments and the iteration counter
+    h = trainer.fit(X[16:], y[16:], batch_size=16, epochs=3)
+    assert h.first_nonfinite_step is None and int(opt.iterations.numpy()) == 4
+
+
+def test_keras_optimizer_backoff_sets_its_learning_rate():
+    from conftest import load_backend
+
+    load_backend("tensorflow")
+    import keras
+
+    X, y = _data(32)
+    y[:16] = np.nan
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = keras.optimizers.SGD(0.1)
+    trainer = StabilityTrainer(model, "mse", opt, on_nonfinite="backoff", backoff_factor=0.5, progress=False)
+    h = trainer.fit(X, y, batch_size=16, shuffle=False, epochs=2)
+    lr0 = float(np.float32(0.1))  # the keras optimizer holds its rate as a float32 variable
+    assert h.lrs.tolist() == [lr0, lr0 * 0.5, lr0 * 0.5, lr0 * 0.25]
+    assert float(opt.learning_rate.numpy()) == np.float32(lr0 * 0.25)

@@ -303,3 +303,40 @@ def make_guarded_optimizer(inner, *, clip_norm=None, clip_value=None, max_update
                 as64(tf.math.is_finite(norm)), as64(tf.math.is_finite(wnorm)), as64(ratio), as64(ok)]))
 
     return GuardedOptimizer()
+
+
+def make_keras_step(model, loss_fn, optimizer, params, clip_norm, clip_value, guard=True):
+    """The guarded step for a keras optimizer, compiled with ``tf.function``.
+
+    Gradients are clipped with :func:`stabilize.clip_grads`; the optimizer is
+    applied under ``cond`` only when the loss and the gradient norm are finite
+    (always, with ``guard=False``). Returns the trainer's statistics vector.
+    """
+    from ..ops import clip_grads, global_norm
+
+    variables = list(model.trainable_variables)
+    optimizer.build(variables)
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model(x), y)
+        grads = tape.gradient(loss, params)
+        grads = [tf.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        if clip_norm is None and clip_value is None:
+            norm = global_norm(grads)
+        else:
+            grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value)
+        loss_ok, grads_ok = tf.math.is_finite(loss), tf.math.is_finite(norm)
+        commit = (loss_ok & grads_ok) if guard else tf.constant(True)
+
+        def apply():
+            optimizer.apply(grads, variables)
+            return tf.constant(True)
+
+        tf.cond(commit, apply, lambda: tf.constant(False))
+        f64 = lambda t: tf.cast(t, tf.float64)
+        return tf.stack([f64(loss), f64(norm), f64(loss_ok), f64(grads_ok), tf.constant(1.0, tf.float64),
+                         tf.constant(0.0, tf.float64), f64(commit)])
+
+    return step
