@@ -64,8 +64,10 @@ def test_check_finite_rejects_what_it_cannot_read_with_advice():
         stabilize.check_finite(pd.DataFrame({"a": [1.0], "s": ["x"]}))
 
 
-def test_check_finite_half_precision_tensors(backend):
+def test_check_finite_half_precision_tensors(backend, device):
+    if backend != "torch" and device != "cpu":
+        pytest.skip("CUDA runs the torch backend only")
     for dtype in ("float16", "bfloat16"):
-        t = to_native(backend, np.array([1.0, np.inf, np.nan]), dtype)
+        t = to_native(backend, np.array([1.0, np.inf, np.nan]), dtype, device)
         leaf = stabilize.check_finite(t, raise_error=False).bad[0]
         assert (leaf.n_nan, leaf.n_posinf, leaf.n_neginf) == (1, 1, 0)

@@ -10,6 +10,11 @@ from stabilize.backends.base import FLOAT_INFO
 from conftest import DTYPES
 from helpers import TOL, rounded, value_and_grads
 
+def _cuda_is_torch_only(backend, device):
+    if backend != "torch" and device != "cpu":
+        pytest.skip("CUDA runs the torch backend only")
+
+
 BELOW_FLOOR = np.array([0.0, -0.0, -1.0, -np.inf, -1e300])
 
 
@@ -21,8 +26,7 @@ def _below(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_safe_log_below_floor_finite_value_nonzero_gradient(backend, dtype, device):
-    if backend != "torch" and device != "cpu":
-        pytest.skip("CUDA runs the torch backend only")
+    _cuda_is_torch_only(backend, device)
     x = _below(dtype)
     value, (grad,), _ = value_and_grads(backend, stabilize.safe_log, [x], dtype, device)
     tiny = FLOAT_INFO[dtype].tiny
@@ -34,8 +38,7 @@ def test_safe_log_below_floor_finite_value_nonzero_gradient(backend, dtype, devi
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_safe_log_above_floor_matches_float64_log_and_reciprocal_gradient(backend, dtype, device):
-    if backend != "torch" and device != "cpu":
-        pytest.skip("CUDA runs the torch backend only")
+    _cuda_is_torch_only(backend, device)
     rng = np.random.default_rng(0)
     tiny, big = FLOAT_INFO[dtype].tiny, FLOAT_INFO[dtype].max
     x = rounded(np.exp(rng.uniform(np.log(tiny) + 1, np.log(big) - 1, 500)), dtype)
@@ -55,13 +58,14 @@ def _ops():
 
 @pytest.mark.parametrize("op", sorted(_ops()))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_input_propagates_in_its_own_element_only(backend, op, dtype):
+def test_nan_input_propagates_in_its_own_element_only(backend, device, op, dtype):
+    _cuda_is_torch_only(backend, device)
     fn, wrt = _ops()[op]
     x = np.array([1.5, np.nan, 2.0, 0.25, 0.0])
     y = np.array([0.5, 1.0, 2.0, 4.0, 0.0])
-    value, grads, _ = value_and_grads(backend, fn, [x, y], dtype, wrt=wrt)
+    value, grads, _ = value_and_grads(backend, fn, [x, y], dtype, device, wrt=wrt)
     clean = np.array([True, False, True, True, True])
-    ref_value, ref_grads, _ = value_and_grads(backend, fn, [np.where(clean, x, 1.0), y], dtype, wrt=wrt)
+    ref_value, ref_grads, _ = value_and_grads(backend, fn, [np.where(clean, x, 1.0), y], dtype, device, wrt=wrt)
     assert np.isnan(value[1])  # never turned into a number
     np.testing.assert_array_equal(value[clean], ref_value[clean])
     for g, rg in zip(grads, ref_grads):
@@ -81,10 +85,11 @@ def test_reductions_propagate_nan(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_safe_mse_half_precision_large_difference_is_finite_and_accumulates_float32(backend, dtype):
+def test_safe_mse_half_precision_large_difference_is_finite_and_accumulates_float32(backend, device, dtype):
+    _cuda_is_torch_only(backend, device)
     pred = np.array([300.0, -1000.0, 0.5, 20000.0])
     target = np.array([0.0, 1000.0, 0.0, -20000.0])
-    value, (gp, gt), out_dtype = value_and_grads(backend, stabilize.safe_mse, [pred, target], dtype)
+    value, (gp, gt), out_dtype = value_and_grads(backend, stabilize.safe_mse, [pred, target], dtype, device)
     p, t = rounded(pred, dtype), rounded(target, dtype)
     assert out_dtype == "float32"
     assert np.isfinite(value)
@@ -103,12 +108,13 @@ def test_safe_mse_sum_of_squares_does_not_overflow_before_the_mean(backend, dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_safe_mse_matches_float64_reference(backend, dtype):
+def test_safe_mse_matches_float64_reference(backend, device, dtype):
+    _cuda_is_torch_only(backend, device)
     rng = np.random.default_rng(1)
     pred, target = rng.normal(size=(8, 3)) * 10, rng.normal(size=(8, 3))
     for reduction, ref_fn, n in (("mean", np.mean, 24), ("sum", np.sum, 1)):
         fn = lambda p, t: stabilize.safe_mse(p, t, reduction=reduction)
-        value, (gp, gt), _ = value_and_grads(backend, fn, [pred, target], dtype)
+        value, (gp, gt), _ = value_and_grads(backend, fn, [pred, target], dtype, device)
         p, t = rounded(pred, dtype), rounded(target, dtype)
         np.testing.assert_allclose(value, ref_fn((p - t) ** 2), rtol=max(TOL[dtype], 1e-6))
         np.testing.assert_allclose(gp, 2 * (p - t) / n, rtol=TOL[dtype], atol=TOL[dtype] * 1e-3)
@@ -120,11 +126,12 @@ def test_safe_mse_rejects_mismatched_shapes(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_safe_div_matches_reference_and_floors_small_denominators(backend, dtype):
+def test_safe_div_matches_reference_and_floors_small_denominators(backend, device, dtype):
+    _cuda_is_torch_only(backend, device)
     eps = math.sqrt(FLOAT_INFO[dtype].tiny)
     a = np.array([1.0, -2.0, 0.5, 1.0, 1.0, 3.0])
     b = np.array([4.0, 0.5, 0.0, -0.0, -1e-300, 1e-300])
-    value, (ga, gb), _ = value_and_grads(backend, stabilize.safe_div, [a, b], dtype)
+    value, (ga, gb), _ = value_and_grads(backend, stabilize.safe_div, [a, b], dtype, device)
     ar, br = rounded(a, dtype), rounded(b, dtype)
     bs = np.where(np.abs(br) < eps, np.where(br < 0, -eps, eps), br)
     tol = TOL[dtype]
@@ -144,7 +151,8 @@ def test_safe_div_broadcast_gradient_is_summed_back(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_safe_cross_entropy_matches_float64_reference_sparse_and_one_hot(backend, dtype):
+def test_safe_cross_entropy_matches_float64_reference_sparse_and_one_hot(backend, device, dtype):
+    _cuda_is_torch_only(backend, device)
     rng = np.random.default_rng(2)
     z = rng.normal(size=(6, 4)) * 30
     labels = rng.integers(0, 4, 6)
@@ -156,7 +164,7 @@ def test_safe_cross_entropy_matches_float64_reference_sparse_and_one_hot(backend
     ref_grad = (np.exp(logp) - onehot) / 6
     tol = max(TOL[dtype], 1e-6)
     for lab in (labels, onehot):
-        value, (g,), _ = value_and_grads(backend, stabilize.safe_cross_entropy, [z, lab], dtype, wrt=[0])
+        value, (g,), _ = value_and_grads(backend, stabilize.safe_cross_entropy, [z, lab], dtype, device, wrt=[0])
         np.testing.assert_allclose(value, ref, rtol=tol)
         np.testing.assert_allclose(g, ref_grad, rtol=tol, atol=max(TOL[dtype], 1e-7))
 
