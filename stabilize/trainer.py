@@ -80,6 +80,11 @@ def native_torch_check(B, loss, params, clip_norm, clip_value, extra=()):
         return stats
 
 
+def _weights_finite(B, params) -> bool:
+    """Whether every parameter is finite (one host read)."""
+    return bool(B.read(B.stack([B.all_finite(params)], "float64"))[0])
+
+
 class StabilityTrainer:
     """Train with every step checked, and bad steps skipped, backed off or rolled back.
 
@@ -445,8 +450,15 @@ class StabilityTrainer:
                             self._take_snapshot()
                         continue
                     if self._native and "weights" in bad:
+                        # The previous (native) update broke the weights: back to the snapshot,
+                        # and let the policy decide the rest (back off, count towards raising).
                         self._restore_snapshot()
-                        events.append(self._event(step, bi, epoch, "nonfinite", tuple(bad), "rolled-back", stats))
+                        action = self.policy.on_bad()
+                        events.append(self._event(step, bi, epoch, "nonfinite", tuple(bad),
+                                                  "raised" if action == "raise" else "rolled-back", stats))
+                        if action == "raise":
+                            history = self._history(rows, events, first_bad)
+                            raise NonFiniteError(f"training stopped: {events[-1]}\n{history.report()}", history)
                         continue
                     streak.append((bi, idx))
                     action = self.policy.on_bad()
@@ -468,6 +480,12 @@ class StabilityTrainer:
                         streak.clear()
                     if stop_on_nonfinite and bad:
                         return self._history(rows, events, first_bad)
+            if self._native and rows and not _weights_finite(self.backend, self.params):
+                # The last native update has no next step to reveal it: look once, now.
+                self._restore_snapshot()
+                last = dict(rows[-1], weights_finite=0.0)
+                first_bad = self.step_count - 1 if first_bad is None else first_bad
+                events.append(self._event(self.step_count - 1, -1, epochs - 1, "nonfinite", ("weights",), "rolled-back", last))
             return self._history(rows, events, first_bad)
         finally:
             if bar is not None:

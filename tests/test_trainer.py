@@ -224,3 +224,23 @@ def test_keras_optimizer_backoff_sets_its_learning_rate():
     lr0 = float(np.float32(0.1))  # the keras optimizer holds its rate as a float32 variable
     assert h.lrs.tolist() == [lr0, lr0 * 0.5, lr0 * 0.5, lr0 * 0.25]
     assert float(opt.learning_rate.numpy()) == np.float32(lr0 * 0.25)
+
+
+def test_native_optimizer_update_that_overflows_weights_is_rolled_back():
+    from conftest import load_backend
+
+    load_backend("torch")
+    import torch
+
+    X, y = _data(48)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=3e38)  # finite lr and gradients; lr*g overflows float32
+    trainer = StabilityTrainer(model, "mse", opt, progress=False)
+    start = [p.detach().clone() for p in model.parameters()]
+    h = trainer.fit(X, y, batch_size=16, shuffle=False)
+    rolled = [e for e in h.events if e.action == "rolled-back"]
+    # Step 1 finds the weights step 0 broke; the last update is checked when fit ends.
+    assert [e.step for e in rolled] == [1, 2] and all("weights" in e.nonfinite for e in rolled)
+    assert h.first_nonfinite_step == 1
+    for p, s in zip(model.parameters(), start):  # back at the snapshot taken when fit began
+        assert torch.equal(p, s)
