@@ -25,7 +25,7 @@ class _UsageError(Exception):
     pass
 
 
-def _scenario_args(p, variant_default=None):
+def _scenario_args(p):
     p.add_argument("--backend", default=None, help="torch or tensorflow (default: the configured backend)")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
 

@@ -50,10 +50,6 @@ class LeafReport:
     def ok(self) -> bool:
         return self.n_bad == 0
 
-    def bad_rows(self) -> np.ndarray:
-        """Positions' first index (rows), for the positions recorded."""
-        return np.array(sorted({p[0] for p in self.positions if p}), dtype=np.int64)
-
     def _where(self, pos: tuple) -> str:
         if not pos:
             return "scalar"

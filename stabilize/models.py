@@ -91,13 +91,3 @@ class MLP:
             out.append((rng.standard_normal((fan_in, fan_out)) * std).astype(dtype))
             out.append(np.zeros(fan_out, dtype=dtype))
         return out
-
-    def forward_numpy(self, x: np.ndarray, weights: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """The float64 reference forward pass."""
-        ws = list(self.weights() if weights is None else weights)
-        h = np.asarray(x, dtype=np.float64)
-        for i, act in enumerate(self.activations):
-            h = h @ ws[2 * i] + ws[2 * i + 1]
-            h = {"relu": lambda a: np.maximum(a, 0), "tanh": np.tanh,
-                 "sigmoid": lambda a: 1 / (1 + np.exp(-a)), "linear": lambda a: a}[act](h)
-        return h
