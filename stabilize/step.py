@@ -71,7 +71,7 @@ def make_step(
                 ratio = delta / (global_norm(params, backend=B) + 1e-12)
                 ok = ok & (ratio <= max_update_ratio)
             else:
-                ratio = norm * 0.0
+                ratio = B.full_like(norm, 0.0)  # not measured
             commit = ok if guard else B.full_like(ok, True)
             for p, n in zip(params, new_params):
                 B.assign(p, B.where(commit, n, p))
