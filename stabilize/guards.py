@@ -26,9 +26,9 @@ import numpy as np
 from .errors import NonFiniteError
 from .history import Event, History
 from .ops import global_norm
-from .policies import Policy, PolicyConfig
+from .policies import Policy, PolicyConfig, verdict
 from .registry import get_backend
-from .trainer import native_torch_check
+from .trainer import native_torch_check, weights_finite
 
 __all__ = ["TorchGuard", "keras_guard"]
 
@@ -49,9 +49,7 @@ class _Recorder:
         step = len(self.rows)
         stats["lr"] = lr
         self.rows.append(stats)
-        bad = [n for n, k in (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"))
-               if stats.get(k, 1.0) != 1.0]
-        large = max_update_ratio is not None and not stats["update_ratio"] <= max_update_ratio
+        bad, large = verdict(stats, max_update_ratio)
         if bad and self.first_bad is None:
             self.first_bad = step
         if not bad and not large:
@@ -66,9 +64,7 @@ class _Recorder:
         return action, bad
 
     def history(self) -> History:
-        col = lambda k: np.array([r.get(k, 0.0) for r in self.rows], dtype=np.float64)
-        return History(col("loss"), col("grad_norm"), col("lr"), col("update_ratio"), col("committed").astype(bool),
-                       list(self.events), self.first_bad, self.diagnosis)
+        return History.from_rows(self.rows, self.events, self.first_bad, self.diagnosis)
 
 
 class TorchGuard:
@@ -137,7 +133,7 @@ class TorchGuard:
         stats["update_ratio"] = lr * stats["_current"] / (stats["extra"][0] + 1e-12) if extra else 0.0
         if stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0:  # only now: are the weights finite?
             with torch.no_grad():
-                stats["weights_finite"] = float(bool(B.read(B.stack([B.all_finite(params)], "float64"))[0]))
+                stats["weights_finite"] = float(weights_finite(B, params))
         action, bad = self._rec.record(stats, lr, self.max_update_ratio)
         applied = action is None or action == "applied"
         stats["committed"] = float(applied)

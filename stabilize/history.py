@@ -66,6 +66,14 @@ class History:
     first_nonfinite_step: int | None = None
     diagnosis: object | None = None
 
+    @classmethod
+    def from_rows(cls, rows: list[dict], events: list[Event], first_nonfinite_step: int | None,
+                  diagnosis=None) -> "History":
+        """Build the record from per-step statistics dicts (``loss``, ``grad_norm``, ``lr``, ...)."""
+        col = lambda k: np.array([r.get(k, 0.0) for r in rows], dtype=np.float64)
+        return cls(col("loss"), col("grad_norm"), col("lr"), col("update_ratio"), col("committed").astype(bool),
+                   list(events), first_nonfinite_step, diagnosis)
+
     @property
     def final_loss(self) -> float:
         """The loss of the last committed step (NaN if none was committed)."""

@@ -21,10 +21,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["POLICIES", "PolicyConfig", "Policy"]
+__all__ = ["POLICIES", "PolicyConfig", "Policy", "verdict"]
 
 POLICIES = ("raise", "skip", "backoff", "rollback", "ignore")
 _SATURATE = 2**31 - 1
+
+
+_CHECKS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"))
+
+
+def verdict(stats: dict, max_update_ratio: float | None) -> tuple[list[str], bool]:
+    """What was wrong with a step: the non-finite parts, and whether its update was too large."""
+    bad = [name for name, key in _CHECKS if stats.get(key, 1.0) != 1.0]
+    large = max_update_ratio is not None and not stats["update_ratio"] <= max_update_ratio
+    return bad, large
 
 
 @dataclass(frozen=True)

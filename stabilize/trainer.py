@@ -5,8 +5,8 @@ and committed only if it is good; see :mod:`stabilize.step`. The policy
 (:mod:`stabilize.policies`) decides what follows a bad step. The trainer takes
 a backend-neutral :class:`~stabilize.models.MLP` spec (built natively on the
 resolved backend), a ``torch.nn.Module`` or a ``keras.Model``; a neutral
-optimizer spec (:mod:`stabilize.optim`, the same math on every backend) or a
-native ``torch.optim`` optimizer.
+optimizer spec (:mod:`stabilize.optim`, the same math on every backend), a
+native ``torch.optim`` optimizer, or a keras optimizer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .errors import NonFiniteError
 from .history import Event, History
 from .models import MLP
 from .optim import OptimizerSpec
-from .policies import Policy, PolicyConfig
+from .policies import Policy, PolicyConfig, verdict
 from .registry import get_backend
 from .step import STAT_FIELDS, flatten_state, make_step
 
@@ -80,7 +80,7 @@ def native_torch_check(B, loss, params, clip_norm, clip_value, extra=()):
         return stats
 
 
-def _weights_finite(B, params) -> bool:
+def weights_finite(B, params) -> bool:
     """Whether every parameter is finite (one host read)."""
     return bool(B.read(B.stack([B.all_finite(params)], "float64"))[0])
 
@@ -311,7 +311,7 @@ class StabilityTrainer:
             out = dict(zip(STAT_FIELDS, B.read(self._keras_step(xb, yb))))
             if out["committed"] != 1.0 and out["weights_finite"] == 1.0:
                 # only now: did the previous update leave non-finite weights?
-                out["weights_finite"] = float(bool(B.to_numpy(B.all_finite(self.params))))
+                out["weights_finite"] = float(weights_finite(B, self.params))
             return out
         for group, base in zip(self.optimizer.param_groups, self._group_lrs):
             group["lr"] = base * lr / self._base_lr
@@ -322,7 +322,7 @@ class StabilityTrainer:
         out["update_ratio"] = 0.0
         ok = out["loss_finite"] == 1.0 and out["grads_finite"] == 1.0
         if not ok:  # only now: did the previous update leave non-finite weights?
-            out["weights_finite"] = float(bool(B.read(B.stack([B.all_finite(self.params)], "float64"))[0]))
+            out["weights_finite"] = float(weights_finite(B, self.params))
         commit = (ok or self.policy_config.on_nonfinite == "ignore") and out["weights_finite"] == 1.0
         if commit:
             self.optimizer.step()
@@ -427,8 +427,7 @@ class StabilityTrainer:
                     rows.append(stats)
                     step = self.step_count
                     self.step_count += 1
-                    bad = [name for name, key in (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite")) if stats[key] != 1.0]
-                    large = self.max_update_ratio is not None and not stats["update_ratio"] <= self.max_update_ratio
+                    bad, large = verdict(stats, self.max_update_ratio)
                     if bad and first_bad is None:
                         first_bad = step
                     if bad and diagnosis is None and self.diagnose:
@@ -480,7 +479,7 @@ class StabilityTrainer:
                         streak.clear()
                     if stop_on_nonfinite and bad:
                         return self._history(rows, events, first_bad)
-            if self._native and rows and not _weights_finite(self.backend, self.params):
+            if self._native and rows and not weights_finite(self.backend, self.params):
                 # The last native update has no next step to reveal it: look once, now.
                 self._restore_snapshot()
                 last = dict(rows[-1], weights_finite=0.0)
@@ -518,17 +517,7 @@ class StabilityTrainer:
         return result
 
     def _history(self, rows, events, first_bad) -> History:
-        col = lambda k: np.array([r[k] for r in rows], dtype=np.float64)
-        return History(
-            losses=col("loss"),
-            grad_norms=col("grad_norm"),
-            lrs=col("lr"),
-            update_ratios=col("update_ratio"),
-            committed=col("committed").astype(bool) if rows else np.zeros(0, bool),
-            events=events,
-            first_nonfinite_step=first_bad,
-            diagnosis=self._diagnosis,
-        )
+        return History.from_rows(rows, events, first_bad, self._diagnosis)
 
     def _progress(self, epochs, x, y, batch_size, max_steps):
         if self.progress is False:
