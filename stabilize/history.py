@@ -19,7 +19,7 @@ class Event:
         epoch: the epoch.
         kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound),
             ``"scaler"`` (a loss scaler skipped an overflowing step; not a failure) or ``"lr-growth"``.
-        nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"`` were non-finite.
+        nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"``, ``"buffers"`` were non-finite.
         action: ``"skipped"``, ``"backed-off"``, ``"rolled-back"``, ``"raised"``,
             ``"applied"`` (policy ``ignore``), ``"scaler-skip"`` or ``"grew-lr"``.
         lr: the learning rate the step ran with.

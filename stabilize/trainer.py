@@ -274,7 +274,7 @@ class StabilityTrainer:
             stats["weights_broken"] = 1.0  # an earlier native update broke the weights
         rows = bad_rows(batch.x, batch.y, batch.rows) if bad and batch.rows is not None else batch.rows
         decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows)
-        nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite"))
+        nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
         if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose:
             self._diagnose(xb, yb, pre)
         if bar is not None:

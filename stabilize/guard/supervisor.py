@@ -32,7 +32,8 @@ logger = logging.getLogger("stabilize")
 STAT_FIELDS = ("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio",
                "large_update", "scaler_skip", "committed")
 
-_PARTS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"))
+_PARTS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"),
+          ("buffers", "buffers_finite"))
 
 
 class Decision(NamedTuple):

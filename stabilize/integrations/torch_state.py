@@ -92,7 +92,8 @@ class TorchState:
     def buffers_finite(self) -> torch.Tensor:
         floats = [b for b in self.buffers if b.is_floating_point() and b.numel()]
         if not floats:
-            return torch.tensor(True)
+            device = self.params[0].device if self.params else "cpu"
+            return torch.ones((), dtype=torch.bool, device=device)
         return torch.stack([torch.isfinite(torch.stack(torch.aminmax(b))).all() for b in floats]).all()
 
     # -- everything ------------------------------------------------------------------

@@ -85,16 +85,20 @@ class TorchStep:
             else:
                 current = norm
             loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(norm)
-            ok = loss_ok & grads_ok
+            buffers_ok = st.buffers_finite()  # BatchNorm statistics the forward pass just wrote
+            ok = loss_ok & grads_ok & buffers_ok
             scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones((), device=loss.device)
-            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale], "float64"))
+            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale, buffers_ok],
+                                              "float64"))
         stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite"), values[:4]))
         ok, current, scale = values[4] == 1.0, values[5], values[6]
+        stats["buffers_finite"] = values[7]
         base = float(st.optimizer.param_groups[0]["lr"])
         stats.update(weights_finite=1.0, update_ratio=0.0, large_update=0.0, scaler_skip=0.0, loss_scale=scale,
                      lr=float(rate(base)) if rate is not None else base)
         # A scaler's own overflow: finite loss, non-finite gradients, scale still above the floor.
-        if scaler is not None and not ok and stats["loss_finite"] == 1.0 and scale >= s.min_loss_scale:
+        if scaler is not None and not ok and stats["loss_finite"] == 1.0 and values[7] == 1.0 \
+                and scale >= s.min_loss_scale:
             stats["scaler_skip"] = 1.0
         commit = ok or not s.guarded
         if commit and s.clip_norm is not None and grads and math.isfinite(current):
