@@ -77,5 +77,5 @@ def test_audit_samples_a_dataloader_and_a_tf_dataset():
 def test_audit_rejects_mismatched_rows_and_text_columns():
     with pytest.raises(ValueError, match="inputs have 3 rows but the targets have 2"):
         stabilize.audit(np.zeros((3, 2)), np.zeros(2))
-    with pytest.raises(TypeError, match="non-numeric input columns"):
+    with pytest.raises(TypeError, match="non-numeric input column 'b'"):
         stabilize.audit(pd.DataFrame({"a": [1.0], "b": ["x"]}))
