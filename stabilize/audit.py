@@ -76,7 +76,7 @@ class AuditReport:
 
 def _names(T: Table, cols) -> str:
     cols = list(cols)
-    shown = ", ".join(repr(T.columns[j]) if T.named else T.columns[j] for j in cols[:SHOWN])
+    shown = ", ".join(repr(T.columns[j]) if T.named else T.columns[j].removeprefix("col ") for j in cols[:SHOWN])
     return shown + (f" and {len(cols) - SHOWN} more" if len(cols) > SHOWN else "")
 
 
@@ -131,7 +131,8 @@ def _nonfinite(T: Table, what: str) -> Finding | None:
     nf = nonfinite_cells(T.values)
     if nf is None:
         return None
-    cells = ", ".join(f"{T.row_text(i)} {T.col_text(j)}" for i, j in nf.cells)
+    cells = ", ".join(T.row_text(i) + ("" if T.n_columns == 1 and what != "inputs" else " " + T.col_text(j))
+                      for i, j in nf.cells)
     figures = {"NaN": nf.n_nan, "+inf": nf.n_posinf, "-inf": nf.n_neginf,
                "rows": [T.row(i) for i in nf.rows[:ROWS_SHOWN]], "rows affected": f"{len(nf.rows)} of {T.n_rows}"}
     # A column broken in most rows is a broken column: dropping its rows would drop most of the data.
@@ -148,8 +149,10 @@ def _nonfinite(T: Table, what: str) -> Finding | None:
     rest = np.flatnonzero((~np.isfinite(T.values[:, others])).any(axis=1))
     if rest.size:
         advice.append(f"find out why {'row' if rest.size == 1 else 'rows'} {_rows(T, rest)} ({rest.size} of {T.n_rows}) "
-                      "hold non-finite values, then impute them or drop only those rows, deliberately "
-                      "(np.nan_to_num hides the problem)")
+                      f"{'holds' if rest.size == 1 else 'hold'} non-finite values, then "
+                      + ("impute those cells or drop only those rows" if what == "inputs" else
+                         "fix those targets or drop only those rows, from X and y together")
+                      + ", deliberately (np.nan_to_num hides the problem)")
     return Finding("nonfinite", f"{what} at {cells}{' ...' if nf.n_cells > len(nf.cells) else ''}", figures, "; ".join(advice))
 
 
@@ -239,7 +242,7 @@ def _labels(Y: Table, y, K: int, ignore_index, what: str) -> list[Finding]:
     if bad.size:
         lo, hi = float(c[used].min()), float(c[used].max())
         figures = {"rows": [Y.row(i) for i in bad[:ROWS_SHOWN]], "bad labels": f"{bad.size} of {Y.n_rows}",
-                   "values": sorted({float(x) for x in c[bad][:100]})[:SHOWN], "label min": lo, "label max": hi, "num_classes": K}
+                   "values": sorted({int(x) if x == round(x) else float(x) for x in c[bad][:100]})[:SHOWN], "label min": lo, "label max": hi, "num_classes": K}
         if np.all(whole[used]) and lo >= 1 and hi == K:
             advice = f"the labels run 1..{K}: they look 1-based; use y - 1 (class indices run 0..{K - 1})"
         elif np.all(whole[used]) and lo >= 0:
@@ -297,8 +300,12 @@ def _check_scaler(scaler, X, T: Table, train_index):
                          "scaler was fitted on (the audit applies scaler.transform itself)")
     pd = sys.modules.get("pandas")
     raw = np.where(np.isinf(T.values), np.nan, T.values)  # sklearn rejects inf; those cells are reported already
-    frame = pd is not None and isinstance(X, pd.DataFrame) and hasattr(scaler, "feature_names_in_")
-    inp = pd.DataFrame(raw, columns=X.columns, index=X.index) if frame else raw
+    frame = pd is not None and hasattr(scaler, "feature_names_in_")  # give it the names it was fitted with
+    if frame:
+        is_df = isinstance(X, pd.DataFrame)
+        inp = pd.DataFrame(raw, columns=X.columns if is_df else scaler.feature_names_in_, index=X.index if is_df else None)
+    else:
+        inp = raw
     rows_of = (lambda a, r: a.iloc[r]) if frame else (lambda a, r: a[r])
     as_array = lambda a: np.asarray(a.toarray() if hasattr(a, "toarray") else a, dtype=np.float64)
     try:
@@ -437,7 +444,10 @@ def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None =
 
     notes = []
     skipped = [j for j, k in enumerate(T.kinds) if k != "float"]
-    if skipped:
+    if skipped and len(skipped) == T.n_columns > 1:
+        notes.append(f"no column is scale-checked: all {T.n_columns} are integer, boolean or categorical (ids, token "
+                     "ids, codes, flags); cast quantities stored as integers to float to have them checked")
+    elif skipped:
         notes.append(f"not scale-checked (integer, boolean or categorical: ids, token ids, codes, flags): "
                      f"{_names(T, skipped)}; embed or one-hot ids and codes; cast a quantity stored as integers to "
                      "float to have it checked")

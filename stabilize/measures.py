@@ -121,7 +121,7 @@ def _kind_of(dtype) -> str | None:
     return None
 
 
-def _frame_column(series, role: str):
+def _frame_column(series):
     """One pandas column as (float64 values, kind); ``(None, None)`` when it is not numeric."""
     pd = sys.modules["pandas"]
     if isinstance(series.dtype, pd.CategoricalDtype):
@@ -183,7 +183,7 @@ def as_table(X, role: str = "input") -> Table:
     if pd is not None and isinstance(X, pd.Series):
         X = X.to_frame(name=X.name if X.name is not None else ("y" if role == "target" else "x"))
     if pd is not None and isinstance(X, pd.DataFrame):
-        pairs = [_frame_column(X.iloc[:, j], role) for j in range(X.shape[1])]
+        pairs = [_frame_column(X.iloc[:, j]) for j in range(X.shape[1])]
         text = [X.columns[j] for j, (v, _) in enumerate(pairs) if v is None]
         if text:
             raise _not_numeric(X, text, role)
@@ -222,7 +222,7 @@ def _array_table(arr: np.ndarray, role: str, prefix: str | None) -> Table:
             arr, kind = arr.astype(np.float64), "float"  # an object array of numbers
         except (TypeError, ValueError):
             raise TypeError(f"audit: the {role}s have dtype {arr.dtype}, which is not numeric; encode them first") from None
-    values = arr.reshape(arr.shape[0], -1).astype(np.float64)
+    values = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))).astype(np.float64)
     kinds = [kind] * values.shape[1]
     if kind == "float":
         kinds = _integer_coded(values, kinds)
