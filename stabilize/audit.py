@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .diagnose import SCALE_LIMIT, TARGET_LIMIT
-from .measures import Table, as_table, column_stats, nonfinite_cells
+from .measures import Table, as_table, column_stats, is_batches, nonfinite_cells, row_positions, take_batches
 
 __all__ = ["Finding", "AuditReport", "audit"]
 
@@ -84,46 +84,6 @@ def _rows(T: Table, positions) -> str:
     positions = list(positions)
     shown = ", ".join(str(T.row(i)) for i in positions[:SHOWN])
     return shown + (f" and {len(positions) - SHOWN} more" if len(positions) > SHOWN else "")
-
-
-# -- batches ------------------------------------------------------------------------
-def _is_batches(X, y) -> bool:
-    return (y is None and hasattr(X, "__iter__") and not hasattr(X, "shape")
-            and not isinstance(X, (np.ndarray, dict, list, tuple, str, bytes)))
-
-
-def _in_dataset_order(loader):
-    """A torch DataLoader over a map-style dataset is re-read unshuffled, so that row i is
-    dataset item i (a ``Subset``'s rows are its indices into the full dataset)."""
-    torch = sys.modules.get("torch")
-    ds = getattr(loader, "dataset", None)
-    if (torch is None or not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_size is None
-            or isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__len__")):
-        return loader, None
-    ordered = torch.utils.data.DataLoader(ds, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
-    return ordered, ([int(i) for i in ds.indices] if isinstance(ds, torch.utils.data.Subset) else None)
-
-
-def _take(dataset, max_batches: int):
-    """Concatenate the first batches of a DataLoader / tf.data.Dataset / iterable of (x, y)."""
-    dataset, labels = _in_dataset_order(dataset)
-    xs, ys = [], []
-    for i, item in enumerate(dataset):
-        if i >= max_batches:
-            break
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ValueError("audit: a dataset must yield (inputs, targets) pairs")
-        xs.append(item[0])
-        ys.append(item[1])
-    if not xs:
-        raise ValueError("audit: the dataset yielded no batches: there is nothing to audit")
-    as_np = lambda t: np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t.numpy() if hasattr(t, "numpy") else t)
-    if isinstance(xs[0], dict):
-        x = {k: np.concatenate([as_np(b[k]) for b in xs]) for k in xs[0]}
-    else:
-        x = np.concatenate([as_np(b) for b in xs])
-    y = np.concatenate([as_np(b) for b in ys])
-    return x, y, (labels[: len(y)] if labels is not None else None)
 
 
 # -- the checks --------------------------------------------------------------------
@@ -262,30 +222,6 @@ def _labels(Y: Table, y, K: int, ignore_index, what: str) -> list[Finding]:
 
 
 # -- the scaler ---------------------------------------------------------------------
-def _train_positions(train_index, T: Table) -> np.ndarray:
-    pd = sys.modules.get("pandas")
-    n = T.n_rows
-    if pd is not None and isinstance(train_index, pd.Index) and T.rows is not None and hasattr(T.rows, "get_indexer"):
-        pos = T.rows.get_indexer(train_index)
-        if (pos < 0).any():
-            raise ValueError(f"audit: train_index labels {list(train_index[pos < 0][:SHOWN])} are not in X's index")
-        return pos
-    idx = np.asarray(train_index)
-    if idx.dtype == bool:
-        if idx.shape != (n,):
-            raise ValueError(f"audit: a boolean train_index needs one entry per row ({n}), got shape {idx.shape}")
-        return np.flatnonzero(idx)
-    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-        raise TypeError(f"audit: train_index must be row positions (integers) or a boolean mask, got {idx.dtype} "
-                        f"of shape {idx.shape}")
-    if not idx.size:
-        raise ValueError("audit: train_index is empty; pass the positions of the training rows")
-    if idx.min() < 0 or idx.max() >= n:
-        raise ValueError(f"audit: train_index holds row {int(idx.min() if idx.min() < 0 else idx.max())} but X has "
-                         f"{n} rows; pass positions 0..{n - 1} (or, for a DataFrame, its index labels as a pandas Index)")
-    return idx
-
-
 def _check_scaler(scaler, X, T: Table, train_index):
     """Return ``(finding or None, scaler.transform(X) as float64)``."""
     if train_index is None:
@@ -293,7 +229,7 @@ def _check_scaler(scaler, X, T: Table, train_index):
     if not hasattr(scaler, "transform"):
         raise TypeError(f"audit: scaler must be a fitted transformer with .transform (e.g. sklearn's StandardScaler), "
                         f"got {type(scaler).__name__}")
-    train = _train_positions(train_index, T)
+    train = row_positions(train_index, T)
     n_in = getattr(scaler, "n_features_in_", None)
     if n_in is not None and n_in != T.n_columns:
         raise ValueError(f"audit: the scaler was fitted on {n_in} columns but X has {T.n_columns}; pass the raw X the "
@@ -401,8 +337,8 @@ def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None =
         ['unscaled-inputs']
     """
     rows = None
-    if _is_batches(X, y):
-        X, y, rows = _take(X, max_batches)
+    if is_batches(X, y):
+        X, y, rows = take_batches(X, max_batches)
     T = as_table(X, "input")
     if rows is not None:
         T.rows = rows

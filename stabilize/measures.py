@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CATEGORY_LIMIT", "Table", "as_table", "ColumnStats", "column_stats", "Nonfinite", "nonfinite_cells"]
+__all__ = ["CATEGORY_LIMIT", "Table", "as_table", "ColumnStats", "column_stats", "Nonfinite", "nonfinite_cells", "is_batches",
+           "take_batches", "row_positions"]
 
 CATEGORY_LIMIT = 20  # a float column of at most this many distinct whole numbers holds codes, not a quantity
 SCALED_KINDS = ("float",)
@@ -278,3 +279,70 @@ def nonfinite_cells(values: np.ndarray, max_cells: int = 5) -> Nonfinite | None:
     r, c = np.nonzero(bad)  # row-major: the first cells of the first rows
     return Nonfinite(np.flatnonzero(bad.any(axis=1)), bad.sum(axis=0), list(zip(r[:max_cells].tolist(), c[:max_cells].tolist())),
                      int(np.isnan(values).sum()), int(np.isposinf(values).sum()), int(np.isneginf(values).sum()))
+
+
+# -- rows as the dataset numbers them ----------------------------------------------------
+def is_batches(X, y) -> bool:
+    """Whether ``X`` is a loader or iterable of ``(x, y)`` batches rather than data."""
+    return (y is None and hasattr(X, "__iter__") and not hasattr(X, "shape")
+            and not isinstance(X, (np.ndarray, dict, list, tuple, str, bytes)))
+
+
+def _in_dataset_order(loader):
+    """A torch DataLoader over a map-style dataset is re-read unshuffled, so that row i is
+    dataset item i (a ``Subset``'s rows are its indices into the full dataset)."""
+    torch = sys.modules.get("torch")
+    ds = getattr(loader, "dataset", None)
+    if (torch is None or not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_size is None
+            or isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__len__")):
+        return loader, None
+    ordered = torch.utils.data.DataLoader(ds, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
+    return ordered, ([int(i) for i in ds.indices] if isinstance(ds, torch.utils.data.Subset) else None)
+
+
+def take_batches(dataset, max_batches: int):
+    """Concatenate the first batches of a DataLoader / tf.data.Dataset / iterable of (x, y)."""
+    dataset, labels = _in_dataset_order(dataset)
+    xs, ys = [], []
+    for i, item in enumerate(dataset):
+        if i >= max_batches:
+            break
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError("audit: a dataset must yield (inputs, targets) pairs")
+        xs.append(item[0])
+        ys.append(item[1])
+    if not xs:
+        raise ValueError("audit: the dataset yielded no batches: there is nothing to audit")
+    as_np = lambda t: np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t.numpy() if hasattr(t, "numpy") else t)
+    if isinstance(xs[0], dict):
+        x = {k: np.concatenate([as_np(b[k]) for b in xs]) for k in xs[0]}
+    else:
+        x = np.concatenate([as_np(b) for b in xs])
+    y = np.concatenate([as_np(b) for b in ys])
+    return x, y, (labels[: len(y)] if labels is not None else None)
+
+
+def row_positions(train_index, T: Table) -> np.ndarray:
+    """The positions of the rows ``train_index`` names: positions, a boolean mask, or
+    (for a DataFrame) its index labels as a pandas Index."""
+    pd = sys.modules.get("pandas")
+    n = T.n_rows
+    if pd is not None and isinstance(train_index, pd.Index) and T.rows is not None and hasattr(T.rows, "get_indexer"):
+        pos = T.rows.get_indexer(train_index)
+        if (pos < 0).any():
+            raise ValueError(f"audit: train_index labels {list(train_index[pos < 0][:5])} are not in X's index")
+        return pos
+    idx = np.asarray(train_index)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise ValueError(f"audit: a boolean train_index needs one entry per row ({n}), got shape {idx.shape}")
+        return np.flatnonzero(idx)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise TypeError(f"audit: train_index must be row positions (integers) or a boolean mask, got {idx.dtype} "
+                        f"of shape {idx.shape}")
+    if not idx.size:
+        raise ValueError("audit: train_index is empty; pass the positions of the training rows")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"audit: train_index holds row {int(idx.min() if idx.min() < 0 else idx.max())} but X has "
+                         f"{n} rows; pass positions 0..{n - 1} (or, for a DataFrame, its index labels as a pandas Index)")
+    return idx
