@@ -134,9 +134,9 @@ def _constant(T: Table) -> Finding | None:
                    "variance (sklearn's StandardScaler and MinMaxScaler keep them finite); do not drop rows for this")
 
 
-def _unscaled(T: Table, S: np.ndarray, kinds: list[str], limit: float, scaled: bool) -> Finding | None:
-    st = column_stats(S)
-    checked = np.array([k == "float" for k in kinds], bool) & (st.n_finite > 0)
+def _unscaled(T: Table, limit: float, scaled: bool) -> Finding | None:
+    st = column_stats(T.values)
+    checked = T.scale_checked() & (st.n_finite > 0)
     far = np.flatnonzero(checked & ((np.abs(st.mean) > limit) | (st.std > limit)))
     far = far[np.argsort(-np.maximum(np.abs(st.mean[far]), st.std[far]), kind="stable")]
     spreadable = np.flatnonzero(checked & (st.std > 0) & np.isfinite(st.std))
@@ -259,6 +259,9 @@ def _check_scaler(scaler, X, T: Table, train_index):
         all_fit = as_array(clone(scaler).fit(inp).transform(inp))
     except Exception:  # not an sklearn estimator: compare its mean with the training rows' mean
         train_fit = all_fit = None
+    n_train = len(train)
+    with np.errstate(all="ignore"):
+        train_mean, all_mean = np.nanmean(raw[train], axis=0), np.nanmean(raw, axis=0)
     if train_fit is not None:
         if not close(scaled, raw) and (close(train_fit, raw) or close(all_fit, raw)):
             raise ValueError("audit: X looks already scaled (a scaler refitted on it leaves it unchanged, while `scaler` "
@@ -266,28 +269,47 @@ def _check_scaler(scaler, X, T: Table, train_index):
         if close(scaled, train_fit):
             return None, scaled
         figures["max |scaler(X) - train-only scaler(X)|"] = float(np.nanmax(np.abs(scaled - train_fit)))
-        leak = (seen is not None and seen > len(train)) or close(scaled, all_fit)
-    elif hasattr(scaler, "mean_") or seen is not None:
-        leak = seen is not None and seen > len(train)
-        if hasattr(scaler, "mean_"):
-            with np.errstate(all="ignore"):
-                train_mean = np.nanmean(raw[train], axis=0)
-            leak = leak or not np.allclose(scaler.mean_, train_mean, rtol=1e-9, atol=1e-12)
-        if not leak:
+        on_all = close(scaled, all_fit)
+    elif hasattr(scaler, "mean_"):
+        mean = np.asarray(scaler.mean_, dtype=np.float64)
+        if not (seen is not None and seen > n_train) and np.allclose(mean, train_mean, rtol=1e-9, atol=1e-12):
             return None, scaled
+        on_all = np.allclose(mean, all_mean, rtol=1e-9, atol=1e-12)
+    elif seen is not None:
+        if seen <= n_train:
+            return None, scaled
+        on_all = seen == T.n_rows
     else:
         raise TypeError(f"audit: cannot check this {type(scaler).__name__} for leakage: it is not a scikit-learn "
                         "estimator and has neither mean_ nor n_samples_seen_")
     if hasattr(scaler, "mean_"):
         with np.errstate(all="ignore"):
-            figures["|scaler mean - train mean| max"] = float(np.nanmax(np.abs(scaler.mean_ - np.nanmean(raw[train], axis=0))))
-            figures["|scaler mean - all-rows mean| max"] = float(np.nanmax(np.abs(scaler.mean_ - np.nanmean(raw, axis=0))))
-    if leak:
-        fitted = f"{seen} rows" if seen is not None else "more than the training rows"
-        return Finding("leakage", f"scaler (fitted on {fitted}, not only the {len(train)} training rows)", figures,
+            figures["|scaler mean - train mean| max"] = float(np.nanmax(np.abs(scaler.mean_ - train_mean)))
+            figures["|scaler mean - all-rows mean| max"] = float(np.nanmax(np.abs(scaler.mean_ - all_mean)))
+    if (seen is not None and seen > n_train) or on_all:
+        fitted = f"{seen} rows" if seen is not None else f"all {T.n_rows} rows"
+        return Finding("leakage", f"scaler (fitted on {fitted}, not only the {n_train} training rows)", figures,
                        "split first; fit the scaler on X[train_index] only, then transform both splits with it"), scaled
-    return Finding("scaler-mismatch", f"scaler (not fitted on the {len(train)} training rows given)", figures,
+    return Finding("scaler-mismatch", f"scaler (not fitted on the {n_train} training rows given)", figures,
                    "fit the scaler on X[train_index] (the raw rows), and pass that same X and train_index here"), scaled
+
+
+def _output_table(scaler, scaled: np.ndarray, T: Table) -> Table:
+    """``scaler.transform(X)`` as a table: its output names (a ColumnTransformer reorders and
+    renames columns), each input column keeping its kind (ids stay ids)."""
+    names = None
+    if hasattr(scaler, "get_feature_names_out"):
+        try:
+            names = [str(c) for c in scaler.get_feature_names_out()]
+        except Exception:  # some transformers cannot name their outputs
+            names = None
+    if names is None or len(names) != scaled.shape[1]:
+        if scaled.shape == T.values.shape:
+            return Table(scaled, T.columns, T.kinds, T.rows, named=T.named, float_dtype=T.float_dtype)
+        names = [f"col {j}" for j in range(scaled.shape[1])]
+    kind = dict(zip(T.columns, T.kinds))
+    return Table(scaled, names, [kind.get(c, "float") for c in names], T.rows, named=T.named,
+                 float_dtype=[True] * len(names))
 
 
 def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None = None, ignore_index: int | None = None,
@@ -362,15 +384,8 @@ def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None =
     checks = (_nonfinite(T, "inputs"), None if Y is None else _nonfinite(Y, what_y), _constant(T))
     findings = [f for f in checks if f]
     leak, scaled = _check_scaler(scaler, X, T, train_index) if scaler is not None else (None, None)
-    if scaled is None or scaled.shape == T.values.shape:
-        S, kinds = (T.values if scaled is None else scaled), T.kinds
-        shown = T
-    else:  # a transformer with other output columns (one-hot, PCA...)
-        names = list(map(str, scaler.get_feature_names_out())) if hasattr(scaler, "get_feature_names_out") else None
-        shown = Table(scaled, names or [f"col {j}" for j in range(scaled.shape[1])], ["float"] * scaled.shape[1],
-                      T.rows, named=bool(names))
-        S, kinds = scaled, shown.kinds
-    findings += [f for f in [_unscaled(shown, S, kinds, scale_limit, scaled is not None)] if f]
+    shown = T if scaled is None else _output_table(scaler, scaled, T)
+    findings += [f for f in [_unscaled(shown, scale_limit, scaled is not None)] if f]
     if Y is not None and num_classes is None:
         findings += [f for f in [_huge_targets(Y, target_limit, what_y or "y")] if f]
     if num_classes is not None:

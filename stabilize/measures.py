@@ -17,8 +17,13 @@ The kind decides what is measured:
   they need), so their scale is not checked. A quantity stored as integers is
   not scale-checked either: cast it to float to have it checked.
 
+It also reads the first batches of a loader in dataset order
+(:func:`take_batches`: a shuffled torch ``DataLoader`` is re-read unshuffled, a
+``Subset`` keeps its indices into the full dataset) and turns ``train_index``
+into row positions (:func:`row_positions`).
+
 Nothing here imports torch or tensorflow: tensors are converted through their
-own ``.numpy()``.
+own ``.numpy()``, and torch's loader classes are looked up in ``sys.modules``.
 """
 
 from __future__ import annotations

@@ -342,3 +342,36 @@ def test_the_callers_data_are_not_changed():
     pd.testing.assert_frame_equal(X, before[0])
     pd.testing.assert_series_equal(y, before[1])
     assert np.array_equal(train, before[2]) and np.array_equal(scaler.mean_, before[3])
+
+
+def test_a_scaler_that_leaves_columns_unscaled_is_reported_after_the_transform():
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _houses()
+    train, _ = _split()
+    only_lat = ColumnTransformer([("s", StandardScaler(), ["lat"])], remainder="passthrough",
+                                 verbose_feature_names_out=False).fit(X.iloc[train])
+    (f,) = stabilize.audit(X, y, train_index=train, scaler=only_lat).findings
+    assert f.kind == "unscaled-inputs" and f.where == "after scaler.transform(X), columns 'sqft'"
+
+
+def test_a_scaler_that_is_not_sklearn_is_checked_by_its_mean():
+    X, _ = _houses()
+    X = X[["sqft", "lat"]]
+    train, _ = _split()
+
+    class Mine:
+        def __init__(self, rows):
+            self.mean_, self.std_ = X.iloc[rows].mean().to_numpy(), X.iloc[rows].std(ddof=0).to_numpy()
+
+        def transform(self, A):
+            return (np.asarray(A) - self.mean_) / self.std_
+
+    assert stabilize.audit(X, train_index=train, scaler=Mine(train)).ok
+    (f,) = stabilize.audit(X, train_index=train, scaler=Mine(np.arange(len(X)))).findings
+    assert f.kind == "leakage" and f.where == "scaler (fitted on all 200 rows, not only the 160 training rows)"
+    (f,) = stabilize.audit(X, train_index=train, scaler=Mine(train[:50])).findings
+    assert f.kind == "scaler-mismatch"
+    with pytest.raises(TypeError, match="must be a fitted transformer with .transform"):
+        stabilize.audit(X, train_index=train, scaler=object())
