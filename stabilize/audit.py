@@ -136,7 +136,7 @@ def _constant(T: Table) -> Finding | None:
 
 def _unscaled(T: Table, limit: float, scaled: bool) -> Finding | None:
     st = column_stats(T.values)
-    checked = T.scale_checked() & (st.n_finite > 0)
+    checked = T.scale_checked() & (st.n_finite > 0) & ~(st.min == st.max)  # a constant column is reported as such
     far = np.flatnonzero(checked & ((np.abs(st.mean) > limit) | (st.std > limit)))
     far = far[np.argsort(-np.maximum(np.abs(st.mean[far]), st.std[far]), kind="stable")]
     spreadable = np.flatnonzero(checked & (st.std > 0) & np.isfinite(st.std))

@@ -12,7 +12,7 @@ The kind decides what is measured:
 * ``float``: a quantity; its scale (mean, standard deviation) is checked;
 * ``integer`` (an integer dtype), ``bool``, ``categorical`` (pandas
   ``category``) and ``integer-coded`` (a float column holding a few distinct
-  whole numbers, at most ``CATEGORY_LIMIT``): ids, token ids, category codes
+  whole numbers: from 2 to ``CATEGORY_LIMIT``, and at most half the rows): ids, token ids, category codes
   and flags. Scaling them is wrong (an embedding or a one-hot encoding is what
   they need), so their scale is not checked. A quantity stored as integers is
   not scale-checked either: cast it to float to have it checked.
@@ -160,7 +160,7 @@ def _integer_coded(values: np.ndarray, kinds: list[str]) -> list[str]:
     for j in np.flatnonzero([k == "float" for k in kinds]):
         col = values[:, j]
         col = col[np.isfinite(col)]
-        if col.size and np.all(col == np.round(col)) and np.unique(col).size <= limit:
+        if col.size and np.all(col == np.round(col)) and 2 <= np.unique(col).size <= limit:  # constant: not codes
             out[j] = "integer-coded"
     return out
 

@@ -183,10 +183,12 @@ def test_token_id_tensors_are_not_flagged_as_unscaled():
 # -- constant columns ----------------------------------------------------------------------
 def test_constant_columns_are_flagged_with_column_advice_not_row_advice():
     rng = np.random.default_rng(0)
-    X = pd.DataFrame({"a": rng.normal(size=50), "c": np.full(50, 3.5), "k": np.full(50, 7)})
-    (finding,) = stabilize.audit(X).findings
+    X = pd.DataFrame({"a": rng.normal(size=50), "c": np.full(50, 3000.0), "k": np.full(50, 7)})
+    report = stabilize.audit(X)
+    (finding,) = report.findings  # a constant 3000 is not also "unscaled"
     assert finding.kind == "constant-columns" and finding.where == "columns 'c', 'k'"
-    assert finding.figures == {"c value": 3.5, "k value": 7.0, "constant columns": 2}
+    assert finding.figures == {"c value": 3000.0, "k value": 7.0, "constant columns": 2}
+    assert "'c'" not in report.notes[0]  # a constant float column is not a code column
     assert "drop these columns" in finding.remedy and "do not drop rows" in finding.remedy
     assert "zero variance" in finding.remedy
     (finding,) = stabilize.audit(np.column_stack([rng.normal(size=50), np.zeros(50)])).findings
