@@ -64,8 +64,9 @@ class Snapshot(NamedTuple):
 class TorchState:
     """Parameters, buffers, optimizer, scheduler, loss scaler and RNG of one torch model."""
 
-    def __init__(self, model, optimizer, *, scheduler=None, scaler=None):
+    def __init__(self, model, optimizer, *, scheduler=None, scaler=None, restore_rng=True):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.restore_rng = restore_rng
         self.params = optimizer_params(optimizer)
         self.buffers = [b for b in model.buffers()]
         self._marked: list[torch.Tensor] | None = None
@@ -79,7 +80,7 @@ class TorchState:
                 self._marked = [b.detach().clone() for b in self.buffers]
             elif self.buffers:
                 torch._foreach_copy_(self._marked, [b.detach() for b in self.buffers])
-        self._marked_rng = _rng_state()
+        self._marked_rng = _rng_state() if self.restore_rng else None
 
     def undo_forward(self) -> None:
         """Put the buffers and RNG back as :meth:`mark` saw them."""
