@@ -282,8 +282,9 @@ class StabilityTrainer:
             bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}")
         if decision.restore:
             self._restore_snapshot()
-        elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0:
-            self._take_snapshot()
+        elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0 \
+                and (not self._native or getattr(updater, "verifies", False) or updater.weights_finite()):
+            self._take_snapshot()  # never keep weights a native update broke
         if decision.stop:
             sup.raise_for(decision, sup.history())
         return nonfinite

@@ -27,6 +27,7 @@ import torch
 from ..guard.settings import GuardSettings
 from ..ops import global_norm
 from ..registry import get_backend
+from ..step import update_ratio
 from .torch_state import TorchState, UpdateUndo
 
 __all__ = ["TorchStep", "check_loss"]
@@ -139,8 +140,7 @@ class TorchStep:
         with torch.no_grad():
             new = [p.detach() for p in st.params]
             weights_ok = self.B.all_finite(new)
-            delta = global_norm(torch._foreach_sub(new, self._undo._params), backend=self.B)
-            ratio = delta / (global_norm(self._undo._params, backend=self.B) + 1e-12)
+            ratio = update_ratio(self.B, new, self._undo._params)
             bound = s.max_update_ratio
             large = ~(ratio <= bound) if bound is not None else torch.zeros((), dtype=torch.bool)
             keep = weights_ok & ~large
