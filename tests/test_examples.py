@@ -41,3 +41,14 @@ def test_parity_demo_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "all parity bars met" in out.stdout
     assert len(list(tmp_path.glob("*.png"))) == 7
+
+
+def test_gan_example_two_guards():
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import gan_guards
+    finally:
+        sys.path.pop(0)
+    out = gan_guards.main()
+    assert out == {"d_events": [(2, "backed-off")], "g_applied": 6}
