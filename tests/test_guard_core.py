@@ -198,3 +198,19 @@ def test_public_entry_points_change_no_global_torch_state():
     stabilize.scenarios.run("high-lr", "fixed", backend="torch", dtype="float32")
     stabilize.clip_grads([torch.ones(3)], max_norm=1.0)
     assert snapshot() == before
+
+
+def test_ignore_policy_diagnoses_without_copying_the_weights(monkeypatch):
+    from stabilize.integrations.torch_state import TorchState
+
+    X, y = _xy()
+    y[9] = np.nan
+    model = torch.nn.Linear(3, 1)
+    captures = []
+    monkeypatch.setattr(TorchState, "capture", lambda self, extra=None: captures.append(1))
+    t = stabilize.StabilityTrainer(model, "mse", torch.optim.SGD(model.parameters(), 0.01), on_nonfinite="ignore",
+                                   progress=False)
+    h = t.fit(X, y, batch_size=8, shuffle=False)
+    assert captures == []  # no per-step copy of the weights
+    assert h.diagnosis is not None and h.diagnosis.cause == "dirty-data" and h.diagnosis.step == 1
+    assert h.events[0].action == "applied" and not torch.isfinite(model.weight).all()

@@ -61,12 +61,15 @@ class TorchStep:
         scaler = self.state.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    def step(self, rate=None) -> dict[str, float]:
+    def step(self, rate=None, before_unguarded=None) -> dict[str, float]:
         """Check the accumulated gradients and commit or discard; returns the step's statistics.
 
         ``rate(lr) -> lr``, when given, maps each group's own rate (the user's or
         the scheduler's) to the one this update uses (the back-off); the group's
         rate is put back right after, so a scheduler never sees it changed.
+        ``before_unguarded(stats)`` is called when a bad step is about to be
+        applied anyway (policy ``ignore``), while the weights are still the
+        pre-step ones: the diagnosis runs there, and nothing is copied.
         """
         st, s = self.state, self.settings
         if not self._losses:
@@ -102,6 +105,8 @@ class TorchStep:
                 and scale >= s.min_loss_scale:
             stats["scaler_skip"] = 1.0
         commit = ok or not s.guarded
+        if not ok and commit and before_unguarded is not None:
+            before_unguarded(stats)
         if commit and s.clip_norm is not None and grads and math.isfinite(current):
             coef = float(np.float32(s.clip_norm) / (np.float32(current) + np.float32(1e-6)))
             if coef < 1.0:
