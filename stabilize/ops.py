@@ -6,22 +6,82 @@ and TensorFlow agree bit for bit where their primitives do.
 
 The rule for every clamp in this module: the value is clamped, the gradient is
 the derivative *at the clamp boundary*, never zero. A zero gradient in the
-clamped region is the "fake loss" of seed 001 (``tf.clip_by_value(y, 1e-8, 1)``
-inside a log): the loss looks finite and learning silently stops.
-NaN is never turned into a number: it comes out as NaN in its own element.
+clamped region is the "fake loss" of the ``log-zero`` scenario
+(``tf.clip_by_value(y, 1e-8, 1)`` inside a log): the loss looks finite and
+learning silently stops. NaN is never turned into a number: it comes out as
+NaN in its own element.
+
+The gradient bound: the local derivative of every safe op has magnitude at
+most :func:`grad_bound` ``(dtype) = sqrt(finfo(dtype).max)`` (rounded down),
+so any upstream factor up to that size (``5 * loss``, ``loss ** 2``, a loss
+scale) keeps the gradient finite. ``safe_log``'s derivative at its value
+floor would otherwise be ``1/tiny`` (8.5e37 in float32): ``5 * safe_log(0)``
+then has an inf gradient. The value floor and the gradient bound are separate.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 from .backends.base import ACCUMULATE, FLOAT_INFO
 from .registry import backend_for
 
-__all__ = ["safe_log", "safe_div", "safe_mse", "safe_cross_entropy", "clip_grads", "global_norm"]
+__all__ = ["grad_bound", "safe_log", "safe_div", "safe_mse", "safe_cross_entropy", "clip_grads", "global_norm"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+def _largest_root(name: str) -> float:
+    """The largest number of dtype ``name`` whose exact square is at most the dtype's max."""
+    info = FLOAT_INFO[name]
+    bits = round(-math.log2(info.eps)) + 1  # significand bits, the implicit one included
+    mantissa, exponent = math.frexp(math.sqrt(info.max))
+    steps = math.floor(mantissa * 2**bits)
+    while True:  # exact: Fraction arithmetic, no rounding of the square
+        value = math.ldexp(steps / 2**bits, exponent)
+        if Fraction(value) ** 2 <= Fraction(info.max):
+            return value
+        steps -= 1
+
+
+_GRAD_BOUND = {name: _largest_root(name) for name in FLOAT_INFO}
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
+    return str(name).replace("torch.", "")
+
+
+def grad_bound(dtype) -> float:
+    """The largest local derivative a safe op returns in ``dtype``: ``sqrt(finfo(dtype).max)``.
+
+    Rounded down to a number of the dtype, so that ``bound * bound`` is finite
+    in it: 255.875 in float16, 1.84e19 in bfloat16 and float32, 1.34e154 in
+    float64. Every safe op caps its local derivative at this magnitude, so an
+    upstream gradient up to the same size keeps the product finite.
+
+    Args:
+        dtype: a dtype name (``"float32"``) or a numpy, torch or TensorFlow dtype.
+
+    Example:
+        >>> from stabilize.ops import grad_bound
+        >>> grad_bound("float16"), grad_bound("float32") ** 2 <= 3.4028234663852886e38
+        (255.875, True)
+    """
+    name = _dtype_name(dtype)
+    if name not in _GRAD_BOUND:
+        raise TypeError(f"grad_bound: {dtype!r} is not a floating dtype; use one of {', '.join(_GRAD_BOUND)}")
+    return _GRAD_BOUND[name]
+
+
+def _capped(B, g, bound: float):
+    """``g`` clamped to ``[-bound, bound]``; NaN stays NaN (both comparisons are False)."""
+    return B.where(g > bound, bound, B.where(g < -bound, -bound, g))
 
 
 def _float_dtype(B, x, op: str) -> str:
@@ -56,9 +116,12 @@ def safe_log(x, eps: float | None = None, *, backend: str | None = None):
 
     Returns:
         A tensor of ``x``'s dtype. Below the floor (0, -0, negatives, -inf,
-        subnormals) the value is ``log(floor)`` and the gradient is
-        ``1/floor``: finite, positive, pointing towards larger ``x``. Above it,
-        value ``log(x)`` and gradient ``1/x``. NaN stays NaN in its element.
+        subnormals) the value is ``log(floor)``. The gradient is
+        ``min(1/max(x, floor), grad_bound(dtype))``: ``1/x`` wherever
+        ``x >= 1/grad_bound`` (5.4e-20 in float32, 0.0039 in float16), and the
+        bound below that, so it is finite, positive (pointing towards larger
+        ``x``) and stays finite under any upstream factor up to the bound.
+        NaN stays NaN in its element.
 
     Example:
         >>> import numpy as np, stabilize
@@ -70,6 +133,7 @@ def safe_log(x, eps: float | None = None, *, backend: str | None = None):
     x = B.convert(x)
     dt = _float_dtype(B, x, "safe_log")
     floor = FLOAT_INFO[dt].tiny if eps is None else _positive(eps, "eps", "safe_log")
+    bound = _GRAD_BOUND[dt]
 
     def forward(x):
         # NaN < floor is False, so NaN passes through to log and stays NaN.
@@ -78,7 +142,8 @@ def safe_log(x, eps: float | None = None, *, backend: str | None = None):
 
     def backward(saved, dy):
         (clamped,) = saved
-        return (dy / clamped,)
+        # 1/clamped is finite (clamped >= floor > 0); capping it keeps dy * local finite.
+        return (dy * _capped(B, 1.0 / clamped, bound),)
 
     return B.custom_grad(forward, backward)(x)
 
@@ -100,7 +165,8 @@ def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
 
     The default floor is ``sqrt(smallest normal)`` of the dtype, the largest
     floor for which both ``a/b`` and the gradient ``-a/b**2`` stay finite for
-    ``|a| <= 1`` in every float dtype, float16 included.
+    ``|a| <= 1`` in every float dtype, float16 included. Both local
+    derivatives, ``1/b`` and ``-a/b**2``, are capped at :func:`grad_bound`.
 
     Example:
         >>> import numpy as np, stabilize
@@ -114,6 +180,7 @@ def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
     if B.dtype(b) != dt:
         raise TypeError(f"safe_div: a is {dt} but b is {B.dtype(b)}; cast one of them so they match")
     floor = math.sqrt(FLOAT_INFO[dt].tiny) if eps is None else _positive(eps, "eps", "safe_div")
+    bound = _GRAD_BOUND[dt]
     shape_a, shape_b = B.shape(a), B.shape(b)
 
     def forward(a, b):
@@ -124,8 +191,8 @@ def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
 
     def backward(saved, dy):
         y, safe_b = saved
-        da = dy / safe_b
-        db = -(dy * y) / safe_b
+        da = dy * _capped(B, 1.0 / safe_b, bound)
+        db = dy * _capped(B, -y / safe_b, bound)  # -a/b**2; an overflow to inf is capped too
         return _unbroadcast(B, da, shape_a), _unbroadcast(B, db, shape_b)
 
     return B.custom_grad(forward, backward)(a, b)
@@ -137,8 +204,12 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
     It accumulates in at least float32 and returns in that dtype (float16 and
     bfloat16 inputs give a float32 loss: a float16 square overflows past 256).
     The sum of squares is computed on ``d / max|d|`` and rescaled, so it does
-    not overflow before the mean is taken. The gradient is exactly
-    ``2 (pred - target) / n``, cast back to each input's dtype.
+    not overflow before the mean is taken. The gradient is
+    ``2 (pred - target) / n`` (``2 (pred - target)`` for ``"sum"``), its
+    magnitude capped at :func:`grad_bound` of the accumulation dtype, then
+    cast back to each input's dtype. Empty inputs: ``"sum"`` gives 0,
+    ``"none"`` an empty tensor, and ``"mean"`` raises ``ValueError`` (the mean
+    of nothing is undefined; torch and numpy return NaN).
 
     Args:
         pred, target: tensors of the same shape. Shapes must match exactly:
@@ -165,14 +236,20 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
         )
     acc = _wider(ACCUMULATE[dt_p], ACCUMULATE[dt_t])
     n = B.numel(pred, acc)
+    bound = _GRAD_BOUND[acc]
+    if reduction == "mean" and isinstance(n, int) and n == 0:
+        raise ValueError(
+            f"safe_mse: pred and target are empty (shape {B.shape(pred)}), and the mean of no "
+            f"elements is undefined; check where the empty batch comes from, or pass "
+            f"reduction='sum' (0 for empty input)"
+        )
 
     def forward(p, t):
         d = B.cast(p, acc) - B.cast(t, acc)
         if reduction == "none":
             return d * d, (d,)
         if isinstance(n, int) and n == 0:
-            empty = B.sum(d)  # 0 for "sum"; the mean of nothing is NaN, as in numpy and torch
-            return (empty if reduction == "sum" else empty / 0.0), (d,)
+            return B.sum(d), (d,)  # "sum" of nothing: 0
         m = B.amax(B.abs(d))
         scale = B.where(B.isfinite(m) & (m > 0), m, B.full_like(m, 1.0))
         q = d / scale
@@ -182,7 +259,8 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
 
     def backward(saved, dy):
         (d,) = saved
-        g = (2.0 / n if reduction == "mean" else 2.0) * d * B.cast(dy, acc)
+        local = (2.0 / n if reduction == "mean" else 2.0) * d
+        g = _capped(B, local, bound) * B.cast(dy, acc)
         return B.cast(g, dt_p), B.cast(-g, dt_t)
 
     return B.custom_grad(forward, backward)(pred, target)
