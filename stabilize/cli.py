@@ -153,12 +153,13 @@ def cmd_audit(args) -> int:
     y = target.to_numpy(dtype="float64")
     X = df.drop(columns=[args.target])
     text = [c for c in X.columns if not pd.api.types.is_numeric_dtype(X[c])]
+    if len(text) == X.shape[1]:
+        raise UsageError(f"{args.path} has no numeric input columns besides the target {args.target!r}"
+                         + (f" (non-numeric: {', '.join(map(str, text))}; encode them as numbers)" if text else ""))
     if text:
         logging.getLogger("stabilize").warning(
             "note: non-numeric columns not audited (encode them to include them): %s", ", ".join(map(str, text)))
         X = X.drop(columns=text)
-    if X.shape[1] == 0:
-        raise UsageError(f"{args.path} has no numeric input columns besides the target {args.target!r}")
     report = audit(X, y)
     print(report)
     return EXIT_OK if report.ok else EXIT_FINDINGS
