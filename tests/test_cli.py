@@ -112,7 +112,7 @@ def test_parity_honours_the_name_and_variant_filter():
     assert out.returncode == 0, out.stderr
     rows = out.stdout.strip().splitlines()
     assert rows[0].startswith("scenario") and rows[0].rstrip().endswith("parity")
-    assert len(rows) == 2 and rows[1].split()[:5] == ["high-lr", "diverging", "float32", "torch=5", "tensorflow=5"]
+    assert len(rows) == 2 and rows[1].split()[:5] == ["high-lr", "diverging", "float32", "torch=4", "tensorflow=4"]
     assert rows[1].endswith("ok")
 
 
