@@ -100,14 +100,14 @@ def cmd_run(args) -> int:
 def cmd_parity(args) -> int:
     from . import parity, scenarios
 
+    unknown = [n for n in args.names if n not in scenarios.names()]
+    if unknown:
+        raise UsageError(f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.names())}")
     backends = tuple(dict.fromkeys(b.strip() for b in args.backends.split(",") if b.strip()))
     if len(backends) < 2:
         raise UsageError(f"parity compares at least two backends, got {args.backends!r}; "
                          f"e.g. --backends {','.join(BACKENDS)}")
     backends = tuple(_backend(b) for b in backends)
-    unknown = [n for n in args.names if n not in scenarios.names()]
-    if unknown:
-        raise UsageError(f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.names())}")
     names = args.names or scenarios.names()
     if args.variant is not None:
         for name in names:

@@ -62,8 +62,8 @@ def test_scenarios_run_as_claimed_exits_zero_with_the_table_on_stdout():
     assert "non-finite" not in out.stderr.replace("step 5 went non-finite", "")  # only the log line, if any
 
 
+@pytest.mark.needs("tensorflow")
 def test_scenarios_run_tensorflow_prints_no_import_chatter():
-    pytest.importorskip("tensorflow")
     out = cli("scenarios", "run", "high-lr", "fixed", "--backend", "tensorflow")
     assert out.returncode == 0, out.stderr
     assert out.stderr == "", out.stderr  # no absl/oneDNN banner, no log line for a finite run
@@ -106,8 +106,8 @@ def test_broken_stabilize_toml_is_one_line(tmp_path):
     _one_line_error(cli("doctor", "high-lr", cwd=tmp_path), "stabilize.toml is not valid TOML", "fix or remove it")
 
 
+@pytest.mark.needs("tensorflow")
 def test_parity_honours_the_name_and_variant_filter():
-    pytest.importorskip("tensorflow")
     out = cli("scenarios", "parity", "high-lr", "--variant", "diverging", "--dtype", "float32")
     assert out.returncode == 0, out.stderr
     rows = out.stdout.strip().splitlines()
@@ -160,6 +160,7 @@ def test_audit_bad_csv_is_a_one_line_error(tmp_path, content, fragments, capsys)
     assert all(f in lines[0] for f in fragments), lines[0]
 
 
+@pytest.mark.needs("matplotlib")
 def test_doctor_diagnoses_exits_one_and_writes_the_plot(tmp_path):
     png = tmp_path / "doctor.png"
     out = cli("doctor", "dirty-data", "--backend", "torch", "--plot", str(png))
