@@ -80,13 +80,12 @@ def check_positive(name: str, value, example: str = "1.0", inf_means: str = "no 
     return v
 
 
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int if it is an integer >= ``minimum`` (``epochs=0`` trains nothing: an error)."""
+def check_count(name: str, value, minimum: int = 1, why: str = "pass a larger value") -> int:
+    """``value`` as an int if it is an integer >= ``minimum``; ``why`` ends the error message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {_shown(value)}")
     if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}; "
-                         f"{'no step would run' if minimum == 1 else 'pass a larger value'}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}; {why}")
     return int(value)
 
 

@@ -125,7 +125,9 @@ def test_check_positive_finite(value, error, message):
 def test_check_count_nonempty_and_optimizer():
     assert check_count("epochs", 3) == 3
     with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0; no step would run"):
-        check_count("epochs", 0)
+        check_count("epochs", 0, 1, "no step would run")
+    with pytest.raises(ValueError, match="snapshot_every must be an integer >= 1, got 0; pass a larger value"):
+        check_count("snapshot_every", 0)
     with pytest.raises(TypeError, match="got the float 2.0"):
         check_count("epochs", 2.0)
     with pytest.raises(ValueError, match="x has 0 rows, so no training step can run"):
