@@ -213,7 +213,7 @@ class StabilityTrainer:
         if B.is_tensor(xb):
             return xb
         arr = np.asarray(xb)
-        return B.convert(arr, self.dtype if arr.dtype.kind == "f" else None)
+        return self.updater.to_tensor(arr, self.dtype if arr.dtype.kind == "f" else None)
 
     # -- fit ----------------------------------------------------------------------
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True, seed: int = 0,

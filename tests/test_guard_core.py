@@ -214,3 +214,20 @@ def test_ignore_policy_diagnoses_without_copying_the_weights(monkeypatch):
     assert captures == []  # no per-step copy of the weights
     assert h.diagnosis is not None and h.diagnosis.cause == "dirty-data" and h.diagnosis.step == 1
     assert h.events[0].action == "applied" and not torch.isfinite(model.weight).all()
+
+
+def test_fit_reads_no_configuration_file_per_step(monkeypatch, tmp_path):
+    from stabilize import config
+
+    (tmp_path / "stabilize.toml").write_text('device = "cpu"\n')
+    reads = []
+    original = config._read_toml
+    monkeypatch.setattr(config, "_read_toml", lambda path: reads.append(path) or original(path))
+    X, y = _xy(64)
+    for model_spec in (torch.nn.Linear(3, 1), stabilize.models.MLP((3, 4, 1))):
+        opt = torch.optim.SGD(model_spec.parameters(), 0.1) if isinstance(model_spec, torch.nn.Module) \
+            else stabilize.optim.SGD(lr=0.1)
+        t = stabilize.StabilityTrainer(model_spec, "mse", opt, backend="torch", progress=False)
+        reads.clear()
+        t.fit(X, y, batch_size=8, epochs=2)
+        assert reads == []  # 16 steps, no configuration read

@@ -69,6 +69,11 @@ class TorchUpdater:
         self._step = TorchStep(self.state, settings, verify_updates=verify_updates)
         self.verifies = self._step.verify
         self.applied = 0
+        self._device = self.params[0].device
+
+    def to_tensor(self, arr: np.ndarray, dtype: str | None):
+        """A batch as a tensor on the model's device (resolved once, never from the config per step)."""
+        return torch.as_tensor(arr, dtype=getattr(torch, dtype) if dtype else None, device=self._device)
 
     def base_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
