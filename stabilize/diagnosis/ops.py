@@ -171,6 +171,8 @@ class OpEvent:
             parts.append(f"{zeros} denominators exactly 0")
         elif self.op in SOFTMAX:
             parts.append(f"{self.bad_rows} rows with every entry masked")
+        elif self.op in ("std", "var"):
+            pass  # the reduction size below is what matters
         else:
             if c["zeros"]:
                 parts.append(f"{c['zeros']} inputs exactly 0")
@@ -178,8 +180,9 @@ class OpEvent:
                 parts.append(f"{c['negatives']} negative inputs")
             if c["at the dtype max"]:
                 parts.append(f"{c['at the dtype max']} inputs at the {self.dtypes[0]} max")
-        if self.scalars:
-            parts.append("arguments " + ", ".join(f"{s:g}" for s in self.scalars))
+        if self.scalars and self.op in ("pow", "div", "log"):
+            parts.append("exponent " + f"{self.scalars[-1]:g}" if self.op == "pow" else
+                         "arguments " + ", ".join(f"{s:g}" for s in self.scalars))
         if "largest |input|" in self.extra:
             parts.append(f"|input| up to {self.extra['largest |input|']:.3g}, {self.output_dtype} max "
                          f"{self.extra['dtype max']:.5g}")

@@ -134,8 +134,13 @@ def _singular(E) -> bool:
 
 
 def _rnn(E) -> bool:
-    return E.recurrent and (E.grad_spike >= SPIKE_LIMIT or E.grad_growth >= SPIKE_LIMIT
-                            or (E.bwd is not None and is_overflow(E.bwd)))
+    """Recurrent, and the gradients (or the unrolled activations) blew up; a loss that grew
+    steadily by orders of magnitude while the gradient norm did not spike is a rate problem."""
+    if not E.recurrent:
+        return False
+    exploded = E.grad_spike >= SPIKE_LIMIT or E.grad_growth >= SPIKE_LIMIT or any(is_overflow(ev) for ev in _events(E))
+    steady = E.growth > LOSS_GROWTH_LIMIT and E.grad_spike < SPIKE_LIMIT and E.grad_growth < SPIKE_LIMIT
+    return exploded and not steady
 
 
 def _target_rms(E) -> bool:

@@ -53,7 +53,7 @@ class _Recorder(TorchFunctionMode):
         self.dtypes: set = set()
 
     def _module(self) -> str:
-        f = sys._getframe(3)
+        f = sys._getframe(2)
         while f is not None:
             obj = f.f_locals.get("self") if f.f_code.co_name in ("forward", "_call_impl") else None
             if obj is not None and id(obj) in self.paths and self.paths[id(obj)]:
@@ -73,7 +73,7 @@ class _Recorder(TorchFunctionMode):
         scalars = [float(v) for v in list(args) + list(kwargs.values()) if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for t in outs:
             self.dtypes.add(_dtype(t))
-        frame, module = user_frame(3), self._module()
+        frame, module = user_frame(2), self._module()
         for t in outs:
             if t.grad_fn is not None:
                 self.nodes[t.grad_fn] = (name, ins, scalars, frame, module, self.stage, t)
