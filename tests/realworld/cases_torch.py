@@ -255,15 +255,15 @@ def _tokens(n, t, seed=0):
 
 @case
 def rnn_lm_lr20(fixed=False):
-    model = _RNNLM()
-    return Setup(model, F.cross_entropy, _sgd(model, 20.0), [_tokens(8, 35)], steps=30, lr=20.0,
+    model = _RNNLM(scale=1.5)
+    return Setup(model, F.cross_entropy, _sgd(model, 20.0), [_tokens(8, 20)], steps=8, lr=20.0,
                  clip_norm=0.25 if fixed else None)
 
 
 @case
 def rnn_long_sequence(fixed=False):
     model = _RNNLM(scale=3.0)
-    return Setup(model, F.cross_entropy, _sgd(model, 0.05), [_tokens(4, 60, seed=1)], steps=10, lr=0.05,
+    return Setup(model, F.cross_entropy, _sgd(model, 0.05), [_tokens(4, 40, seed=1)], steps=10, lr=0.05,
                  clip_norm=0.5 if fixed else None)
 
 
@@ -351,7 +351,7 @@ def unscaled_features(fixed=False):
         X = (X - X.mean(0)) / X.std(0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
-    return Setup(model, F.mse_loss, _sgd(model, 0.01), [(_t(X), y)], steps=30, lr=0.01)
+    return Setup(model, F.mse_loss, _sgd(model, 0.05), [(_t(X), y)], steps=30, lr=0.05)
 
 
 @case

@@ -99,7 +99,7 @@ def run_keras(s: Setup):
             value = float(tf.cast(loss, tf.float64))
         except Exception as exc:  # noqa: BLE001 - a step that raises is a bad step
             error, value, grads = exc, float("nan"), []
-        present = [g for g in grads if g is not None]
+        present = [tf.convert_to_tensor(g) for g in grads if g is not None]
         norm = float(np.sqrt(sum(float(np.sum(np.square(np.asarray(tf.cast(g, tf.float64))))) for g in present))) \
             if present and error is None else float("nan")
         losses.append(value)
@@ -107,7 +107,9 @@ def run_keras(s: Setup):
         bad = error is not None or not np.isfinite(value) or not np.isfinite(norm)
         if not bad:
             if s.clip_norm is not None:
-                grads, _ = stabilize.clip_grads(list(grads), max_norm=s.clip_norm)
+                # dense first: clip_grads does not take tf.IndexedSlices (an embedding's gradient)
+                dense = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+                grads, _ = stabilize.clip_grads(dense, max_norm=s.clip_norm)
             s.optimizer.apply_gradients(zip(grads, variables))
             bad = not all(bool(np.all(np.isfinite(np.asarray(tf.cast(v, tf.float32))))) for v in s.model.weights)
         if bad:
