@@ -162,12 +162,12 @@ def trace(model, loss_fn, x, y) -> dict:
     try:
         with tf.GradientTape() as tape:
             pred = model(x)
+            pred_leaves = [(p, t) for p, t in leaves(pred) if tf.is_tensor(t) and _is_float(t)]
+            result["pred_leaves"] = [(p, _np(t), tf.as_dtype(t.dtype).name) for p, t in pred_leaves]
             rec.stage = "loss"
             loss = loss_fn(pred, y)
         rec.on = False
         op_callbacks.remove_op_callback(rec.callback)
-        pred_leaves = [(p, t) for p, t in leaves(pred) if tf.is_tensor(t) and _is_float(t)]
-        result["pred_leaves"] = [(p, _np(t), tf.as_dtype(t.dtype).name) for p, t in pred_leaves]
         result["loss"] = float(np.sum(_np(loss)))
         tf_ops._gradient_registry = _Registry(registry, rec)
         grads = tape.gradient(loss, [t for _, t in pred_leaves] + params)

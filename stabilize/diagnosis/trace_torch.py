@@ -127,10 +127,10 @@ def trace(model, loss_fn, x, y) -> dict:
         with torch.enable_grad():
             with rec:
                 pred = model(x)
+                pred_leaves = [(p, t) for p, t in leaves(pred) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                result["pred_leaves"] = [(p, _np(t), _dtype(t)) for p, t in pred_leaves]
                 rec.stage = "loss"
                 loss = loss_fn(pred, y)
-            pred_leaves = [(p, t) for p, t in leaves(pred) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-            result["pred_leaves"] = [(p, _np(t), _dtype(t)) for p, t in pred_leaves]
             result["loss"] = float(_np(loss).sum()) if isinstance(loss, torch.Tensor) else float(loss)
 
             def watch(node, info):
