@@ -92,7 +92,7 @@ def _events(E):
 def _label_error(E) -> bool:
     err = (E.trace.get("error") or "").lower()
     return any(k in err for k in ("out of bounds", "label value", "valid range", "expected scalar type long",
-                                  "target", "labels must be", "indices["))
+                                  "labels must be", "indices["))
 
 
 def _scaled(E) -> bool:
@@ -118,7 +118,9 @@ def _log_zero(E) -> bool:
     ev = E.fwd
     if ev is not None:
         return ev.op in LOGS and not E.loss_finite and bool(np.any(ev.offending() == 0))
-    return not E.loss_finite and E.pred is not None and bool(np.all(np.isfinite(E.pred))) and not E.trace.get("error")
+    # Without op tracing (a backend that has none): predictions finite, loss not.
+    return not E.trace.get("n_ops") and not E.loss_finite and E.pred is not None \
+        and bool(np.all(np.isfinite(E.pred))) and not E.trace.get("error")
 
 
 def _masked_loss(E) -> bool:
