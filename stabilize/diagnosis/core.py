@@ -170,6 +170,8 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
     elif ev is not None:
         origin = ev.module or ("loss" if ev.stage == "loss" else "model")
         phase = "backward" if rule.name == "masked-loss" else ev.phase
+    elif rule.name == "low-precision":
+        origin, phase = f"optimizer update ({E.param_dtype} parameters, epsilon {E.eps})", "backward"
     elif "overflowing update" in E.shown:
         origin, phase = E.shown["overflowing update"], "backward"
     else:

@@ -173,6 +173,10 @@ class OpEvent:
             parts.append(f"{self.bad_rows} rows with every entry masked")
         elif self.op in ("std", "var"):
             pass  # the reduction size below is what matters
+        elif self.op not in SINGULAR:  # an overflow: the size of the inputs is what matters
+            if "largest |input|" not in self.extra and self.inputs:
+                finite = [a[np.isfinite(a)] for a in self.inputs]
+                parts.append(f"|input| up to {max((float(np.abs(a).max()) for a in finite if a.size), default=0.0):.3g}")
         else:
             if c["zeros"]:
                 parts.append(f"{c['zeros']} inputs exactly 0")
