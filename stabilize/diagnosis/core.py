@@ -77,7 +77,7 @@ def _advice(cause: str, E: Evidence, ev) -> str:
         tiny = FLOAT_INFO[E.param_dtype].tiny
         return (f"the optimizer epsilon {E.eps:g} is below the smallest normal {E.param_dtype} ({tiny:.3g}) and "
                 f"acts as 0, so m/(sqrt(v)+eps) divides by 0: use eps >= 1e-4 with {E.param_dtype} parameters, "
-                f"or keep float32 master weights (torch.autocast + GradScaler, keras mixed_float16); " + base)
+                f"or keep float32 master weights (torch.autocast + GradScaler, keras mixed_float16)")
     if cause == "low-precision" and ev is not None:
         return f"{ev.name}{where} overflows {ev.output_dtype}; " + base
     if cause == "dirty-data" and E.whole_bad_columns:
@@ -172,6 +172,7 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
         phase = "backward" if rule.name == "masked-loss" else ev.phase
     elif rule.name == "low-precision":
         origin, phase = f"optimizer update ({E.param_dtype} parameters, epsilon {E.eps})", "backward"
+        E.shown.pop("overflowing update", None)  # every gradient is finite and small: the division is the fault
     elif "overflowing update" in E.shown:
         origin, phase = E.shown["overflowing update"], "backward"
     else:
