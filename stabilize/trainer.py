@@ -323,7 +323,8 @@ class StabilityTrainer:
             current = updater.capture()
             updater.restore(pre)
         try:
-            self.supervisor.diagnose(self.backend, self.model, self.loss_fn, xb, yb, self.params, pending=pending)
+            self.supervisor.diagnose(self.backend, self.model, self.loss_fn, xb, yb, self.params, pending=pending,
+                                     optimizer=self.optimizer if self._native else None)
         finally:
             if current is not None:
                 updater.restore(current)

@@ -144,7 +144,7 @@ class Supervisor:
             return Decision(action, restore=True, event=event)
         return Decision(action, stop=action == "raise", event=event)
 
-    def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None):
+    def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None, optimizer=None):
         """Replay the last failed step from the current weights and keep the diagnosis.
 
         The model must hold the step's pre-step weights. ``pending`` is the
@@ -164,7 +164,8 @@ class Supervisor:
             wnorm = float(np.sqrt(sum(float(np.sum(w * w)) for w in weights)))
             self.diagnosis = diagnose(B, model, loss_fn, x, y, step=row["step"], batch_index=row.get("batch", 0),
                                       lr=row.get("lr", np.nan), losses=col("loss"),
-                                      grad_norms=col("grad_norm"), weights_norm=wnorm)
+                                      grad_norms=col("grad_norm"), weights_norm=wnorm,
+                                      optimizer=optimizer)
         except Exception as exc:  # noqa: BLE001 - reported, and training goes on
             logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",
                            row["step"], type(exc).__name__, exc)

@@ -155,6 +155,7 @@ class TorchGuard:
     def _diagnose(self, batch, stats):
         x, y = batch
         try:
-            self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params)
+            self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params,
+                                     optimizer=self.optimizer)
         finally:
             self.state.undo_forward()  # the replay's forward pass changed buffers and RNG
