@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from . import ops
-from .data import Batch, bad_rows, batches, check_arrays, rows_of
+from .data import Batch, bad_rows, batch_finite, batches, check_arrays, rows_of
 from .guard.settings import GuardSettings
 from .guard.supervisor import Supervisor
 from .history import History
@@ -279,7 +279,9 @@ class StabilityTrainer:
         if bad and self._native and stats.get("scaler_skip") != 1.0 and not updater.weights_finite():
             stats["weights_broken"] = 1.0  # an earlier native update broke the weights
         rows = bad_rows(batch.x, batch.y, batch.rows) if bad and batch.rows is not None else batch.rows
-        decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows)
+        bad_data = bad and not batch_finite(self.backend, xb, yb)
+        decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows,
+                               bad_data=bad_data)
         nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
         if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose \
                 and not (pending and pre is None):
