@@ -270,11 +270,19 @@ class StabilityTrainer:
         if pending and getattr(updater, "diagnoses_before_commit", False):
             # ``ignore`` with torch.optim: the bad step is diagnosed before its update is applied
             hook = lambda stats: self._diagnose(xb, yb, None, dict(stats, batch=batch.position))  # noqa: E731
-            stats = updater.run(xb, yb, sup.lr, hook)
+            try:
+                stats = updater.run(xb, yb, sup.lr, hook)
+            except Exception as exc:
+                self._explain(exc, xb, yb, batch)
+                raise
             pre = None
         else:  # the other updaters commit on the device: keep the pre-step state while no diagnosis is made
             pre = updater.capture() if pending else None
-            stats = updater.run(xb, yb, sup.lr)
+            try:
+                stats = updater.run(xb, yb, sup.lr)
+            except Exception as exc:  # the user's forward or loss raised (labels out of range, a shape)
+                self._explain(exc, xb, yb, batch)
+                raise
         bad = stats["committed"] != 1.0 or stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0
         if bad and self._native and stats.get("scaler_skip") != 1.0 and not updater.weights_finite():
             stats["weights_broken"] = 1.0  # an earlier native update broke the weights
@@ -297,6 +305,19 @@ class StabilityTrainer:
         if decision.stop:
             sup.raise_for(decision, sup.history())
         return nonfinite
+
+    def _explain(self, exc, xb, yb, batch):
+        """A step raised: put back what its forward pass changed, and add the diagnosis of the
+        replay to the exception (a label out of range raises on the CPU, and is NaN on a GPU)."""
+        state = getattr(self.updater, "state", None)
+        if state is not None:
+            state.undo_forward()
+        if not self.diagnose or self.supervisor.diagnosis is not None:
+            return
+        pending = {"loss": float("nan"), "grad_norm": float("nan"), "lr": self.current_lr(), "batch": batch.position}
+        diagnosis = self._diagnose(xb, yb, None, pending)
+        if diagnosis is not None:
+            exc.add_note(f"stabilize: {diagnosis.line()}")
 
     def _step_failed_after_the_fact(self, epoch):
         sup = self.supervisor

@@ -263,3 +263,16 @@ def test_auto_policy_in_the_trainer_skips_bad_rows_without_backing_off():
                                    progress=False)
     h = t.fit(X, y, batch_size=8, shuffle=False, epochs=2)
     assert [e.action for e in h.events] == ["skipped"] * 4 and t.current_lr() == 0.05
+
+
+def test_a_step_that_raises_gets_the_diagnosis_as_a_note():
+    r = np.random.default_rng(0)
+    X = r.normal(size=(16, 4)).astype(np.float32)
+    labels = r.integers(1, 4, 16)  # 1-based labels for 3 classes: label 3 is out of range
+    model = torch.nn.Linear(4, 3)
+    t = stabilize.StabilityTrainer(model, torch.nn.functional.cross_entropy,
+                                   torch.optim.SGD(model.parameters(), 0.1), progress=False)
+    with pytest.raises(IndexError) as info:
+        t.fit(X, labels, batch_size=16)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "bad-labels" in notes
