@@ -64,6 +64,10 @@ class GuardSettings:
             exceeds this as bad (None: not measured).
         min_loss_scale: a loss scaler whose scale falls below this is no longer
             handling an overflow: its skips go to the policy.
+        distributed: ``"auto"``: with several torch.distributed ranks, every
+            decision is taken from flags and norms reduced across the ranks
+            (:mod:`stabilize.distributed`); ``"off"``: each rank decides alone
+            (independent replicas only: DDP replicas would drift apart).
     """
 
     clip_norm: float | None = None
@@ -77,10 +81,13 @@ class GuardSettings:
     snapshot_every: int = 50
     max_update_ratio: float | None = None
     min_loss_scale: float = 1.0
+    distributed: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in POLICIES:
             raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {self.on_nonfinite!r}")
+        if self.distributed not in ("auto", "off"):
+            raise ValueError(f"distributed must be 'auto' or 'off', got {self.distributed!r}")
         checked = {
             "clip_norm": _number("clip_norm", self.clip_norm, allow_none=True),
             "clip_value": _number("clip_value", self.clip_value, allow_none=True),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
+from ..distributed import is_main, unwrap
 from ..errors import NonFiniteError
 from ..history import Event, History
 from .policies import Policy
@@ -154,6 +155,9 @@ class Supervisor:
 
         from ..diagnose import diagnose
 
+        model = unwrap(model)
+        if model is None:  # sharded parameters: a rank-local replay would start a collective
+            return None
         row = self.rows[-1]
         col = lambda k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64)
         try:
@@ -163,10 +167,12 @@ class Supervisor:
                                       lr=row.get("lr", np.nan) if lr is None else lr, losses=col("loss"),
                                       grad_norms=col("grad_norm"), weights_norm=wnorm)
         except Exception as exc:  # noqa: BLE001 - reported, and training goes on
-            logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",
-                           row["step"], type(exc).__name__, exc)
+            if is_main():
+                logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",
+                               row["step"], type(exc).__name__, exc)
             return None
-        logger.warning(self.diagnosis.line())
+        if is_main():  # every rank records; only rank 0 prints
+            logger.warning(self.diagnosis.line())
         return self.diagnosis
 
     def raise_for(self, decision: Decision, history: History | None = None) -> None:

@@ -86,13 +86,17 @@ class TorchGuard:
             many steps that loses).
         loss_fn: ``loss_fn(pred, target)``; with ``batch=(x, y)`` given to
             :meth:`step`, the first bad step is replayed and diagnosed.
+        process_group: with torch.distributed, the group whose ranks decide
+            together (default: the default group). Every decision (skip,
+            back-off, rollback, raise, the clip coefficient) is then the same
+            on every rank; only rank 0 prints.
         **settings: :class:`~stabilize.guard.settings.GuardSettings` (clip_norm,
             clip_value, on_nonfinite, backoff_factor, min_lr, grow_after,
             max_bad_steps, max_rollbacks, snapshot_every, max_update_ratio, min_loss_scale).
     """
 
     def __init__(self, model=None, optimizer=None, *, scaler=None, scheduler=None, verify_updates=False,
-                 restore_rng=True, loss_fn=None, **settings):
+                 restore_rng=True, loss_fn=None, process_group=None, **settings):
         if model is None or optimizer is None:
             raise TypeError("TorchGuard needs the model and its optimizer: TorchGuard(model, optimizer, **settings), "
                             "then guard.step(loss) in the loop")
@@ -100,7 +104,7 @@ class TorchGuard:
         self.settings = GuardSettings(**settings)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
-        self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates)
+        self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
         self.supervisor = Supervisor(self.settings)
         self._keeps_snapshot = self.supervisor.wants_snapshot or (self.settings.guarded and not self._step.verify)
         self._snapshot = None
@@ -148,8 +152,7 @@ class TorchGuard:
         return stats["committed"] == 1.0
 
     def _weights_finite(self) -> bool:
-        B = self._step.B
-        return bool(B.read(B.stack([B.all_finite([p.detach() for p in self.state.params])], "float64"))[0])
+        return self._step.weights_finite()  # reduced across ranks when distributed
 
     def _diagnose(self, batch, stats):
         x, y = batch
