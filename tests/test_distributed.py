@@ -127,3 +127,17 @@ def test_sharded_fsdp2_nan_in_one_shard_skips_everywhere(ranks):
     for r in ranks:
         res = r["fsdp:nan_grad"]
         assert res["applied"] is False and res["unchanged"] is True and res["params_equal"] is True
+
+
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), str(ROOT / "examples" / "ddp_guard.py")], capture_output=True, text=True,
+                         env=env, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    # rank 0 alone prints: one event line and one summary line, each once
+    assert lines == ["step 5 (epoch 0, batch 5): nonfinite [loss]; loss=inf grad_norm=" + lines[0].split("grad_norm=")[1],
+                     "ranks: 2, parameters bit-identical across ranks: True, lr now 0.005"]
+    assert lines[0].endswith("lr=0.01 -> backed-off")
