@@ -14,6 +14,7 @@ A loss scaler's own overflow skip (``scaler_skip``) is recorded as a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, NamedTuple
 
@@ -188,8 +189,22 @@ class Supervisor:
 
     # -- counters (part of the training state) ------------------------------------
     def state_dict(self) -> dict:
+        """Counters, every step's row, the events and what was left out: plain values, for a checkpoint."""
+        rows = [{k: (float(v) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows]
         return {"policy": self.policy.state_dict(), "applied": self.applied, "steps": self.step,
-                "first_bad": self.first_bad, "skip_rows": sorted(self.skip_rows)}
+                "first_bad": self.first_bad, "skip_rows": sorted(self.skip_rows),
+                "skip_positions": sorted(self.skip_positions), "rows": rows,
+                "events": [dataclasses.asdict(e) for e in self.events], "snapshot_applied": self._snapshot_applied}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.applied, self.first_bad = int(state["applied"]), state["first_bad"]
+        self.skip_rows = set(int(i) for i in state["skip_rows"])
+        self.skip_positions = {tuple(p) for p in state["skip_positions"]}
+        self.rows = [dict(r) for r in state["rows"]]
+        self.events = [Event(**dict(e, nonfinite=tuple(e["nonfinite"]))) for e in state["events"]]
+        self._snapshot_applied = state["snapshot_applied"]
+        self._streak.clear()
 
     def _event(self, stats, kind, bad, action, steps_lost=None) -> Event:
         event = Event(stats.get("step", self.step), stats.get("batch", 0), stats.get("epoch", 0), kind,

@@ -151,6 +151,42 @@ class TorchGuard:
             sup.raise_for(decision)
         return stats["committed"] == 1.0
 
+    # -- durable state ---------------------------------------------------------------
+    def save_checkpoint(self, path, **position):
+        """Save the whole training state to ``path`` atomically (:mod:`stabilize.checkpoint`).
+
+        Model parameters and buffers, optimizer, scheduler, loss scaler, the
+        policy's counters and the history, every RNG (torch, numpy, Python),
+        and ``position``: whatever names your place in the data (``epoch=...,
+        batch=...``), returned by :meth:`load_checkpoint`. With several ranks,
+        call it on every rank with a per-rank path (or only on rank 0 for DDP,
+        whose replicas are identical).
+        """
+        from ..checkpoint import save
+        from .torch_state import checkpoint_state
+
+        state = {"torch": checkpoint_state(self.state), "supervisor": self.supervisor.state_dict(),
+                 "position": position}
+        return save(path, state, meta={"kind": "TorchGuard", "steps": self.supervisor.step})
+
+    def load_checkpoint(self, path) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote; returns its ``position``.
+
+        A missing, truncated or corrupted file, or one from another model,
+        raises :class:`~stabilize.checkpoint.CheckpointError` and leaves the
+        live state untouched.
+        """
+        from ..checkpoint import load
+        from .torch_state import load_checkpoint_state
+
+        saved = load(path)
+        load_checkpoint_state(self.state, saved["torch"], f"checkpoint {str(path)!r}")
+        self.supervisor.load_state_dict(saved["supervisor"])
+        self._snapshot = self.state.capture() if self._keeps_snapshot else None
+        if self._snapshot is not None:
+            self.supervisor.snapshot_taken()
+        return dict(saved["position"])
+
     def _weights_finite(self) -> bool:
         return self._step.weights_finite()  # reduced across ranks when distributed
 
