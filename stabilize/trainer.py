@@ -123,6 +123,10 @@ class StabilityTrainer:
         self.params = self.updater.params
         self.dtype = self.backend.dtype(self.params[0])
         self.supervisor = Supervisor(self.settings)
+        if self.settings.spike is not None:  # the device compares each step with the detector's limits
+            if not hasattr(self.updater, "_step"):
+                raise ValueError("spike= is wired for torch models with a torch.optim optimizer so far")
+            self.updater._step.limits = self.supervisor.spike_limits
         self.policy = self.supervisor.policy
         self._snapshot = None
         self._native = not isinstance(optimizer, OptimizerSpec)
@@ -279,7 +283,8 @@ class StabilityTrainer:
             self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}")
+            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}", skipped=sup.not_applied,
+                            spikes=sup.spikes.spikes if sup.spikes is not None else 0)
         if decision.restore:
             self._restore_snapshot()
         elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0:

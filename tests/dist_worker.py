@@ -46,13 +46,17 @@ def run_ddp(fault, policy, rank, distributed="auto"):
     model = DDP(net)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.9)
-    guard = stabilize.TorchGuard(model, opt, scheduler=sched, on_nonfinite=policy, clip_norm=0.5, max_bad_steps=1,
-                                 snapshot_every=2, grow_after=None, distributed=distributed)
+    spike = {"spike_skip": "skip", "spike_clip": "clip"}.get(policy)
+    guard = stabilize.TorchGuard(model, opt, scheduler=sched, on_nonfinite="skip" if spike else policy,
+                                 clip_norm=None if spike else 0.5, max_bad_steps=1, snapshot_every=2, grow_after=None,
+                                 distributed=distributed, spike=spike, spike_warmup=3)
     gen = torch.Generator().manual_seed(100 + rank)  # rank-local data
     out = {"actions": [], "lrs": [], "norms": [], "raised_at": None}
     for step in range(STEPS):
         x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
         hit = step == FAULT and rank == 1
+        if hit and fault == "spike":
+            y = y * 1e4  # a finite loss spike on rank 1 only
         if hit and fault == "nan_input":
             x[0, 0] = float("nan")
         loss = torch.nn.functional.mse_loss(model(x), y)

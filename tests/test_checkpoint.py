@@ -96,7 +96,8 @@ def _setup(seed=0):
                                 torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    guard = stabilize.TorchGuard(model, opt, scheduler=sched, clip_norm=1.0, on_nonfinite="backoff")
+    guard = stabilize.TorchGuard(model, opt, scheduler=sched, clip_norm=1.0, on_nonfinite="backoff", spike="skip",
+                                 spike_warmup=3)
     return model, opt, sched, guard
 
 

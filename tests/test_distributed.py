@@ -26,6 +26,7 @@ EXPECTED = {"skip": "skipped", "backoff": "backed-off", "rollback": "rolled-back
 DDP = [f"ddp:{f}:{p}" for f in FAULTS for p in POLICIES]
 CONTROL = "ddp:inf_loss:skip:off"
 FSDP = ["fsdp:none", "fsdp:nan_grad"]
+SPIKES = ["ddp:spike:spike_skip", "ddp:spike:spike_clip"]
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +78,7 @@ def _launch(tmp, scenarios, world, timeout):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("dist"), DDP + [CONTROL] + FSDP)
+    return launch(tmp_path_factory.mktemp("dist"), DDP + [CONTROL] + FSDP + SPIKES)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -105,6 +106,13 @@ def test_backoff_rate_is_the_same_on_both_ranks(ranks, fault):
         # StepLR(step_size=2, gamma=0.9) over 7 applied steps (3 updates of the schedule), backed off once
         assert res["final_lr"] == pytest.approx(0.01 * 0.9**3 * 0.5, rel=1e-12)
         assert res["policy_state"]["backoffs"] == 1
+
+
+@pytest.mark.parametrize("mode, action", [("spike_skip", "skipped"), ("spike_clip", "clipped")])
+def test_a_spike_on_one_rank_is_handled_on_every_rank(ranks, mode, action):
+    r0, r1 = (r[f"ddp:spike:{mode}"] for r in ranks)
+    assert r0["actions"] == r1["actions"] == ["applied"] * FAULT_STEP + [action] + ["applied"] * (STEPS - FAULT_STEP - 1)
+    assert r0["params_equal"] is True and r0["optimizer_equal"] is True and r0["norms"] == r1["norms"]
 
 
 def test_without_the_reduction_the_replicas_drift(ranks):

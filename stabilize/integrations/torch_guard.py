@@ -92,7 +92,8 @@ class TorchGuard:
             on every rank; only rank 0 prints.
         **settings: :class:`~stabilize.guard.settings.GuardSettings` (clip_norm,
             clip_value, on_nonfinite, backoff_factor, min_lr, grow_after,
-            max_bad_steps, max_rollbacks, snapshot_every, max_update_ratio, min_loss_scale).
+            max_bad_steps, max_rollbacks, snapshot_every, max_update_ratio, min_loss_scale, distributed,
+            spike, spike_z, spike_warmup, spike_alpha, skip_alarm, skip_alarm_fraction, skip_alarm_window).
     """
 
     def __init__(self, model=None, optimizer=None, *, scaler=None, scheduler=None, verify_updates=False,
@@ -106,6 +107,7 @@ class TorchGuard:
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
         self.supervisor = Supervisor(self.settings)
+        self._step.limits = self.supervisor.spike_limits
         self._keeps_snapshot = self.supervisor.wants_snapshot or (self.settings.guarded and not self._step.verify)
         self._snapshot = None
         self.state.mark()  # a forward pass from here on can be undone

@@ -61,6 +61,9 @@ class TorchStep:
         self.verify = verify_updates or settings.max_update_ratio is not None
         self._undo = UpdateUndo(state) if self.verify else None
         self._losses: list[torch.Tensor] = []
+        # ``limits() -> (loss_max, norm_max) | None``: the spike detector's bounds for this step
+        # (the Supervisor's ``spike_limits``), compared on the device inside the one read.
+        self.limits = None
 
     def backward(self, loss) -> None:
         """Backward one (micro-)batch loss, scaled by the ``GradScaler`` if there is one."""
@@ -99,12 +102,21 @@ class TorchStep:
                 loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(norm)
                 buffers_ok = st.buffers_finite()  # BatchNorm statistics the forward pass just wrote
             ok = loss_ok & grads_ok & buffers_ok
+            limits = self.limits() if self.limits is not None else None
+            if limits is not None:  # a finite spike: rank-consistent, since loss and norm are reduced
+                spike = loss_ok & grads_ok & ((loss > limits[0]) | (norm > limits[1]))
+                if s.spike == "skip":
+                    ok = ok & ~spike
+            else:
+                spike = torch.zeros((), dtype=torch.bool, device=loss.device)
             scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones((), device=loss.device)
-            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale, buffers_ok],
+            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale, buffers_ok, spike],
                                               "float64"))
         stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite"), values[:4]))
         ok, current, scale = values[4] == 1.0, values[5], values[6]
-        stats["buffers_finite"] = values[7]
+        stats["buffers_finite"], stats["spike"] = values[7], values[8]
+        if limits is not None:
+            stats["loss_max"], stats["norm_max"] = limits
         base = float(st.optimizer.param_groups[0]["lr"])
         stats.update(weights_finite=1.0, update_ratio=0.0, large_update=0.0, scaler_skip=0.0, loss_scale=scale,
                      lr=float(rate(base)) if rate is not None else base)
@@ -113,8 +125,11 @@ class TorchStep:
                 and scale >= s.min_loss_scale:
             stats["scaler_skip"] = 1.0
         commit = ok or not s.guarded
-        if commit and s.clip_norm is not None and grads and math.isfinite(current):
-            coef = float(np.float32(s.clip_norm) / (np.float32(current) + np.float32(1e-6)))
+        bound = s.clip_norm
+        if stats["spike"] == 1.0 and s.spike == "clip":  # ZClip: clip to the running mean + z * std
+            bound = limits[1] if bound is None else min(bound, limits[1])
+        if commit and bound is not None and grads and math.isfinite(current):
+            coef = float(np.float32(bound) / (np.float32(current) + np.float32(1e-6)))
             if coef < 1.0:
                 torch._foreach_mul_([local(g) for g in grads], coef)
         if commit:
