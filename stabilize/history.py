@@ -122,7 +122,9 @@ class History:
         try:
             import matplotlib
         except ImportError as exc:
-            raise ImportError("History.plot needs matplotlib: pip install 'stabilize[scenarios]'") from exc
+            from .errors import install_hint
+
+            raise ImportError(f"History.plot needs matplotlib: {install_hint('scenarios')}") from exc
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

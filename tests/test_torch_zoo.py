@@ -27,7 +27,7 @@ def _leaves(out):
     return [t for v in out for t in _leaves(v)]
 
 
-def _run(name, policy=None, steps=4, fault=None, fault_step=2, record_before=None):
+def _run(name, policy=None, steps=4, fault=None, fault_step=2, record_before=None, autocast=False):
     """Train ``steps`` steps; returns (model, optimizer, scheduler, guard, applied flags)."""
     build, batch, loss_fn = ZOO[name]
     model = make(name)
@@ -43,8 +43,9 @@ def _run(name, policy=None, steps=4, fault=None, fault_step=2, record_before=Non
             if record_before is not None:
                 record_before.append(state_of(model, opt, sched))
             x, hooks = _inject(fault, model, x)
-        out = model(x)
-        loss = loss_fn(out, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            loss = loss_fn(out.float() if torch.is_tensor(out) else out, y)
         if i == fault_step and fault == "loss":
             loss = loss * float("inf")
         if guard is None:
@@ -164,3 +165,18 @@ def test_a_one_row_last_batch_with_batchnorm_names_drop_last():
         t.fit(X, np.zeros(17), batch_size=8)
     h = t.fit(X, np.zeros(17), batch_size=8, drop_last=True)
     assert len(h.losses) == 2
+
+
+@pytest.mark.parametrize("fault", [None, "batch", "gradient", "buffer"])
+def test_bfloat16_autocast_cnn_is_bitwise_when_clean_and_exact_under_faults(fault):
+    if fault is None:
+        plain = _run("cnn-batchnorm-dropout", autocast=True)
+        guarded = _run("cnn-batchnorm-dropout", "skip", autocast=True)
+        assert guarded[4] == [True] * 4
+        assert_same(state_of(*plain[:3]), state_of(*guarded[:3]))
+        return
+    before = []
+    model, opt, sched, guard, applied = _run("cnn-batchnorm-dropout", "skip", steps=3, fault=fault,
+                                             record_before=before, autocast=True)
+    assert applied == [True, True, False]
+    assert_same(before[0], state_of(model, opt, sched))

@@ -185,11 +185,13 @@ class Supervisor:
             return Decision(action, restore=True, event=event)
         return Decision(action, stop=action == "raise", event=event)
 
-    def diagnose(self, B, model, loss_fn, x, y, params, *, lr: float | None = None):
-        """Replay the last (failed) step from the current weights and keep the diagnosis.
+    def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None):
+        """Replay the last failed step from the current weights and keep the diagnosis.
 
-        The model must hold the step's pre-step weights. A diagnosis that fails
-        itself is logged, never raised: it must not take the run down with it.
+        The model must hold the step's pre-step weights. ``pending`` is the
+        statistics of a step not yet recorded (diagnosed before an unguarded
+        update is applied, so that no weights need copying). A diagnosis that
+        fails itself is logged, never raised: it must not take the run down.
         """
         import numpy as np
 
@@ -198,13 +200,14 @@ class Supervisor:
         model = unwrap(model)
         if model is None:  # sharded parameters: a rank-local replay would start a collective
             return None
-        row = self.rows[-1]
-        col = lambda k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64)
+        rows = self.rows if pending is None else self.rows + [dict(pending, step=self.step)]
+        row = rows[-1]
+        col = lambda k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)
         try:
             weights = [np.asarray(B.to_numpy(p), dtype=np.float64) for p in params]
             wnorm = float(np.sqrt(sum(float(np.sum(w * w)) for w in weights)))
             self.diagnosis = diagnose(B, model, loss_fn, x, y, step=row["step"], batch_index=row.get("batch", 0),
-                                      lr=row.get("lr", np.nan) if lr is None else lr, losses=col("loss"),
+                                      lr=row.get("lr", np.nan), losses=col("loss"),
                                       grad_norms=col("grad_norm"), weights_norm=wnorm)
         except Exception as exc:  # noqa: BLE001 - reported, and training goes on
             if is_main():

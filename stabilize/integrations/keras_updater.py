@@ -78,6 +78,10 @@ class KerasUpdater:
         self._step = step
         self.applied = 0
 
+    def to_tensor(self, arr: np.ndarray, dtype: str | None):
+        """A batch as a backend tensor, on the device the parameters live on."""
+        return self.B.convert(arr, dtype)
+
     def base_lr(self) -> float:
         return float(np.asarray(self.optimizer.learning_rate))
 

@@ -145,7 +145,8 @@ class TorchGuard:
             self._diagnose(batch, stats)
         if decision.restore and self._snapshot is not None:
             self.state.restore(self._snapshot)
-        if self._keeps_snapshot and decision.action == "applied" and sup.applied % self.settings.snapshot_every == 0:
+        if self._keeps_snapshot and decision.action == "applied" and sup.applied % self.settings.snapshot_every == 0 \
+                and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
             self._snapshot = self.state.capture()
             sup.snapshot_taken()
         self._step.zero_grad()

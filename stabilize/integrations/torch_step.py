@@ -33,6 +33,7 @@ from ..guard.settings import GuardSettings
 from ..ops import global_norm
 from ..registry import get_backend
 from ..distributed import combine
+from ..step import update_ratio
 from .torch_distributed import TorchReducer, local
 from .torch_state import TorchState, UpdateUndo
 
@@ -72,12 +73,15 @@ class TorchStep:
         scaler = self.state.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    def step(self, rate=None) -> dict[str, float]:
+    def step(self, rate=None, before_unguarded=None) -> dict[str, float]:
         """Check the accumulated gradients and commit or discard; returns the step's statistics.
 
         ``rate(lr) -> lr``, when given, maps each group's own rate (the user's or
         the scheduler's) to the one this update uses (the back-off); the group's
         rate is put back right after, so a scheduler never sees it changed.
+        ``before_unguarded(stats)`` is called when a bad step is about to be
+        applied anyway (policy ``ignore``), while the weights are still the
+        pre-step ones: the diagnosis runs there, and nothing is copied.
         """
         st, s = self.state, self.settings
         if not self._losses:
@@ -125,6 +129,8 @@ class TorchStep:
                 and scale >= s.min_loss_scale:
             stats["scaler_skip"] = 1.0
         commit = ok or not s.guarded
+        if not ok and commit and before_unguarded is not None:
+            before_unguarded(stats)
         bound = s.clip_norm
         if stats["spike"] == 1.0 and s.spike == "clip":  # ZClip: clip to the running mean + z * std
             bound = limits[1] if bound is None else min(bound, limits[1])
@@ -190,8 +196,7 @@ class TorchStep:
             new = [p.detach() for p in st.params]
             if self.reducer is None:
                 weights_ok = self.B.all_finite(new)
-                delta = global_norm(torch._foreach_sub(new, self._undo._params), backend=self.B)
-                ratio = delta / (global_norm(self._undo._params, backend=self.B) + 1e-12)
+                ratio = update_ratio(self.B, new, self._undo._params)
             else:  # the same check on every rank: one more all-reduce, only when updates are verified
                 weights_ok = self.B.all_finite([local(p) for p in new])
                 dev = new[0].device
