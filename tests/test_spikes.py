@@ -33,7 +33,7 @@ def test_settings_are_validated():
         GuardSettings(spike="rewinds")
     with pytest.raises(ValueError, match="skip_alarm must be one of"):
         GuardSettings(skip_alarm="loud")
-    with pytest.raises(ValueError, match="spike_warmup must be >= 2"):
+    with pytest.raises(ValueError, match="spike_warmup must be an integer >= 2, got 1"):
         GuardSettings(spike="skip", spike_warmup=1)
 
 
