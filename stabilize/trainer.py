@@ -123,6 +123,10 @@ class StabilityTrainer:
         self.params = self.updater.params
         self.dtype = self.backend.dtype(self.params[0])
         self.supervisor = Supervisor(self.settings)
+        if self.settings.spike is not None:  # the device compares each step with the detector's limits
+            if not hasattr(self.updater, "_step"):
+                raise ValueError("spike= is wired for torch models with a torch.optim optimizer so far")
+            self.updater._step.limits = self.supervisor.spike_limits
         self.policy = self.supervisor.policy
         self._snapshot = None
         self._native = not isinstance(optimizer, OptimizerSpec)
@@ -296,7 +300,8 @@ class StabilityTrainer:
             self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}")
+            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}", skipped=sup.not_applied,
+                            spikes=sup.spikes.spikes if sup.spikes is not None else 0)
         if decision.restore:
             self._restore_snapshot()
         elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0 \
@@ -367,6 +372,37 @@ class StabilityTrainer:
             total = min(total, max_steps) if total else max_steps
         # disable=None: tqdm turns itself off when stderr is not a terminal.
         return tqdm(total=total, disable=None if self.progress is None else False, leave=False, desc="stabilize")
+
+    # -- durable state ------------------------------------------------------------------
+    def save_checkpoint(self, path):
+        """Save the whole training state to ``path`` atomically (torch models; :mod:`stabilize.checkpoint`):
+        parameters, buffers, optimizer, scheduler, loss scaler, policy counters, history, the rows a
+        rollback left out, and every RNG. ``fit`` again with the same ``seed`` after loading continues
+        exactly as an uninterrupted run would."""
+        from .checkpoint import save
+
+        return save(path, {"torch": self._torch_state("save")(self.updater.state),
+                           "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
+                    meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
+
+    def load_checkpoint(self, path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote; a bad file raises ``CheckpointError`` and changes nothing."""
+        from .checkpoint import load
+
+        loader = self._torch_state("load")
+        saved = load(path)
+        loader(self.updater.state, saved["torch"], f"checkpoint {str(path)!r}")
+        self.supervisor.load_state_dict(saved["supervisor"])
+        self.updater.applied = int(saved["applied"])
+        self._snapshot = None  # the next fit takes a fresh rollback snapshot
+
+    def _torch_state(self, what):
+        if not hasattr(self.updater, "state") or self.backend.name != "torch":
+            raise NotImplementedError("checkpoints of StabilityTrainer are written for torch models with a "
+                                      "torch.optim optimizer so far; for others, save the model with its framework")
+        from .integrations import torch_state
+
+        return torch_state.checkpoint_state if what == "save" else torch_state.load_checkpoint_state
 
     # -- after training -------------------------------------------------------------
     @property
