@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 
 from .guard.settings import GuardSettings
 from .guard.supervisor import Supervisor

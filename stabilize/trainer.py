@@ -17,7 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import ops
+from . import logs, ops
+from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm
+from .frameworks import has_state_buffers as _has_state_buffers, keras_convention as _keras_convention
 from .data import Batch, bad_rows, batch_finite, batches, check_arrays, rows_of
 from .guard.settings import GuardSettings
 from .guard.supervisor import Supervisor
@@ -31,27 +33,6 @@ __all__ = ["StabilityTrainer"]
 logger = logging.getLogger("stabilize")
 
 _LOSSES = {"mse": ops.safe_mse, "cross_entropy": ops.safe_cross_entropy}
-
-
-def _framework_of(obj) -> str | None:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.nn.Module):
-        return "torch"
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(obj, keras.Model):
-        return "tensorflow"
-    return None
-
-
-def _keras_convention(loss, framework) -> bool:
-    """Whether a loss callable takes Keras's ``(y_true, y_pred)``: any loss given with a
-    keras model, and Keras loss objects or functions anywhere."""
-    if framework == "tensorflow":
-        return True
-    keras = sys.modules.get("keras")
-    if keras is None:
-        return False
-    return isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras")
 
 
 class StabilityTrainer:
@@ -247,7 +228,10 @@ class StabilityTrainer:
                                        and not getattr(self.updater, "verifies", False))
         if keeps and self._snapshot is None:
             self._take_snapshot()
-        bar = self._progress(epochs, x, y, batch_size, max_steps)
+        total = epochs * math.ceil(len(y) / batch_size) if y is not None else None
+        if max_steps is not None:
+            total = min(total, max_steps) if total else max_steps
+        bar = logs.progress_bar(total, self.progress)
         try:
             with self.updater.training():
                 for epoch in range(epochs):
@@ -360,19 +344,6 @@ class StabilityTrainer:
                 updater.state.undo_forward()  # the replay's forward pass changed buffers and RNG
         return self.supervisor.diagnosis
 
-    def _progress(self, epochs, x, y, batch_size, max_steps):
-        if self.progress is False:
-            return None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return None
-        total = epochs * math.ceil(len(y) / batch_size) if y is not None else None
-        if max_steps is not None:
-            total = min(total, max_steps) if total else max_steps
-        # disable=None: tqdm turns itself off when stderr is not a terminal.
-        return tqdm(total=total, disable=None if self.progress is None else False, leave=False, desc="stabilize")
-
     # -- durable state ------------------------------------------------------------------
     def save_checkpoint(self, path):
         """Save the whole training state to ``path`` atomically (torch models; :mod:`stabilize.checkpoint`):
@@ -423,22 +394,3 @@ class StabilityTrainer:
     def get_weights(self) -> list[np.ndarray]:
         """The current parameters as numpy arrays (in the spec's order for an MLP)."""
         return [self.backend.to_numpy(p) for p in self.params]
-
-
-def _has_state_buffers(model) -> bool:
-    torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return any(True for _ in model.buffers())
-    if keras is not None and isinstance(model, keras.Model):
-        return bool(model.non_trainable_variables)
-    return False
-
-
-def _has_batchnorm(model) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.Model):
-        return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
-    return False

@@ -174,7 +174,6 @@ def test_a_bad_checkpoint_leaves_the_live_state_untouched(tmp_path):
 
 
 def test_trainer_resume_between_fits_is_bit_identical(tmp_path):
-    from stabilize.models import MLP
 
     X = np.random.default_rng(0).normal(size=(64, 3))
     y = X.sum(1, keepdims=True)
