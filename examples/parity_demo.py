@@ -24,24 +24,40 @@ from stabilize.logs import quiet_framework_import
 
 def plot(name: str, reports: list, out_dir: str) -> str:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    finite = [np.abs(t.losses[np.isfinite(t.losses)]) for r in reports for t in r.trajectories.values()]
+    top = max([float(np.max(np.minimum(f, 1e200))) for f in finite if f.size] or [1.0])
+    cross = max(top, 1.0) * 10  # where non-finite losses are drawn: just above the largest finite one
     styles = {"torch": dict(lw=2.5, alpha=0.6), "tensorflow": dict(lw=1.0, ls="--")}
     for report in reports:
         for backend, traj in report.trajectories.items():
             # Clipped for display only: matplotlib's log transform overflows near 1e308.
             losses = np.where(np.isfinite(traj.losses), np.minimum(traj.losses, 1e200), np.nan)
             label = f"{report.variant} / {backend}"
-            line, = ax.plot(np.arange(len(losses)), losses, label=label, **styles.get(backend, {}))
+            steps = np.arange(len(losses))
+            line, = ax.plot(steps, losses, label=label, **styles.get(backend, {}))
+            bad = ~np.isfinite(traj.losses)
+            if bad.any():  # non-finite losses are drawn as crosses on the top edge, so a run NaN from step 0 shows
+                ax.plot(steps[bad], np.full(bad.sum(), cross), "x", color=line.get_color(), ms=6)
             if traj.first_nonfinite_step is not None:
                 ax.axvline(traj.first_nonfinite_step, color=line.get_color(), ls=":", lw=1)
     # symlog: huge diverging losses and a masked loss sitting at exactly 0 both show.
     ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_ylim(0, cross * 10)  # losses are >= 0: no negative half, and room for the crosses
+    span = max(np.log10(cross * 10) + 2, 1)  # decades shown, from 1e-2
+    step = max(int(np.ceil(span / 8)), 1)  # at most ~8 labelled decades, so labels never overlap
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(
+        [0.0] + [10.0**k for k in range(-2 + step, int(np.log10(cross * 10)) + 1, step)]))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (symlog); dotted: first non-finite")
+    ax.set_ylabel("loss (symlog); x: non-finite")
+    ax.xaxis.get_major_locator().set_params(integer=True, nbins=10)
+    left, right = ax.get_xlim()
+    ax.set_xlim(min(left, -0.5), max(right, 1.5))
     ax.set_title(f"{name}: {scenarios.describe(name).summary}")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -125,11 +125,14 @@ class History:
             from .errors import install_hint
 
             raise ImportError(f"History.plot needs matplotlib: {install_hint('scenarios')}") from exc
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure with its own Agg canvas: pyplot's global backend and figure list stay untouched.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-        steps = np.arange(len(self.losses))
+        fig = Figure(figsize=(8, 5.5))
+        FigureCanvasAgg(fig)
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        steps = self.steps if len(self.steps) == len(self.losses) else np.arange(len(self.losses))
         for ax, values, label in ((top, self.losses, "loss"), (bottom, self.grad_norms, "gradient norm")):
             shown = np.where(np.isfinite(values), np.minimum(np.abs(values), 1e200), np.nan)
             ax.plot(steps, shown, lw=1.5)
@@ -141,12 +144,14 @@ class History:
             ax.set_ylabel(label)
             for e in self.events:
                 ax.axvline(e.step, color="tab:red" if e.kind == "nonfinite" else "tab:orange", ls=":", lw=1)
+        if len(steps):  # a real x-range even for a run of one step
+            bottom.set_xlim(steps[0] - 0.5, max(steps[-1], steps[0] + 1) + 0.5)
+            bottom.xaxis.get_major_locator().set_params(integer=True, nbins=10)
         bottom.set_xlabel("step (dotted: events)")
         heading = title or (self.diagnosis.line() if self.diagnosis is not None else "training history")
         top.set_title(heading if len(heading) < 90 else heading[:87] + "...", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         return path
 
     def __str__(self) -> str:
