@@ -1,0 +1,286 @@
+"""Keras adapters over the guarded step: ``keras_guard`` for ``model.fit``, ``KerasTrainStep`` for the trainer.
+
+Both run the same device code (:mod:`.keras_optimizer`): the guarded
+optimizer's ``apply`` forms ``committed``, and :meth:`StepState.finish` keeps
+or puts back what the forward pass changed. Both hand the step's statistics to
+the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+from keras import ops
+
+from ..guard.settings import GuardSettings
+from ..guard.supervisor import STAT_FIELDS, Supervisor
+from .keras_optimizer import GuardedOptimizer, Protected, all_finite, copy_values
+
+__all__ = ["keras_guard", "StabilizeGuard", "KerasTrainStep"]
+
+logger = logging.getLogger("stabilize")
+
+
+def _factor(sup: Supervisor) -> float:
+    """The back-off factor the device multiplies onto the user's rate (1.0 when not backed off)."""
+    factor = getattr(sup, "lr_factor", None)
+    return float(sup.policy.factor if factor is None else factor)
+
+
+def _check_optimizer(optimizer, what: str):
+    if isinstance(optimizer, str):
+        raise TypeError(f"{what} needs a keras optimizer instance, e.g. {what}(keras.optimizers.Adam(1e-3)); "
+                        f"got the string {optimizer!r}")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        hint = " (for a torch optimizer use stabilize.TorchGuard)" if type(optimizer).__module__.startswith("torch") else ""
+        raise TypeError(f"{what} needs a keras optimizer instance, e.g. keras.optimizers.Adam(1e-3){hint}; "
+                        f"got {type(optimizer).__name__}")
+
+
+def _read_stats(state) -> dict:
+    return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(state.stats))))
+
+
+class StabilizeGuard(keras.callbacks.Callback):
+    """Applies the policy between ``model.fit`` steps; ``history`` holds the record.
+
+    On ``set_model`` it wraps the model's ``train_step`` (on this model object
+    only) so that, inside the compiled step, non-trainable variables (BatchNorm
+    statistics, seed-generator states) and the loss tracker and compiled
+    metrics are put back after a step that was not committed: Keras's progress
+    bar and ``History`` show the mean over applied steps.
+    """
+
+    def __init__(self, guarded: GuardedOptimizer, diagnose_data=None, loss_fn=None):
+        super().__init__()
+        self.guarded = guarded
+        self.settings = guarded.settings
+        self.supervisor = Supervisor(self.settings)
+        self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
+        self._epoch = 0
+        self._snapshot = None
+        self._protected = self._outer = self._outer_protected = None
+        self._outer_loss = None
+
+    @property
+    def history(self):
+        return self.supervisor.history()
+
+    # -- wiring ---------------------------------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        if getattr(model, "optimizer", None) is not None:
+            self._install(model)
+
+    def _install(self, model):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"keras_guard's callback needs a keras.Model, got {type(model).__name__}; "
+                            "for a torch model use stabilize.TorchGuard")
+        opt, outer = model.optimizer, None
+        if opt is not self.guarded:
+            if isinstance(opt, keras.optimizers.LossScaleOptimizer) and opt.inner_optimizer is self.guarded:
+                outer = opt  # mixed_float16: Keras wrapped the guard in a LossScaleOptimizer at compile
+            else:
+                raise ValueError("compile the model with the optimizer keras_guard returned: "
+                                 "opt, cb = keras_guard(...); model.compile(optimizer=opt, ...); model.fit(..., callbacks=[cb])")
+        if model.__dict__.get("_stabilize_guard") is self:
+            return
+        if not opt.built:
+            opt.build(model.trainable_variables)
+        state = self.guarded.state
+        self._protected = Protected(list(model.non_trainable_variables) + list(model.metrics_variables))
+        if outer is not None:
+            self._outer, self._outer_protected = outer, Protected(outer._variables)
+            scale_loss = type(outer).scale_loss.__get__(outer)
+
+            def capture(loss):  # the loss for the check: the scaler's own scale_loss never reaches the guard
+                self._outer_loss = loss
+                object.__setattr__(self.guarded, "_captured_loss", loss)
+                return scale_loss(loss)
+
+            object.__setattr__(outer, "scale_loss", capture)
+        train_step = type(model).train_step.__get__(model)
+
+        def guarded_train_step(data):
+            state.begin()
+            logs = train_step(data)
+            scale = None if outer is None else outer.dynamic_scale
+            state.finish(self._protected, self._outer_protected, loss=self._outer_loss, scale=scale,
+                         min_loss_scale=self.settings.min_loss_scale)
+            if isinstance(logs, dict):  # the metrics as they are now: a skipped step left them as before
+                fresh = model.get_metrics_result()
+                logs = {k: fresh.get(k, v) for k, v in logs.items()}
+            return logs
+
+        object.__setattr__(model, "train_step", guarded_train_step)
+        object.__setattr__(model, "_stabilize_guard", self)
+        object.__setattr__(model, "train_function", None)  # rebuilt by fit around the wrapped step
+
+    # -- the fit loop ---------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._install(self.model)
+        if getattr(self.model, "steps_per_execution", 1) != 1:
+            raise ValueError("keras_guard judges every step between steps: compile with steps_per_execution=1")
+        self._sync_shadows()
+        self.guarded.state.lr_factor.assign(_factor(self.supervisor))
+        if self.settings.guarded and self._snapshot is None:
+            self._take()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._sync_shadows()  # fit has just reset the metrics
+
+    def on_train_batch_end(self, batch, logs=None):
+        sup = self.supervisor
+        stats = _read_stats(self.guarded.state)
+        stats["lr"] = sup.lr(float(ops.convert_to_numpy(self.guarded.learning_rate)))
+        decision = sup.observe(stats, epoch=self._epoch, batch=batch)
+        if decision.event is not None and decision.event.kind == "nonfinite":
+            self._maybe_diagnose(stats["lr"])
+        if decision.restore or (stats["weights_finite"] != 1.0 and not decision.stop and self._snapshot is not None):
+            self._restore()  # a rollback, or weights an earlier (native) update made non-finite
+        elif decision.snapshot or (decision.action == "applied" and self.settings.guarded
+                                   and sup.applied % self.settings.snapshot_every == 0):
+            self._take()
+        self.guarded.state.lr_factor.assign(_factor(sup))
+        if decision.stop:
+            self.model.stop_training = True
+            sup.raise_for(decision)
+
+    def on_train_end(self, logs=None):
+        # The last update has no next step to reveal non-finite weights: look once, now.
+        if self.settings.guarded and self._snapshot is not None and not bool(
+                ops.convert_to_numpy(all_finite(self.model.trainable_variables))):
+            decision = self.supervisor.weights_broken(epoch=self._epoch, batch=-1)
+            if decision.restore:
+                self._restore()
+
+    # -- state ----------------------------------------------------------------------
+    def _variables(self):
+        m = self.model
+        return list(m.trainable_variables) + list(m.non_trainable_variables) + list(m.optimizer.variables)
+
+    def _take(self):
+        self._snapshot = copy_values(self._variables())
+        self.supervisor.snapshot_taken()
+
+    def _restore(self):
+        for v, saved in zip(self._variables(), self._snapshot):
+            v.assign(saved)
+        self._sync_shadows()
+
+    def _sync_shadows(self):
+        for p in (self._protected, self._outer_protected):
+            if p is not None:
+                p.sync_now()
+
+    def _maybe_diagnose(self, lr):
+        sup = self.supervisor
+        if sup.diagnosis is not None or self.diagnose_data is None or self.loss_fn is None:
+            return
+        from ..diagnose import diagnose
+        from ..registry import get_backend
+
+        B = get_backend("tensorflow")
+        x, y = self.diagnose_data
+        col = lambda k: np.array([r[k] for r in sup.rows], dtype=np.float64)
+        wnorm = float(np.sqrt(sum(float(np.sum(np.square(w))) for w in self.model.get_weights())))
+        step = sup.step - 1
+        sup.diagnosis = diagnose(B, self.model, self.loss_fn, B.convert(x), B.convert(y), step=step, batch_index=step,
+                                 lr=lr, losses=col("loss"), grad_norms=col("grad_norm"), weights_norm=wnorm)
+        logger.warning(sup.diagnosis.line())
+
+
+def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
+    """Guard Keras ``model.fit``: returns ``(guarded_optimizer, callback)``.
+
+    Example::
+
+        opt, cb = stabilize.keras_guard(keras.optimizers.Adam(1e-3), clip_norm=1.0, on_nonfinite="backoff")
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(X, y, callbacks=[cb])
+        print(cb.history.report())
+
+    ``settings`` are :class:`~stabilize.guard.settings.GuardSettings` fields.
+    ``diagnose_data=(x, y)`` with ``loss_fn`` replays the data through the
+    model at the first bad step and attaches a diagnosis.
+    """
+    _check_optimizer(optimizer, "keras_guard")
+    guarded = GuardedOptimizer(optimizer, GuardSettings(**settings))
+    return guarded, StabilizeGuard(guarded, diagnose_data, loss_fn)
+
+
+class KerasTrainStep:
+    """The trainer's Keras step: ``model(x, training=True)``, ``loss_fn(y_true, y_pred)``, guarded apply.
+
+    Args:
+        model: a ``keras.Model``.
+        optimizer: a keras optimizer instance (a ``LossScaleOptimizer`` for mixed precision).
+        loss_fn: called the Keras way, ``loss_fn(y_true, y_pred)``; must return a scalar.
+        settings: the :class:`GuardSettings`.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, settings: GuardSettings):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"KerasTrainStep needs a keras.Model, got {type(model).__name__}")
+        _check_optimizer(optimizer, "KerasTrainStep")
+        if isinstance(optimizer, GuardedOptimizer):
+            optimizer = optimizer.inner_optimizer
+        self.model, self.loss_fn, self.settings = model, loss_fn, settings
+        self.variables = list(model.trainable_variables)
+        if not self.variables:
+            raise ValueError("the model has no trainable parameters")
+        if optimizer.built:
+            known = {id(v) for v in getattr(optimizer, "_trainable_variables", [])}
+            if not all(id(v) in known for v in self.variables):
+                raise ValueError("the optimizer was built for other variables than this model's; pass a fresh optimizer")
+        self.guard = GuardedOptimizer(optimizer, settings)
+        self.guard.build(self.variables)
+        self.protected = Protected(model.non_trainable_variables)
+        import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
+
+        self._tf = tf
+        self._step = tf.function(self._traced, reduce_retracing=True)
+
+    def _traced(self, x, y):
+        state = self.guard.state
+        state.begin()
+        with self._tf.GradientTape() as tape:
+            pred = self.model(x, training=True)
+            loss = self.loss_fn(y, pred)
+            if self.model.losses:
+                loss = loss + ops.sum(ops.stack([ops.cast(r, loss.dtype) for r in self.model.losses]))
+            if len(loss.shape) != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}; reduce it, e.g. with ops.mean")
+            scaled = self.guard.scale_loss(loss)
+        grads = tape.gradient(scaled, self.variables)
+        self.guard.apply(grads, self.variables)
+        state.finish(self.protected)
+        return ops.convert_to_tensor(state.stats)
+
+    def run(self, x, y, lr_factor: float = 1.0) -> dict:
+        """One guarded step; returns the statistics (``committed`` as the device decided)."""
+        self.guard.state.lr_factor.assign(float(lr_factor))
+        return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+
+    def _all(self):
+        return self.variables + list(self.model.non_trainable_variables) + list(self.guard.variables)
+
+    def capture(self) -> list[np.ndarray]:
+        """A snapshot of every variable (trainable, non-trainable, optimizer), sharing no storage."""
+        return copy_values(self._all())
+
+    def restore(self, snapshot) -> None:
+        for v, saved in zip(self._all(), snapshot):
+            v.assign(saved)
+        self.protected.sync_now()
+
+    def weights_finite(self) -> bool:
+        return bool(ops.convert_to_numpy(all_finite(self.variables)))
+
+    def predict(self, x):
+        """Inference-mode outputs as numpy (a dict or list of them for such models); no state changes."""
+        out = self.model(x, training=False)
+        return keras.tree.map_structure(lambda t: np.asarray(ops.convert_to_numpy(t)), out)
