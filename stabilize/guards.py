@@ -176,86 +176,18 @@ class TorchGuard:
         logger.warning(rec.diagnosis.line())
 
 
-def keras_guard(optimizer, *, clip_norm=None, clip_value=None, on_nonfinite="skip", backoff_factor=0.5, min_lr=0.0,
-                grow_after=None, max_bad_steps=3, max_rollbacks=3, max_update_ratio=None, snapshot_every=50,
-                diagnose_data=None, loss_fn=None):
+def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
     """Guard Keras ``model.fit``: returns ``(guarded_optimizer, callback)``.
+
+    See :func:`stabilize.integrations.keras_guard.keras_guard` (loaded on first use).
 
     Example::
 
-        opt, cb = stabilize.keras_guard(keras.optimizers.SGD(0.5), on_nonfinite="backoff", max_update_ratio=0.5)
+        opt, cb = stabilize.keras_guard(keras.optimizers.Adam(1e-3), clip_norm=1.0, on_nonfinite="backoff")
         model.compile(optimizer=opt, loss="mse")
         model.fit(X, y, callbacks=[cb])
         print(cb.history.report())
-
-    ``diagnose_data=(x, y)`` with ``loss_fn`` lets the callback replay the data
-    through the model when the first bad step happens and attach a diagnosis
-    (Keras does not hand the failing batch to callbacks).
     """
-    import keras
+    from .integrations.keras_guard import keras_guard as _keras_guard
 
-    from .backends.tensorflow import make_guarded_optimizer
-
-    config = PolicyConfig(on_nonfinite, backoff_factor, min_lr, grow_after, max_bad_steps, max_rollbacks)
-    guarded = make_guarded_optimizer(optimizer, clip_norm=clip_norm, clip_value=clip_value,
-                                     max_update_ratio=max_update_ratio)
-
-    class StabilizeGuard(keras.callbacks.Callback):
-        """Applies the stabilize policy after each batch; ``history`` holds the record."""
-
-        def __init__(self):
-            super().__init__()
-            self.rec = _Recorder(config, float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
-            self._snapshot = None
-            self._applied = 0
-
-        @property
-        def history(self) -> History:
-            return self.rec.history()
-
-        def on_train_begin(self, logs=None):
-            if config.on_nonfinite == "rollback":
-                self._take()
-
-        def _take(self):
-            self._snapshot = ([v.numpy() for v in self.model.weights], [v.numpy() for v in optimizer.variables])
-
-        def on_train_batch_end(self, batch, logs=None):
-            values = [float(v) for v in keras.ops.convert_to_numpy(guarded.stabilize_stats)]
-            stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio",
-                              "committed"), values))
-            # Keras logs the epoch's running-mean loss: shown, but one NaN batch would taint every
-            # later batch, so the verdict rests on the in-graph check of the gradients alone.
-            loss = (logs or {}).get("loss")
-            stats["loss"] = float("nan") if loss is None else float(loss)
-            lr = self.rec.policy.lr
-            action, bad = self.rec.record(stats, lr, max_update_ratio)
-            if bad and self.rec.diagnosis is None and diagnose_data is not None and loss_fn is not None:
-                self._diagnose(lr)
-            if action is None:
-                self._applied += 1
-                if self._snapshot is not None and self._applied % snapshot_every == 0:
-                    self._take()
-            elif action == "rolled-back":
-                weights, opt_vars = self._snapshot
-                self.model.set_weights(weights)
-                for v, s in zip(optimizer.variables, opt_vars):
-                    v.assign(s)
-            optimizer.learning_rate.assign(self.rec.policy.lr)
-            if action == "raise":
-                self.model.stop_training = True
-                raise NonFiniteError(f"training stopped: {self.rec.events[-1]}\n{self.history.report()}", self.history)
-
-        def _diagnose(self, lr):
-            from .diagnose import diagnose
-
-            B = get_backend("tensorflow")
-            x, y = diagnose_data
-            col = lambda k: np.array([r[k] for r in self.rec.rows], dtype=np.float64)
-            wnorm = float(np.sqrt(sum(float(np.sum(np.square(w))) for w in self.model.get_weights())))
-            step = len(self.rec.rows) - 1
-            self.rec.diagnosis = diagnose(B, self.model, loss_fn, B.convert(x), B.convert(y), step=step, batch_index=step,
-                                          lr=lr, losses=col("loss"), grad_norms=col("grad_norm"), weights_norm=wnorm)
-            logger.warning(self.rec.diagnosis.line())
-
-    return guarded, StabilizeGuard()
+    return _keras_guard(optimizer, diagnose_data=diagnose_data, loss_fn=loss_fn, **settings)

@@ -4,11 +4,12 @@
   serializable optimizer whose ``apply`` forms the commit decision on the device.
 * :func:`keras_guard` / :class:`StabilizeGuard` (:mod:`.keras_guard`): the
   ``model.fit`` callback that runs the policy between steps.
-* :class:`KerasTrainStep` (:mod:`.keras_guard`): the same step for
-  :class:`~stabilize.StabilityTrainer`.
+* :class:`KerasTrainStep` / :class:`KerasUpdater` (:mod:`.keras_updater`): the
+  same step for :class:`~stabilize.StabilityTrainer`.
 """
 
-from .keras_guard import KerasTrainStep, StabilizeGuard, keras_guard
+from .keras_guard import StabilizeGuard, keras_guard
 from .keras_optimizer import GuardedOptimizer, Protected, StepState
+from .keras_updater import KerasTrainStep, KerasUpdater
 
-__all__ = ["GuardedOptimizer", "KerasTrainStep", "Protected", "StabilizeGuard", "StepState", "keras_guard"]
+__all__ = ["GuardedOptimizer", "KerasTrainStep", "KerasUpdater", "Protected", "StabilizeGuard", "StepState", "keras_guard"]

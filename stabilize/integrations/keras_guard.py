@@ -1,9 +1,9 @@
-"""Keras adapters over the guarded step: ``keras_guard`` for ``model.fit``, ``KerasTrainStep`` for the trainer.
+"""``keras_guard``: the guarded optimizer plus a ``model.fit`` callback that runs the policy.
 
-Both run the same device code (:mod:`.keras_optimizer`): the guarded
+It runs the same device code as the trainer's ``KerasTrainStep`` (:mod:`.keras_optimizer`): the guarded
 optimizer's ``apply`` forms ``committed``, and :meth:`StepState.finish` keeps
-or puts back what the forward pass changed. Both hand the step's statistics to
-the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
+or puts back what the forward pass changed. Both hand the step's statistics
+to the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..guard.settings import GuardSettings
 from ..guard.supervisor import STAT_FIELDS, Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, all_finite, copy_values
 
-__all__ = ["keras_guard", "StabilizeGuard", "KerasTrainStep"]
+__all__ = ["keras_guard", "StabilizeGuard", "check_optimizer"]
 
 logger = logging.getLogger("stabilize")
 
@@ -29,7 +29,7 @@ def _factor(sup: Supervisor) -> float:
     return float(sup.policy.factor if factor is None else factor)
 
 
-def _check_optimizer(optimizer, what: str):
+def check_optimizer(optimizer, what: str):
     if isinstance(optimizer, str):
         raise TypeError(f"{what} needs a keras optimizer instance, e.g. {what}(keras.optimizers.Adam(1e-3)); "
                         f"got the string {optimizer!r}")
@@ -207,80 +207,6 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
     ``diagnose_data=(x, y)`` with ``loss_fn`` replays the data through the
     model at the first bad step and attaches a diagnosis.
     """
-    _check_optimizer(optimizer, "keras_guard")
+    check_optimizer(optimizer, "keras_guard")
     guarded = GuardedOptimizer(optimizer, GuardSettings(**settings))
     return guarded, StabilizeGuard(guarded, diagnose_data, loss_fn)
-
-
-class KerasTrainStep:
-    """The trainer's Keras step: ``model(x, training=True)``, ``loss_fn(y_true, y_pred)``, guarded apply.
-
-    Args:
-        model: a ``keras.Model``.
-        optimizer: a keras optimizer instance (a ``LossScaleOptimizer`` for mixed precision).
-        loss_fn: called the Keras way, ``loss_fn(y_true, y_pred)``; must return a scalar.
-        settings: the :class:`GuardSettings`.
-    """
-
-    def __init__(self, model, optimizer, loss_fn, settings: GuardSettings):
-        if not isinstance(model, keras.Model):
-            raise TypeError(f"KerasTrainStep needs a keras.Model, got {type(model).__name__}")
-        _check_optimizer(optimizer, "KerasTrainStep")
-        if isinstance(optimizer, GuardedOptimizer):
-            optimizer = optimizer.inner_optimizer
-        self.model, self.loss_fn, self.settings = model, loss_fn, settings
-        self.variables = list(model.trainable_variables)
-        if not self.variables:
-            raise ValueError("the model has no trainable parameters")
-        if optimizer.built:
-            known = {id(v) for v in getattr(optimizer, "_trainable_variables", [])}
-            if not all(id(v) in known for v in self.variables):
-                raise ValueError("the optimizer was built for other variables than this model's; pass a fresh optimizer")
-        self.guard = GuardedOptimizer(optimizer, settings)
-        self.guard.build(self.variables)
-        self.protected = Protected(model.non_trainable_variables)
-        import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
-
-        self._tf = tf
-        self._step = tf.function(self._traced, reduce_retracing=True)
-
-    def _traced(self, x, y):
-        state = self.guard.state
-        state.begin()
-        with self._tf.GradientTape() as tape:
-            pred = self.model(x, training=True)
-            loss = self.loss_fn(y, pred)
-            if self.model.losses:
-                loss = loss + ops.sum(ops.stack([ops.cast(r, loss.dtype) for r in self.model.losses]))
-            if len(loss.shape) != 0:
-                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}; reduce it, e.g. with ops.mean")
-            scaled = self.guard.scale_loss(loss)
-        grads = tape.gradient(scaled, self.variables)
-        self.guard.apply(grads, self.variables)
-        state.finish(self.protected)
-        return ops.convert_to_tensor(state.stats)
-
-    def run(self, x, y, lr_factor: float = 1.0) -> dict:
-        """One guarded step; returns the statistics (``committed`` as the device decided)."""
-        self.guard.state.lr_factor.assign(float(lr_factor))
-        return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
-
-    def _all(self):
-        return self.variables + list(self.model.non_trainable_variables) + list(self.guard.variables)
-
-    def capture(self) -> list[np.ndarray]:
-        """A snapshot of every variable (trainable, non-trainable, optimizer), sharing no storage."""
-        return copy_values(self._all())
-
-    def restore(self, snapshot) -> None:
-        for v, saved in zip(self._all(), snapshot):
-            v.assign(saved)
-        self.protected.sync_now()
-
-    def weights_finite(self) -> bool:
-        return bool(ops.convert_to_numpy(all_finite(self.variables)))
-
-    def predict(self, x):
-        """Inference-mode outputs as numpy (a dict or list of them for such models); no state changes."""
-        out = self.model(x, training=False)
-        return keras.tree.map_structure(lambda t: np.asarray(ops.convert_to_numpy(t)), out)

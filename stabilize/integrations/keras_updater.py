@@ -1,0 +1,143 @@
+"""The trainer's Keras path: ``KerasTrainStep`` and the ``KerasUpdater`` that ``StabilityTrainer`` drives.
+
+The step is compiled once with ``tf.function``: ``model(x, training=True)``,
+the loss called the Keras way ``loss_fn(y_true, y_pred)``, the gradients, and
+the very same guarded ``apply`` and :meth:`StepState.finish` that
+``keras_guard`` runs inside ``model.fit``. Snapshots are host copies of every
+variable (trainable, non-trainable, optimizer) and never share storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import numpy as np
+from keras import ops
+
+from ..guard.settings import GuardSettings
+from ..guard.supervisor import STAT_FIELDS
+from .keras_guard import check_optimizer
+from .keras_optimizer import GuardedOptimizer, Protected, all_finite, copy_values
+
+__all__ = ["KerasTrainStep", "KerasUpdater"]
+
+
+class KerasTrainStep:
+    """The trainer's Keras step: ``model(x, training=True)``, ``loss_fn(y_true, y_pred)``, guarded apply.
+
+    Args:
+        model: a ``keras.Model``.
+        optimizer: a keras optimizer instance (a ``LossScaleOptimizer`` for mixed precision).
+        loss_fn: called the Keras way, ``loss_fn(y_true, y_pred)``; must return a scalar.
+        settings: the :class:`GuardSettings`.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, settings: GuardSettings):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"KerasTrainStep needs a keras.Model, got {type(model).__name__}")
+        check_optimizer(optimizer, "KerasTrainStep")
+        if isinstance(optimizer, GuardedOptimizer):
+            optimizer = optimizer.inner_optimizer
+        self.model, self.loss_fn, self.settings = model, loss_fn, settings
+        self.variables = list(model.trainable_variables)
+        if not self.variables:
+            raise ValueError("the model has no trainable parameters")
+        if optimizer.built:
+            known = {id(v) for v in getattr(optimizer, "_trainable_variables", [])}
+            if not all(id(v) in known for v in self.variables):
+                raise ValueError("the optimizer was built for other variables than this model's; pass a fresh optimizer")
+        self.guard = GuardedOptimizer(optimizer, settings)
+        self.guard.build(self.variables)
+        self.protected = Protected(model.non_trainable_variables)
+        import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
+
+        self._tf = tf
+        self._step = tf.function(self._traced, reduce_retracing=True)
+
+    def _traced(self, x, y):
+        state = self.guard.state
+        state.begin()
+        with self._tf.GradientTape() as tape:
+            pred = self.model(x, training=True)
+            loss = self.loss_fn(y, pred)
+            if self.model.losses:
+                loss = loss + ops.sum(ops.stack([ops.cast(r, loss.dtype) for r in self.model.losses]))
+            if len(loss.shape) != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}; reduce it, e.g. with ops.mean")
+            scaled = self.guard.scale_loss(loss)
+        grads = tape.gradient(scaled, self.variables)
+        self.guard.apply(grads, self.variables)
+        state.finish(self.protected)
+        return ops.convert_to_tensor(state.stats)
+
+    def run(self, x, y, lr_factor: float = 1.0) -> dict:
+        """One guarded step; returns the statistics (``committed`` as the device decided)."""
+        self.guard.state.lr_factor.assign(float(lr_factor))
+        return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+
+    def _all(self):
+        return self.variables + list(self.model.non_trainable_variables) + list(self.guard.variables)
+
+    def capture(self) -> list[np.ndarray]:
+        """A snapshot of every variable (trainable, non-trainable, optimizer), sharing no storage."""
+        return copy_values(self._all())
+
+    def restore(self, snapshot) -> None:
+        for v, saved in zip(self._all(), snapshot):
+            v.assign(saved)
+        self.protected.sync_now()
+
+    def weights_finite(self) -> bool:
+        return bool(ops.convert_to_numpy(all_finite(self.variables)))
+
+    def predict(self, x):
+        """Inference-mode outputs as numpy (a dict or list of them for such models); no state changes."""
+        out = self.model(x, training=False)
+        return keras.tree.map_structure(lambda t: np.asarray(ops.convert_to_numpy(t)), out)
+
+
+class KerasUpdater:
+    """What :class:`~stabilize.StabilityTrainer` drives for a keras model with a keras optimizer.
+
+    ``loss_fn`` is the trainer's ``loss(pred, target)``; it is handed to the
+    step back in Keras's order. ``applied`` counts committed steps.
+    """
+
+    def __init__(self, B, model, optimizer, loss_fn, settings: GuardSettings):
+        self.B = B
+        self.step = KerasTrainStep(model, optimizer, lambda y_true, y_pred: loss_fn(y_pred, y_true), settings)
+        self.model, self.optimizer = model, optimizer
+        self.applied = 0
+
+    def base_lr(self) -> float:
+        """The optimizer's own rate now (a schedule evaluated at its ``iterations``)."""
+        return float(ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    @contextlib.contextmanager
+    def training(self):
+        self.step.protected.sync_now()  # the user may have changed the model between fits
+        yield
+
+    def run(self, xb, yb, rate) -> dict:
+        base = self.base_lr()
+        lr = rate(base)
+        stats = self.step.run(xb, yb, 1.0 if lr == base or not base else lr / base)
+        stats["lr"] = lr
+        if stats["committed"] == 1.0:
+            self.applied += 1
+        return stats
+
+    def capture(self):
+        return self.step.capture(), self.applied
+
+    def restore(self, snap) -> None:
+        values, self.applied = snap
+        self.step.restore(values)
+
+    def weights_finite(self) -> bool:
+        return self.step.weights_finite()
+
+    def predict(self, xb):
+        out = self.step.predict(xb)
+        return np.asarray(out, dtype=np.float64) if isinstance(out, np.ndarray) else out
