@@ -90,6 +90,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         if not opt.built:
             opt.build(model.trainable_variables)
         state = self.guarded.state
+        self.guarded.watch_buffers(model.non_trainable_variables)
         self._protected = Protected(list(model.non_trainable_variables) + list(model.metrics_variables))
         if outer is not None:
             self._outer, self._outer_protected = outer, Protected(outer._variables)
@@ -139,7 +140,9 @@ class StabilizeGuard(keras.callbacks.Callback):
         decision = sup.observe(stats, epoch=self._epoch, batch=batch)
         if decision.event is not None and decision.event.kind == "nonfinite":
             self._maybe_diagnose(stats["lr"])
-        if decision.restore or (stats["weights_finite"] != 1.0 and not decision.stop and self._snapshot is not None):
+        broken = stats["weights_finite"] != 1.0 and not bool(
+            ops.convert_to_numpy(all_finite(self.model.trainable_variables)))  # not just a buffer the step put back
+        if decision.restore or (broken and not decision.stop and self._snapshot is not None):
             self._restore()  # a rollback, or weights an earlier (native) update made non-finite
         elif decision.snapshot or (decision.action == "applied" and self.settings.guarded
                                    and sup.applied % self.settings.snapshot_every == 0):

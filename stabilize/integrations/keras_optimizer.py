@@ -154,6 +154,9 @@ class StepState:
                min_loss_scale: float = 1.0):
         """End of the compiled step: keep what the forward pass changed, or put it back.
 
+        Kept after a committed step and after a loss scaler's own overflow skip
+        (as without the guard: the forward pass was finite); put back otherwise.
+
         ``outer`` protects the variables of a ``LossScaleOptimizer`` wrapped
         *around* the guard (``scale`` is its ``dynamic_scale``). It calls the
         guard's ``apply`` only when the scaled gradients are finite, so a step
@@ -162,20 +165,25 @@ class StepState:
         else a failure for the policy (and the scaler's state is put back).
         """
         committed = ops.equal(self.stats[_F["committed"]], 1.0)
+        scaler_skip = ops.equal(self.stats[_F["scaler_skip"]], 1.0)
         if outer is not None:
             ran = ops.equal(self.called, 1)
             loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
-            scaler_skip = loss_ok & (ops.cast(scale, "float32") >= min_loss_scale)
+            overflow = loss_ok & (ops.cast(scale, "float32") >= min_loss_scale)
             shown = float("nan") if loss is None else ops.cast(loss, "float32")
             values = dict(loss=shown, grad_norm=float("nan"), loss_finite=loss_ok, grads_finite=False,
-                          weights_finite=True, update_ratio=0.0, large_update=False, scaler_skip=scaler_skip,
+                          weights_finite=True, update_ratio=0.0, large_update=False, scaler_skip=overflow,
                           committed=False)
             fallback = ops.stack([ops.cast(values[name], "float64") for name in STAT_FIELDS])
             self.stats.assign(ops.where(ran, self.stats, fallback))
             committed = ran & committed
-            outer.keep_or_restore(committed | (~ran & scaler_skip))
+            scaler_skip = ops.where(ran, scaler_skip, overflow)
+        # A scaler's own overflow skip keeps what the forward pass did, as the unguarded loop does.
+        keep = committed | scaler_skip
+        if outer is not None:
+            outer.keep_or_restore(keep)
         if protected is not None:
-            protected.keep_or_restore(committed)
+            protected.keep_or_restore(keep)
 
 
 def _innermost(optimizer):
@@ -219,6 +227,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer = inner_optimizer
         self._state = None
         self._captured_loss = None
+        object.__setattr__(self, "_buffers", [])
+
+    def watch_buffers(self, variables):
+        """Also hold the update back when one of these (float) non-trainable variables is non-finite
+        at ``apply`` time, e.g. a BatchNorm statistic the forward pass just poisoned."""
+        floats = [v for v in variables if "float" in str(v.dtype)]
+        object.__setattr__(self, "_buffers", floats)  # not tracked: the model owns them
 
     # -- the optimizer interface, delegated ----------------------------------------
     def build(self, var_list):
@@ -310,12 +325,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         scale = None if scaler is None else ops.cast(scaler.dynamic_scale, "float32")
         loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
         grads_ok = all_finite(grads)
+        buffers_ok = all_finite([b.value for b in self._buffers])
         raw_norm = global_norm(grads)
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
         if s.clips:
             grads = clip(grads, s, norm)
         # With a scaler inside, overflowing gradients go to it: it skips the step and lowers its scale.
-        go = ops.convert_to_tensor(True) if not s.guarded else loss_ok & (grads_ok | (scaler is not None))
+        go = ops.convert_to_tensor(True) if not s.guarded else loss_ok & buffers_ok & (grads_ok | (scaler is not None))
         pre = None
         if s.max_update_ratio is not None:  # measure the update actually applied: keep the pre-step values
             pre = [ops.copy(v.value) for v in tvs + list(self.variables)]
@@ -327,7 +343,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             delta = global_norm([ops.cast(v.value, "float32") - ops.cast(p, "float32") for v, p in zip(tvs, w0)])
             ratio = delta / (global_norm(w0) + 1e-12)
             large = ~(ratio <= s.max_update_ratio)
-            weights_ok = all_finite([v.value for v in tvs])
+            weights_ok = buffers_ok & all_finite([v.value for v in tvs])
             undo = applied & (large | ~weights_ok) if s.guarded else ops.convert_to_tensor(False)
 
             def put_back():
@@ -337,8 +353,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             ops.cond(undo, put_back, lambda: None)
             committed = applied & ~undo
         else:
-            committed = applied & (loss_ok | (not s.guarded))
-            weights_ok = ops.cond(committed, lambda: ops.convert_to_tensor(True), lambda: all_finite([v.value for v in tvs]))
+            committed = applied & ((loss_ok & buffers_ok) | (not s.guarded))
+            weights_ok = ops.cond(committed, lambda: ops.convert_to_tensor(True),
+                                  lambda: buffers_ok & all_finite([v.value for v in tvs]))
         scaler_skip = ops.convert_to_tensor(False)
         if scaler is not None:
             scaler_skip = loss_ok & ~grads_ok & (ops.cast(scaler.dynamic_scale, "float32") >= s.min_loss_scale)

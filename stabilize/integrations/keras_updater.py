@@ -49,6 +49,7 @@ class KerasTrainStep:
                 raise ValueError("the optimizer was built for other variables than this model's; pass a fresh optimizer")
         self.guard = GuardedOptimizer(optimizer, settings)
         self.guard.build(self.variables)
+        self.guard.watch_buffers(model.non_trainable_variables)
         self.protected = Protected(model.non_trainable_variables)
         import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
 
