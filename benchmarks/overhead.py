@@ -100,12 +100,12 @@ def torch_contenders(model_kind, cfg, batches, lr=1e-3):
     def guard_loop():
         model = make()
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        guard = TorchGuard(clip_norm=1.0)
+        guard = TorchGuard(model, opt, clip_norm=1.0)
 
         def run(k):
             for i in range(k):
                 x, y = tb[i % len(tb)]
-                guard.step(mse(model(x), y), model, opt)
+                guard.step(mse(model(x), y))
             _sync(dev)
         return run
 

@@ -20,9 +20,24 @@ from .ops import clip_grads, global_norm, safe_cross_entropy, safe_div, safe_log
 from .registry import backend_for, get_backend, known_backends, register_backend
 from .trainer import StabilityTrainer
 from .history import Event, History
-from .guards import TorchGuard, keras_guard
+from .guard.settings import GuardSettings
+from .guards import keras_guard
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """Load on first use what would import a framework or a heavy subpackage (PEP 562)."""
+    if name == "TorchGuard":
+        from .integrations.torch_guard import TorchGuard
+
+        return TorchGuard
+    if name in ("scenarios", "parity", "integrations", "guard"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",
@@ -46,6 +61,7 @@ __all__ = [
     "Diagnosis",
     "StabilityTrainer",
     "TorchGuard",
+    "GuardSettings",
     "keras_guard",
     "History",
     "Event",

@@ -17,13 +17,15 @@ class Event:
         step: the 0-based step index (every attempted step counts).
         batch_index: the batch's position in its epoch.
         epoch: the epoch.
-        kind: ``"nonfinite"`` or ``"large-update"`` (update/weight ratio above the bound).
+        kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound),
+            ``"scaler"`` (a loss scaler skipped an overflowing step; not a failure) or ``"lr-growth"``.
         nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"`` were non-finite.
         action: ``"skipped"``, ``"backed-off"``, ``"rolled-back"``, ``"raised"``,
-            ``"applied"`` (policy ``ignore``) or ``"grew-lr"``.
+            ``"applied"`` (policy ``ignore``), ``"scaler-skip"`` or ``"grew-lr"``.
         lr: the learning rate the step ran with.
         loss: the step's loss.
         grad_norm: the step's gradient norm.
+        steps_lost: for a restore to an older snapshot, the applied steps it undid.
     """
 
     step: int
@@ -35,12 +37,14 @@ class Event:
     lr: float
     loss: float
     grad_norm: float
+    steps_lost: int | None = None
 
     def __str__(self) -> str:
         what = ", ".join(self.nonfinite) or "update ratio over the bound"
         return (
             f"step {self.step} (epoch {self.epoch}, batch {self.batch_index}): {self.kind} [{what}]; "
             f"loss={self.loss:.6g} grad_norm={self.grad_norm:.6g} lr={self.lr:.3g} -> {self.action}"
+            + (f" ({self.steps_lost} applied steps lost)" if self.steps_lost else "")
         )
 
 
@@ -49,6 +53,7 @@ class History:
     """Returned by ``StabilityTrainer.fit``.
 
     Attributes:
+        steps: the global index of each attempted step (steps count across ``fit`` calls).
         losses, grad_norms, lrs, update_ratios: one float64 entry per attempted step.
         committed: whether each step's update was applied.
         events: the bad steps (and rate changes), in order.
@@ -58,6 +63,7 @@ class History:
     """
 
     losses: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     grad_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     lrs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     update_ratios: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -71,8 +77,9 @@ class History:
                   diagnosis=None) -> "History":
         """Build the record from per-step statistics dicts (``loss``, ``grad_norm``, ``lr``, ...)."""
         col = lambda k: np.array([r.get(k, 0.0) for r in rows], dtype=np.float64)
-        return cls(col("loss"), col("grad_norm"), col("lr"), col("update_ratio"), col("committed").astype(bool),
-                   list(events), first_nonfinite_step, diagnosis)
+        steps = np.array([r.get("step", i) for i, r in enumerate(rows)], dtype=np.int64)
+        return cls(col("loss"), steps, col("grad_norm"), col("lr"), col("update_ratio"),
+                   col("committed").astype(bool), list(events), first_nonfinite_step, diagnosis)
 
     @property
     def final_loss(self) -> float:

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .guard.supervisor import STAT_FIELDS
 from .ops import _leaves, _rebuild, clip_grads, global_norm
 
 __all__ = ["STAT_FIELDS", "make_step", "flatten_state", "unflatten_state"]
-
-# The order of the statistics the step returns.
-STAT_FIELDS = ("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio", "committed")
 
 
 def flatten_state(state) -> tuple[list[tuple], list[Any]]:
@@ -66,18 +64,21 @@ def make_step(
             grads_ok = B.isfinite(norm)
             weights_ok = B.all_finite(new_params)
             ok = loss_ok & grads_ok & weights_ok
-            if max_update_ratio is not None:
+            if max_update_ratio is not None:  # the update actually applied: after clipping
                 delta = global_norm([n - p for n, p in zip(new_params, params)], backend=B)
                 ratio = delta / (global_norm(params, backend=B) + 1e-12)
-                ok = ok & (ratio <= max_update_ratio)
+                small = ratio <= max_update_ratio
+                ok = ok & small
+                large = ~small
             else:
-                ratio = B.full_like(norm, 0.0)  # not measured
+                ratio = large = B.full_like(norm, 0.0)  # not measured
             commit = ok if guard else B.full_like(ok, True)
             for p, n in zip(params, new_params):
                 B.assign(p, B.where(commit, n, p))
             _, new_values = flatten_state(new_state)
             for var, n in zip(state_vars, new_values):
                 B.assign(var, B.where(commit, n, var))
-            return B.stack([loss, norm, loss_ok, grads_ok, weights_ok, ratio, commit], "float64")
+            no_scaler = B.full_like(norm, 0.0)
+            return B.stack([loss, norm, loss_ok, grads_ok, weights_ok, ratio, large, no_scaler, commit], "float64")
 
     return B.compile(step)

@@ -1,12 +1,11 @@
 """``StabilityTrainer``: a training loop whose every step is guarded.
 
-Each step is checked on the device (loss, gradient norm, candidate weights)
-and committed only if it is good; see :mod:`stabilize.step`. The policy
-(:mod:`stabilize.policies`) decides what follows a bad step. The trainer takes
-a backend-neutral :class:`~stabilize.models.MLP` spec (built natively on the
-resolved backend), a ``torch.nn.Module`` or a ``keras.Model``; a neutral
-optimizer spec (:mod:`stabilize.optim`, the same math on every backend), a
-native ``torch.optim`` optimizer, or a keras optimizer.
+The loop is framework-free: an *updater* from :mod:`stabilize.integrations`
+runs one guarded step on the device and returns its statistics (the commit
+decision included); the :class:`~stabilize.guard.supervisor.Supervisor` turns
+them into a decision (skip, back off, roll back, raise), exactly as for the
+drop-in guards. This module adds the data (:mod:`stabilize.data`), rollback
+snapshots, the progress bar and the diagnosis of the first failed step.
 """
 
 from __future__ import annotations
@@ -14,18 +13,18 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from . import ops
-from .errors import NonFiniteError
-from .history import Event, History
+from .data import Batch, bad_rows, batches, check_arrays, rows_of
+from .guard.settings import GuardSettings
+from .guard.supervisor import Supervisor
+from .history import History
 from .models import MLP
 from .optim import OptimizerSpec
-from .policies import Policy, PolicyConfig, verdict
 from .registry import get_backend
-from .step import STAT_FIELDS, flatten_state, make_step
 
 __all__ = ["StabilityTrainer"]
 
@@ -34,84 +33,56 @@ logger = logging.getLogger("stabilize")
 _LOSSES = {"mse": ops.safe_mse, "cross_entropy": ops.safe_cross_entropy}
 
 
-def _framework_of(model) -> str | None:
+def _framework_of(obj) -> str | None:
     torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
+    if torch is not None and isinstance(obj, torch.nn.Module):
         return "torch"
     keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.Model):
+    if keras is not None and isinstance(obj, keras.Model):
         return "tensorflow"
     return None
 
 
-def native_torch_check(B, loss, params, clip_norm, clip_value, extra=()):
-    """The guard's fast path for a native torch optimizer, after ``loss.backward()``.
-
-    Computes the gradient norm (torch's formula), reads it with the loss and the
-    finite flags in the step's one device-to-host sync, then clips in place only
-    if the norm is finite and above ``clip_norm``, with the coefficient
-    ``min(max_norm/(norm+1e-6), 1)`` computed in float32 as torch does. Below the
-    bound nothing is multiplied. Weights are not scanned here: a non-finite
-    weight makes the next loss non-finite, and is looked for then.
-
-    Returns the statistics as a dict (plus ``extra`` tensors, read in the same sync).
-    """
-    import torch
-
-    with torch.no_grad():
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = ops.global_norm(grads, backend=B) if grads else torch.zeros((), device=params[0].device)
-        if clip_value is not None:
-            torch._foreach_clamp_min_(grads, -clip_value)  # clamping keeps NaN
-            torch._foreach_clamp_max_(grads, clip_value)
-            current = ops.global_norm(grads, backend=B)
-        else:
-            current = norm
-        loss = loss.detach()
-        values = B.read(B.stack([loss, norm, torch.isfinite(loss), torch.isfinite(norm), current, *extra], "float64"))
-        stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite", "_current"), values[:5]))
-        stats["weights_finite"] = 1.0
-        stats["extra"] = values[5:]
-        current = values[4]
-        if clip_norm is not None and grads and math.isfinite(current):
-            coef = float(np.float32(clip_norm) / (np.float32(current) + np.float32(1e-6)))
-            if coef < 1.0:
-                torch._foreach_mul_(grads, coef)
-        return stats
-
-
-def weights_finite(B, params) -> bool:
-    """Whether every parameter is finite (one host read)."""
-    return bool(B.read(B.stack([B.all_finite(params)], "float64"))[0])
+def _keras_convention(loss, framework) -> bool:
+    """Whether a loss callable takes Keras's ``(y_true, y_pred)``: any loss given with a
+    keras model, and Keras loss objects or functions anywhere."""
+    if framework == "tensorflow":
+        return True
+    keras = sys.modules.get("keras")
+    if keras is None:
+        return False
+    return isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras")
 
 
 class StabilityTrainer:
     """Train with every step checked, and bad steps skipped, backed off or rolled back.
 
     Args:
-        model: an :class:`~stabilize.models.MLP` spec, a ``torch.nn.Module`` or a ``keras.Model``.
+        model: an :class:`~stabilize.models.MLP` spec, a ``torch.nn.Module`` or a ``keras.Model``
+            (of any output structure, if the loss takes it).
         loss: ``"mse"`` (:func:`stabilize.safe_mse`), ``"cross_entropy"``
-            (:func:`stabilize.safe_cross_entropy`) or ``loss(pred, target) -> scalar``.
-        optimizer: :class:`stabilize.optim.SGD` / :class:`~stabilize.optim.Adam`, or a
-            ``torch.optim.Optimizer`` over the model's parameters.
-        backend: for an MLP spec, where to build it (default: the configured backend).
-        dtype: for an MLP spec, ``float32`` (default) or ``float64``, ...
-        device: torch device for an MLP spec (default: CUDA when available).
-        clip_norm, clip_value: gradient clipping, as :func:`stabilize.clip_grads`.
-        on_nonfinite: ``"skip"`` (default), ``"backoff"``, ``"rollback"``,
-            ``"raise"``, or ``"ignore"`` (unguarded, to reproduce a failure).
-        backoff_factor, min_lr, grow_after: the back-off schedule (see
-            :mod:`stabilize.policies`).
-        max_bad_steps, max_rollbacks: the rollback policy's M and R.
-        snapshot_every: committed steps between in-memory snapshots (rollback).
-        max_update_ratio: also treat a step whose ``‖Δw‖/‖w‖`` exceeds this
-            as bad: the precursor of a learning rate that is too high.
-        schedule: ``schedule(applied_steps) -> factor`` on the learning rate;
-            it advances only on applied steps.
+            (:func:`stabilize.safe_cross_entropy`), or a callable in the framework's
+            own order: ``loss(input, target)`` for torch, ``loss(y_true, y_pred)``
+            for Keras (a keras model, or a ``keras.losses`` object).
+        optimizer: :class:`stabilize.optim.SGD` / :class:`~stabilize.optim.Adam`, a
+            ``torch.optim`` optimizer over the model's parameters, or a keras optimizer
+            (its rate may be a ``LearningRateSchedule``).
+        backend, dtype, device: for an MLP spec: where and how to build it.
+        schedule: a ``torch.optim.lr_scheduler`` scheduler (stepped once per applied
+            step), or ``schedule(applied_steps) -> factor`` for a stabilize.optim spec.
+            Back-off multiplies the rate the schedule gives; a skipped step does
+            not advance it.
+        scaler: a ``torch.amp.GradScaler`` for mixed precision (torch).
+        verify_updates: torch: check each applied update and undo it exactly if it
+            broke the weights (a copy of the state per step; see ``TorchGuard``).
         progress: show a tqdm bar (default: only on a terminal).
-        diagnose: on the first non-finite step of a ``fit``, replay it with
-            per-layer checks and attach a :class:`~stabilize.diagnose.Diagnosis`
-            to the history (costs nothing until a step fails).
+        diagnose: on the first non-finite step, replay it and attach a
+            :class:`~stabilize.diagnose.Diagnosis` to the history (costs nothing until a step fails).
+        **settings: :class:`~stabilize.guard.settings.GuardSettings`: ``clip_norm``,
+            ``clip_value``, ``on_nonfinite`` (``"skip"``, ``"backoff"``, ``"rollback"``,
+            ``"raise"``, ``"ignore"``), ``backoff_factor``, ``min_lr``, ``grow_after``,
+            ``max_bad_steps``, ``max_rollbacks``, ``snapshot_every``, ``max_update_ratio``,
+            ``min_loss_scale``.
 
     Example:
         >>> import numpy as np
@@ -125,209 +96,111 @@ class StabilityTrainer:
         True
     """
 
-    def __init__(
-        self,
-        model,
-        loss: str | Callable = "mse",
-        optimizer=None,
-        *,
-        backend: str | None = None,
-        dtype: str | None = None,
-        device: str | None = None,
-        clip_norm: float | None = None,
-        clip_value: float | None = None,
-        on_nonfinite: str = "skip",
-        backoff_factor: float = 0.5,
-        min_lr: float = 0.0,
-        grow_after: int | None = None,
-        max_bad_steps: int = 3,
-        max_rollbacks: int = 3,
-        snapshot_every: int = 50,
-        max_update_ratio: float | None = None,
-        schedule: Callable[[int], float] | None = None,
-        progress: bool | None = None,
-        diagnose: bool = True,
-    ):
-        self.policy_config = PolicyConfig(
-            on_nonfinite, backoff_factor, min_lr, grow_after, max_bad_steps, max_rollbacks
-        )
-        for name, value in (("clip_norm", clip_norm), ("clip_value", clip_value), ("max_update_ratio", max_update_ratio)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive finite number or None, got {value!r}")
-        if snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every!r}")
-        self.clip_norm, self.clip_value = clip_norm, clip_value
-        self.max_update_ratio = max_update_ratio
-        self.snapshot_every = snapshot_every
-        self.schedule = schedule
-        self.progress = progress
-        self.diagnose = diagnose
-        self.loss_fn = self._loss(loss)
+    def __init__(self, model, loss: str | Callable = "mse", optimizer=None, *, backend: str | None = None,
+                 dtype: str | None = None, device: str | None = None, schedule=None, scaler=None,
+                 verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True, **settings):
+        self.settings = GuardSettings(**settings)
+        if optimizer is None:
+            raise TypeError("pass an optimizer, e.g. stabilize.optim.SGD(lr=0.01) or a torch.optim optimizer")
+        self.progress, self.diagnose = progress, diagnose
         self._spec = model if isinstance(model, MLP) else None
         if self._spec is not None:
             self.backend = get_backend(backend)
-            self.dtype = dtype or "float32"
-            self.model = self.backend.build_mlp(self._spec, self.dtype, device)
+            self.model = self.backend.build_mlp(self._spec, dtype or "float32", device)
+            framework = None
         else:
             framework = _framework_of(model)
             if framework is None:
-                raise TypeError(
-                    f"model must be a stabilize.models.MLP spec, a torch.nn.Module or a keras.Model; "
-                    f"got {type(model).__name__}"
-                )
+                raise TypeError(f"model must be a stabilize.models.MLP spec, a torch.nn.Module or a keras.Model; "
+                                f"got {type(model).__name__}")
             if backend is not None and get_backend(backend).name != framework:
                 raise ValueError(f"a {framework} model cannot run on backend {backend!r}; drop backend=")
             self.backend = get_backend(framework)
             self.model = model
-        B = self.backend
-        self.params = B.parameters(self.model)
-        if not self.params:
-            raise ValueError("the model has no trainable parameters")
-        self.dtype = B.dtype(self.params[0])
+        self.loss_fn = self._loss(loss, framework)
         self.optimizer = optimizer
-        self._native = not isinstance(optimizer, OptimizerSpec)
-        if optimizer is None:
-            raise TypeError("pass an optimizer, e.g. stabilize.optim.SGD(lr=0.01) or a torch.optim optimizer")
-        if self._native:
-            self._setup_native()
-        else:
-            self._setup_neutral()
-        self.policy = Policy(self.policy_config, self._base_lr)
-        self.step_count = 0
-        self.applied_steps = 0
-        self.skipped_rows: set[int] = set()  # rows left out after the last rollback of a fit
-        self.skipped_positions: set[int] = set()
+        self.updater = self._updater(framework, schedule, scaler, verify_updates)
+        self.params = self.updater.params
+        self.dtype = self.backend.dtype(self.params[0])
+        self.supervisor = Supervisor(self.settings)
+        self.policy = self.supervisor.policy
         self._snapshot = None
+        self._native = not isinstance(optimizer, OptimizerSpec)
 
     # -- setup ----------------------------------------------------------------
     @staticmethod
-    def _loss(loss):
-        if callable(loss):
-            return loss
-        if loss in _LOSSES:
-            return _LOSSES[loss]
-        raise ValueError(f"loss must be a callable or one of {sorted(_LOSSES)}, got {loss!r}")
+    def _loss(loss, framework):
+        if isinstance(loss, str):
+            if loss in _LOSSES:
+                return _LOSSES[loss]
+            raise ValueError(f"loss must be a callable or one of {sorted(_LOSSES)}, got {loss!r}")
+        if not callable(loss):
+            raise TypeError(f"loss must be a callable or one of {sorted(_LOSSES)}, got {type(loss).__name__}")
+        if _keras_convention(loss, framework):
+            return lambda pred, target: loss(target, pred)  # Keras order: (y_true, y_pred)
+        return loss
 
-    def _setup_neutral(self):
-        B = self.backend
-        self._base_lr = self.optimizer.lr
-        self._state_template = self.optimizer.init(B, self.params)
-        _, values = flatten_state(self._state_template)
-        self.state_vars = [B.variable(v) for v in values]
-        self._lr_var = B.variable(B.state_scalar(self._base_lr, self.params[0]))
-        self._step = make_step(
-            B,
-            self.model,
-            self.loss_fn,
-            self.params,
-            self.optimizer,
-            self._state_template,
-            self.state_vars,
-            clip_norm=self.clip_norm,
-            clip_value=self.clip_value,
-            max_update_ratio=self.max_update_ratio,
-            guard=self.policy_config.on_nonfinite != "ignore",
-        )
+    def _updater(self, framework, schedule, scaler, verify_updates):
+        B, opt = self.backend, self.optimizer
+        if isinstance(opt, OptimizerSpec):
+            if schedule is not None and not callable(schedule):
+                raise TypeError("with a stabilize.optim spec, schedule is schedule(applied_steps) -> factor")
+            if _has_state_buffers(self.model):
+                raise ValueError("a model with buffers or non-trainable variables (BatchNorm) needs a native "
+                                 "optimizer (torch.optim or keras) so that its state is protected; pass one")
+            from .integrations.neutral import NeutralUpdater
 
-    def _setup_native(self):
+            params = B.parameters(self.model)
+            if not params:
+                raise ValueError("the model has no trainable parameters")
+            forward = (lambda x: self.model(x, training=True)) if framework == "tensorflow" else self.model
+            return NeutralUpdater(B, self.model, params, opt, self.loss_fn, self.settings, schedule, forward)
         torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
-        is_torch = self.backend.name == "torch" and torch is not None and isinstance(self.optimizer, torch.optim.Optimizer)
-        is_keras = (self.backend.name == "tensorflow" and keras is not None
-                    and isinstance(self.optimizer, keras.optimizers.Optimizer))
-        if not (is_torch or is_keras):
-            raise TypeError(
-                f"optimizer must be a stabilize.optim spec (SGD, Adam), a torch.optim optimizer for a torch "
-                f"model or a keras optimizer for a keras model; got {type(self.optimizer).__name__} for "
-                f"backend {self.backend.name}"
-            )
-        if self.max_update_ratio is not None:
-            raise ValueError("max_update_ratio needs a stabilize.optim spec (the candidate update is not visible)")
-        self.state_vars = []
-        if is_torch:
-            self._base_lr = float(self.optimizer.param_groups[0]["lr"])
-            self._group_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-            return
-        from .backends.tensorflow import make_keras_step
+        if B.name == "torch" and torch is not None and isinstance(opt, torch.optim.Optimizer):
+            from .integrations.torch_updater import TorchUpdater, is_scheduler
 
-        lr = self.optimizer.learning_rate
-        if not hasattr(lr, "assign"):
-            raise TypeError("a keras optimizer with a LearningRateSchedule cannot be backed off; pass a float "
-                            "learning rate and StabilityTrainer(schedule=...) instead")
-        self._base_lr = float(np.asarray(lr))
-        self._keras_step = make_keras_step(self.model, self.loss_fn, self.optimizer, self.params,
-                                           self.clip_norm, self.clip_value,
-                                           guard=self.policy_config.on_nonfinite != "ignore")
+            if schedule is not None and not is_scheduler(schedule):
+                raise TypeError("with a torch optimizer, schedule must be a torch.optim.lr_scheduler scheduler")
+            return TorchUpdater(B, self.model, opt, self.loss_fn, self.settings, scheduler=schedule, scaler=scaler,
+                                verify_updates=verify_updates)
+        if B.name == "tensorflow" and keras is not None and isinstance(opt, keras.optimizers.Optimizer):
+            if schedule is not None:
+                raise TypeError("with a keras optimizer, give the schedule as its learning_rate "
+                                "(a keras.optimizers.schedules.LearningRateSchedule)")
+            if self.settings.max_update_ratio is not None:
+                raise ValueError("max_update_ratio is not measured for keras optimizers yet: use a "
+                                 "stabilize.optim spec, or on_nonfinite='backoff' without it")
+            from .integrations.keras_updater import KerasUpdater
 
-    # -- state ------------------------------------------------------------------
-    def _take_snapshot(self):
-        B = self.backend
-        if self._native and B.name == "torch":
-            import copy
+            return KerasUpdater(B, self.model, opt, self.loss_fn, self.settings)
+        raise TypeError(f"optimizer must be a stabilize.optim spec (SGD, Adam), a torch.optim optimizer for a torch "
+                        f"model or a keras optimizer for a keras model; got {type(opt).__name__} for backend {B.name}")
 
-            opt_state = copy.deepcopy(self.optimizer.state_dict())
-            self._snapshot = ([B.copy(p) for p in self.params], opt_state, self.applied_steps)
-        elif self._native:  # keras: its optimizer state is a list of variables
-            opt_vars = [getattr(v, "value", v) for v in self.optimizer.variables]
-            self._snapshot = ([B.copy(p) for p in self.params], [B.copy(v) for v in opt_vars], self.applied_steps)
-        else:
-            self._snapshot = (
-                [B.copy(p) for p in self.params],
-                [B.copy(v) for v in self.state_vars],
-                self.applied_steps,
-            )
+    # -- what the scenarios and users read ----------------------------------------
+    @property
+    def step_count(self) -> int:
+        return self.supervisor.step
 
-    def _restore_snapshot(self):
-        B = self.backend
-        params, opt_state, applied = self._snapshot
-        for p, saved in zip(self.params, params):
-            B.assign(p, saved)
-        if self._native and B.name == "torch":
-            self.optimizer.load_state_dict(opt_state)
-        elif self._native:
-            for v, saved in zip(self.optimizer.variables, opt_state):
-                v.assign(saved)
-        else:
-            for v, saved in zip(self.state_vars, opt_state):
-                B.assign(v, saved)
-        self.applied_steps = applied
+    @property
+    def applied_steps(self) -> int:
+        return self.updater.applied
+
+    @property
+    def state_vars(self) -> list:
+        """The optimizer state of a stabilize.optim spec, as backend variables (empty for native optimizers)."""
+        return getattr(self.updater, "state_vars", [])
+
+    @property
+    def skipped_rows(self) -> set[int]:
+        return self.supervisor.skip_rows
+
+    @property
+    def skipped_positions(self) -> set:
+        return self.supervisor.skip_positions
 
     def current_lr(self) -> float:
-        """The rate the next step will use: back-off, then schedule."""
-        factor = self.schedule(self.applied_steps) if self.schedule is not None else 1.0
-        return self.policy.lr * factor
-
-    # -- one step -----------------------------------------------------------------
-    def _run_step(self, xb, yb, lr) -> dict[str, float]:
-        B = self.backend
-        if not self._native:
-            B.assign(self._lr_var, B.state_scalar(lr, self.params[0]))
-            return dict(zip(STAT_FIELDS, B.read(self._step(xb, yb, self._lr_var))))
-        return self._run_native_step(xb, yb, lr)
-
-    def _run_native_step(self, xb, yb, lr):
-        B = self.backend
-        if B.name == "tensorflow":
-            self.optimizer.learning_rate.assign(lr)
-            out = dict(zip(STAT_FIELDS, B.read(self._keras_step(xb, yb))))
-            if out["committed"] != 1.0 and out["weights_finite"] == 1.0:
-                # only now: did the previous update leave non-finite weights?
-                out["weights_finite"] = float(weights_finite(B, self.params))
-            return out
-        for group, base in zip(self.optimizer.param_groups, self._group_lrs):
-            group["lr"] = base * lr / self._base_lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(xb), yb)
-        loss.backward()
-        out = native_torch_check(B, loss, self.params, self.clip_norm, self.clip_value)
-        out["update_ratio"] = 0.0
-        ok = out["loss_finite"] == 1.0 and out["grads_finite"] == 1.0
-        if not ok:  # only now: did the previous update leave non-finite weights?
-            out["weights_finite"] = float(weights_finite(B, self.params))
-        commit = (ok or self.policy_config.on_nonfinite == "ignore") and out["weights_finite"] == 1.0
-        if commit:
-            self.optimizer.step()
-        out["committed"] = float(commit)
-        return out
+        """The rate the next step will use: the schedule's, backed off."""
+        return self.supervisor.lr(self.updater.base_lr())
 
     # -- data ---------------------------------------------------------------------
     def _convert(self, xb):
@@ -342,182 +215,113 @@ class StabilityTrainer:
         arr = np.asarray(xb)
         return B.convert(arr, self.dtype if arr.dtype.kind == "f" else None)
 
-    def _batches(self, x, y, batch_size, shuffle, rng, skip_rows, skip_positions):
-        """Yield ``(position, x, y, rows)``; ``rows`` are sample indices for array data, else None.
-
-        After a rollback the implicated data are left out: their rows for array
-        data (wherever shuffling puts them), their batch positions for a dataset.
-        """
-        if y is None:  # a DataLoader, a tf.data.Dataset, or any iterable of (x, y)
-            for i, item in enumerate(x):
-                if not isinstance(item, (tuple, list)) or len(item) != 2:
-                    raise ValueError("a dataset must yield (inputs, targets) pairs")
-                if i not in skip_positions:
-                    yield i, item[0], item[1], None
-            return
-        n = len(y)
-        order = rng.permutation(n) if shuffle else np.arange(n)
-        if skip_rows:
-            order = order[~np.isin(order, list(skip_rows))]
-        for i, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start : start + batch_size]
-            xb = {k: np.asarray(v)[idx] for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[idx]
-            yield i, xb, np.asarray(y)[idx], idx
-
-    @staticmethod
-    def _check_arrays(x, y, batch_size):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        if y is None:
-            return
-        n = len(y)
-        columns = x.items() if isinstance(x, dict) else [("x", x)]
-        for key, value in columns:
-            if len(value) != n:
-                raise ValueError(f"inputs {key!r} have {len(value)} rows but the targets have {n}")
-
     # -- fit ----------------------------------------------------------------------
-    def fit(
-        self,
-        x,
-        y=None,
-        *,
-        epochs: int = 1,
-        batch_size: int = 32,
-        shuffle: bool = True,
-        seed: int = 0,
-        max_steps: int | None = None,
-        stop_on_nonfinite: bool = False,
-    ) -> History:
-        """Train and return the :class:`~stabilize.history.History`.
+    def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
+            max_steps: int | None = None, stop_on_nonfinite: bool = False, drop_last: bool = False) -> History:
+        """Train and return the :class:`~stabilize.history.History` of this call.
 
         Args:
-            x: inputs (array, or dict of arrays as in seed 000), or a DataLoader /
-                ``tf.data.Dataset`` / iterable of ``(x, y)`` batches with ``y=None``.
+            x: inputs (an array, or a dict of arrays), or a DataLoader / ``tf.data.Dataset`` /
+                iterable of ``(x, y)`` batches with ``y=None``.
             y: targets for array inputs.
             epochs, batch_size, shuffle: the usual; shuffling is a numpy
                 permutation under ``seed``, so every backend sees the same batches.
             max_steps: stop after this many attempted steps.
             stop_on_nonfinite: stop at the first non-finite step (for reproducing failures).
+            drop_last: leave out a last batch smaller than ``batch_size`` (needed by
+                BatchNorm when it would hold one row).
         """
-        self._check_arrays(x, y, batch_size)
+        check_arrays(x, y, batch_size, epochs)
+        if y is not None and not drop_last and rows_of(x) % batch_size == 1 and _has_batchnorm(self.model):
+            raise ValueError(f"the last batch would hold 1 row ({rows_of(x)} rows, batch_size={batch_size}), and "
+                             f"BatchNorm cannot train on one row: pass drop_last=True or change batch_size")
         rng = np.random.default_rng(seed)
-        rows: list[dict] = []
-        events: list[Event] = []
-        first_bad = None
-        diagnosis = None
-        self._diagnosis = None
-        if self._snapshot is None and (self.policy_config.on_nonfinite == "rollback" or self._native):
+        sup, start = self.supervisor, self.supervisor.step
+        sup.skip_rows.clear()  # what a rollback leaves out is named within one fit's data
+        sup.skip_positions.clear()
+        keeps = sup.wants_snapshot or (self._native and self.settings.guarded
+                                       and not getattr(self.updater, "verifies", False))
+        if keeps and self._snapshot is None:
             self._take_snapshot()
         bar = self._progress(epochs, x, y, batch_size, max_steps)
-        skip_rows: set[int] = set()
-        skip_positions: set[int] = set()
-        streak: list[tuple[int, Any]] = []  # (position, rows) of the current run of bad steps
-        self.skipped_rows, self.skipped_positions = skip_rows, skip_positions
         try:
-            for epoch in range(epochs):
-                for bi, xb, yb, idx in self._batches(x, y, batch_size, shuffle, rng, skip_rows, skip_positions):
-                    if max_steps is not None and len(rows) >= max_steps:
-                        return self._history(rows, events, first_bad)
-                    lr = self.current_lr()
-                    keep_pre = self.diagnose and diagnosis is None and self.policy_config.on_nonfinite == "ignore"
-                    pre = [self.backend.copy(p) for p in self.params] if keep_pre else None
-                    stats = self._run_step(self._convert(xb), self._convert(yb), lr)
-                    stats["lr"] = lr
-                    rows.append(stats)
-                    step = self.step_count
-                    self.step_count += 1
-                    bad, large = verdict(stats, self.max_update_ratio)
-                    if bad and first_bad is None:
-                        first_bad = step
-                    if bad and diagnosis is None and self.diagnose:
-                        diagnosis = self._diagnose(xb, yb, step, bi, lr, rows, pre)
-                        if bar is not None:
-                            bar.write(diagnosis.line())
-                        else:
-                            logger.warning(diagnosis.line())
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.3g}")
-                    if not bad and not large:
-                        streak.clear()
-                        self.applied_steps += 1
-                        grew = self.policy.on_good()
-                        if grew:
-                            events.append(self._event(step, bi, epoch, "lr-growth", (), grew, stats))
-                        if self._snapshot is not None and self.applied_steps % self.snapshot_every == 0:
-                            self._take_snapshot()
-                        continue
-                    if self._native and "weights" in bad:
-                        # The previous (native) update broke the weights: back to the snapshot,
-                        # and let the policy decide the rest (back off, count towards raising).
-                        self._restore_snapshot()
-                        action = self.policy.on_bad()
-                        events.append(self._event(step, bi, epoch, "nonfinite", tuple(bad),
-                                                  "raised" if action == "raise" else "rolled-back", stats))
-                        if action == "raise":
-                            history = self._history(rows, events, first_bad)
-                            raise NonFiniteError(f"training stopped: {events[-1]}\n{history.report()}", history)
-                        continue
-                    streak.append((bi, idx))
-                    action = self.policy.on_bad()
-                    if action == "applied":
-                        self.applied_steps += 1
-                    kind = "nonfinite" if bad else "large-update"
-                    event = self._event(step, bi, epoch, kind, tuple(bad), "raised" if action == "raise" else action, stats)
-                    events.append(event)
-                    if action == "raise":
-                        history = self._history(rows, events, first_bad)
-                        raise NonFiniteError(f"training stopped: {event}\n{history.report()}", history)
-                    if action == "rolled-back":
-                        self._restore_snapshot()
-                        for position, idx_bad in streak:
-                            if idx_bad is None:
-                                skip_positions.add(position)
-                            else:
-                                skip_rows.update(int(i) for i in idx_bad)
-                        streak.clear()
-                    if stop_on_nonfinite and bad:
-                        return self._history(rows, events, first_bad)
-            if self._native and rows and not weights_finite(self.backend, self.params):
-                # The last native update has no next step to reveal it: look once, now.
-                self._restore_snapshot()
-                last = dict(rows[-1], weights_finite=0.0)
-                first_bad = self.step_count - 1 if first_bad is None else first_bad
-                events.append(self._event(self.step_count - 1, -1, epochs - 1, "nonfinite", ("weights",), "rolled-back", last))
-            return self._history(rows, events, first_bad)
+            with self.updater.training():
+                for epoch in range(epochs):
+                    for batch in batches(x, y, batch_size=batch_size, shuffle=shuffle, rng=rng, epoch=epoch,
+                                         skip_rows=sup.skip_rows, skip_positions=sup.skip_positions,
+                                         drop_last=drop_last):
+                        if max_steps is not None and sup.step - start >= max_steps:
+                            return sup.history(start)
+                        if self._step(batch, epoch, bar, keeps) and stop_on_nonfinite:
+                            return sup.history(start)
+                if self._native and sup.step > start and not self.updater.weights_finite():
+                    # The last native update has no next step to reveal it: look once, now.
+                    self._step_failed_after_the_fact(epochs - 1)
+            return sup.history(start)
         finally:
             if bar is not None:
                 bar.close()
 
-    def _event(self, step, bi, epoch, kind, bad, action, stats):
-        return Event(step, bi, epoch, kind, bad, action, stats["lr"], stats["loss"], stats["grad_norm"])
+    def _step(self, batch: Batch, epoch: int, bar, keeps: bool) -> bool:
+        """One guarded step and what follows it; returns whether it was bad."""
+        sup, updater = self.supervisor, self.updater
+        keep_pre = self.diagnose and sup.diagnosis is None and not self.settings.guarded
+        pre = updater.capture() if keep_pre else None
+        xb, yb = self._convert(batch.x), self._convert(batch.y)
+        stats = updater.run(xb, yb, sup.lr)
+        bad = stats["committed"] != 1.0 or stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0
+        if bad and self._native and stats.get("scaler_skip") != 1.0 and not updater.weights_finite():
+            stats["weights_broken"] = 1.0  # an earlier native update broke the weights
+        rows = bad_rows(batch.x, batch.y, batch.rows) if bad and batch.rows is not None else batch.rows
+        decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows)
+        nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite"))
+        if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose:
+            self._diagnose(xb, yb, pre)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}")
+        if decision.restore:
+            self._restore_snapshot()
+        elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0:
+            self._take_snapshot()
+        if decision.stop:
+            sup.raise_for(decision, sup.history())
+        return nonfinite
 
-    def _diagnose(self, xb, yb, step, bi, lr, rows, pre):
-        """Replay the failing step from its pre-step weights (see :mod:`stabilize.diagnose`)."""
-        from .diagnose import diagnose
+    def _step_failed_after_the_fact(self, epoch):
+        sup = self.supervisor
+        last = dict(sup.rows[-1])
+        last.update(committed=0.0, weights_broken=1.0)
+        sup.rows.pop()  # the step is recorded again, now with what it did to the weights
+        decision = sup.observe(last, epoch=epoch, batch=last.get("batch", 0))
+        if decision.restore:
+            self._restore_snapshot()
+        if decision.stop:
+            sup.raise_for(decision)
 
-        B = self.backend
+    def _take_snapshot(self):
+        self._snapshot = self.updater.capture()
+        self.supervisor.snapshot_taken()
+
+    def _restore_snapshot(self):
+        if self._snapshot is not None:
+            self.updater.restore(self._snapshot)
+
+    def _diagnose(self, xb, yb, pre):
+        """Replay the failing step from its pre-step state (see :mod:`stabilize.diagnose`)."""
+        updater = self.updater
         current = None
-        if pre is not None:  # the unguarded step was applied: put the pre-step weights back for the replay
-            current = [B.copy(p) for p in self.params]
-            for p, saved in zip(self.params, pre):
-                B.assign(p, saved)
+        if pre is not None:  # the unguarded step was applied: put the pre-step state back for the replay
+            current = updater.capture()
+            updater.restore(pre)
         try:
-            weights = [np.asarray(B.to_numpy(p), dtype=np.float64) for p in self.params]
-            wnorm = float(np.sqrt(sum(float(np.sum(w * w)) for w in weights)))
-            col = lambda k: np.array([r[k] for r in rows], dtype=np.float64)
-            result = diagnose(B, self.model, self.loss_fn, self._convert(xb), self._convert(yb), step=step, batch_index=bi, lr=lr,
-                              losses=col("loss"), grad_norms=col("grad_norm"), weights_norm=wnorm)
+            self.supervisor.diagnose(self.backend, self.model, self.loss_fn, xb, yb, self.params)
         finally:
             if current is not None:
-                for p, saved in zip(self.params, current):
-                    B.assign(p, saved)
-        self._diagnosis = result
-        return result
-
-    def _history(self, rows, events, first_bad) -> History:
-        return History.from_rows(rows, events, first_bad, self._diagnosis)
+                updater.restore(current)
+            elif hasattr(updater, "state"):
+                updater.state.undo_forward()  # the replay's forward pass changed buffers and RNG
+        return self.supervisor.diagnosis
 
     def _progress(self, epochs, x, y, batch_size, max_steps):
         if self.progress is False:
@@ -532,16 +336,41 @@ class StabilityTrainer:
         # disable=None: tqdm turns itself off when stderr is not a terminal.
         return tqdm(total=total, disable=None if self.progress is None else False, leave=False, desc="stabilize")
 
+    # -- after training -------------------------------------------------------------
+    @property
+    def history(self) -> History:
+        """Every step of every ``fit`` so far."""
+        return self.supervisor.history()
+
     def predict(self, x, batch_size: int = 1024) -> np.ndarray:
-        """The model's outputs for array (or dict) inputs, as float64 numpy."""
-        B = self.backend
-        n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        """The model's outputs for array (or dict) inputs, as float64 numpy, in eval/inference mode."""
+        n = rows_of(x)
         outs = []
         for start in range(0, n, batch_size):
-            xb = {k: np.asarray(v)[start : start + batch_size] for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[start : start + batch_size]
-            outs.append(np.asarray(B.to_numpy(self.model(self._convert(xb))), dtype=np.float64))
+            xb = {k: np.asarray(v)[start : start + batch_size] for k, v in x.items()} if isinstance(x, dict) \
+                else np.asarray(x)[start : start + batch_size]
+            outs.append(self.updater.predict(self._convert(xb)))
         return np.concatenate(outs, axis=0)
 
     def get_weights(self) -> list[np.ndarray]:
         """The current parameters as numpy arrays (in the spec's order for an MLP)."""
         return [self.backend.to_numpy(p) for p in self.params]
+
+
+def _has_state_buffers(model) -> bool:
+    torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return any(True for _ in model.buffers())
+    if keras is not None and isinstance(model, keras.Model):
+        return bool(model.non_trainable_variables)
+    return False
+
+
+def _has_batchnorm(model) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
+    return False

@@ -12,12 +12,13 @@ def _high_lr():
     return case, case.x.astype(np.float32), case.y.astype(np.float32)
 
 
-def _torch_loop(guard=None, epochs=10):
+def _torch_loop(make_guard=None, epochs=10):
     import torch
 
     case, X, y = _high_lr()
     model = stabilize.get_backend("torch").build_mlp(case.model, "float32", "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    guard = make_guard(model, opt) if make_guard else None
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(epochs):
@@ -30,19 +31,19 @@ def _torch_loop(guard=None, epochs=10):
                 loss.backward()
                 opt.step()
             else:
-                guard.step(loss, model, opt, batch=(xb, yb))
+                guard.step(loss, batch=(xb, yb))
             losses.append(loss.item())
-    return np.array(losses), model
+    return np.array(losses), model, guard
 
 
 def test_torch_guard_rescues_a_hand_written_loop_on_high_lr():
     from conftest import load_backend
 
     load_backend("torch")
-    plain, _ = _torch_loop()
+    plain, _, _ = _torch_loop()
     assert not np.all(np.isfinite(plain))  # the unguarded loop diverges
-    guard = stabilize.TorchGuard(on_nonfinite="backoff", max_update_ratio=0.5, loss_fn=stabilize.safe_mse)
-    losses, model = _torch_loop(guard)
+    losses, model, guard = _torch_loop(lambda m, o: stabilize.TorchGuard(
+        m, o, on_nonfinite="backoff", max_update_ratio=0.5, loss_fn=stabilize.safe_mse))
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.8
     assert all(np.isfinite(p.detach().numpy()).all() for p in model.parameters())
     assert guard.lr == 0.5 * 0.5**3 and [e.action for e in guard.history.events] == ["backed-off"] * 3
@@ -59,14 +60,14 @@ def test_torch_guard_skips_a_nan_batch_exactly_and_diagnoses_it():
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    guard = stabilize.TorchGuard(loss_fn=stabilize.safe_mse)
+    guard = stabilize.TorchGuard(model, opt, loss_fn=stabilize.safe_mse)
     x = torch.randn(8, 3)
-    assert guard.step(stabilize.safe_mse(model(x), torch.zeros(8, 1)), model, opt)
+    assert guard.step(stabilize.safe_mse(model(x), torch.zeros(8, 1)))
     before = [p.detach().clone() for p in model.parameters()]
     state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
     bad_x = x.clone()
     bad_x[2, 1] = float("nan")
-    applied = guard.step(stabilize.safe_mse(model(bad_x), torch.zeros(8, 1)), model, opt, batch=(bad_x, torch.zeros(8, 1)))
+    applied = guard.step(stabilize.safe_mse(model(bad_x), torch.zeros(8, 1)), batch=(bad_x, torch.zeros(8, 1)))
     assert not applied
     for a, b in zip(model.parameters(), before):
         assert torch.equal(a, b)
@@ -84,9 +85,9 @@ def test_torch_guard_raise_policy():
 
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = stabilize.TorchGuard(on_nonfinite="raise")
+    guard = stabilize.TorchGuard(model, opt, on_nonfinite="raise")
     with pytest.raises(stabilize.NonFiniteError, match=r"step 0 .*nonfinite \[loss, gradients\]"):
-        guard.step(model(torch.full((1, 2), float("inf"))).sum() * 0, model, opt)
+        guard.step(model(torch.full((1, 2), float("inf"))).sum() * 0)
 
 
 def test_keras_guard_rescues_model_fit_on_high_lr():
@@ -110,7 +111,7 @@ def test_keras_guard_rescues_model_fit_on_high_lr():
     h = model.fit(X, y, epochs=10, batch_size=32, verbose=0, shuffle=False, callbacks=[cb])
     assert np.all(np.isfinite(h.history["loss"])) and h.history["loss"][-1] < 0.8
     assert all(np.isfinite(w).all() for w in model.get_weights())
-    assert float(inner.learning_rate.numpy()) == cb.rec.policy.lr < 0.5
+    assert cb.supervisor.lr(0.5) < 0.5 and cb.supervisor.policy.backoffs > 0
     assert {e.action for e in cb.history.events} == {"backed-off"}
 
 

@@ -160,7 +160,7 @@ def test_torch_step_makes_exactly_one_host_read(monkeypatch):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"on_nonfinite": "retry"}, "on_nonfinite must be one of"),
-    ({"clip_norm": -1.0}, "clip_norm must be a positive"),
+    ({"clip_norm": -1.0}, "clip_norm must lie in"),
     ({"backoff_factor": 1.5}, "backoff_factor must lie in"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, match):
@@ -223,7 +223,8 @@ def test_keras_optimizer_backoff_sets_its_learning_rate():
     h = trainer.fit(X, y, batch_size=16, shuffle=False, epochs=2)
     lr0 = float(np.float32(0.1))  # the keras optimizer holds its rate as a float32 variable
     assert h.lrs.tolist() == [lr0, lr0 * 0.5, lr0 * 0.5, lr0 * 0.25]
-    assert float(opt.learning_rate.numpy()) == np.float32(lr0 * 0.25)
+    # back-off scales each update; the optimizer's own rate (a user's or a callback's) is left alone
+    assert float(opt.learning_rate.numpy()) == np.float32(0.1)
 
 
 def test_native_optimizer_update_that_overflows_weights_is_rolled_back():

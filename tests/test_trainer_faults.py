@@ -180,5 +180,5 @@ def test_rollback_leaves_out_the_implicated_rows_for_the_rest_of_the_fit(backend
     h = trainer.fit(X, y, epochs=3, batch_size=8, shuffle=True, seed=0)
     rolled = [e for e in h.events if e.action == "rolled-back"]
     assert len(rolled) == 2  # each poisoned batch is met once, then its rows are left out
-    assert {3, 40} <= trainer.skipped_rows and len(trainer.skipped_rows) == 16
+    assert trainer.skipped_rows == {3, 40}  # only the offending rows, not their whole batches
     assert np.all(np.isfinite(h.losses[h.committed])) and all(np.isfinite(w).all() for w in trainer.get_weights())

@@ -109,6 +109,7 @@ class KerasUpdater:
         self.B = B
         self.step = KerasTrainStep(model, optimizer, lambda y_true, y_pred: loss_fn(y_pred, y_true), settings)
         self.model, self.optimizer = model, optimizer
+        self.params = B.parameters(model)  # the tf.Variables under the Keras variables, for diagnosis and get_weights
         self.applied = 0
 
     def base_lr(self) -> float:

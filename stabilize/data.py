@@ -1,0 +1,81 @@
+"""Batches for ``StabilityTrainer``: arrays, dicts of arrays, or any iterable of ``(x, y)``.
+
+Array data are sliced by a numpy permutation under the fit's seed, so every
+backend sees the same batches; rows a rollback left out are dropped wherever
+shuffling puts them. Batches of a dataset (a DataLoader, a ``tf.data.Dataset``)
+are named by their ``(epoch, position)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+__all__ = ["Batch", "batches", "check_arrays", "rows_of", "bad_rows"]
+
+
+class Batch(NamedTuple):
+    position: int  # the batch's index within its epoch
+    x: Any
+    y: Any
+    rows: np.ndarray | None  # sample indices, for array data
+
+
+def rows_of(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def check_arrays(x, y, batch_size, epochs) -> None:
+    """Clear errors for inputs a fit cannot use."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if y is None:
+        return
+    n = len(y)
+    if n == 0:
+        raise ValueError("the targets are empty: there is nothing to train on")
+    columns = x.items() if isinstance(x, dict) else [("x", x)]
+    for key, value in columns:
+        if len(value) != n:
+            raise ValueError(f"inputs {key!r} have {len(value)} rows but the targets have {n}")
+
+
+def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions, drop_last=False) -> Iterator[Batch]:
+    """Yield the batches of one epoch, leaving out what a rollback implicated."""
+    if y is None:  # a DataLoader, a tf.data.Dataset, or any iterable of (x, y)
+        for i, item in enumerate(x):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError("a dataset must yield (inputs, targets) pairs")
+            if (epoch, i) not in skip_positions:
+                yield Batch(i, item[0], item[1], None)
+        return
+    n = len(y)
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if skip_rows:
+        order = order[~np.isin(order, np.fromiter(skip_rows, dtype=np.int64))]
+        if order.size == 0:
+            raise ValueError("every row has been left out after rollbacks: the data cannot be trained on "
+                             "as they are (check them with stabilize.audit / stabilize.check_finite)")
+    x_arr = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
+    y_arr = np.asarray(y)
+    for i, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start : start + batch_size]
+        if drop_last and len(idx) < batch_size:
+            return
+        xb = {k: v[idx] for k, v in x_arr.items()} if isinstance(x_arr, dict) else x_arr[idx]
+        yield Batch(i, xb, y_arr[idx], idx)
+
+
+def bad_rows(xb, yb, idx) -> np.ndarray:
+    """The rows of a batch whose inputs or targets are non-finite; all of them if none is
+    (the failure is then not in single rows, and the whole batch is implicated)."""
+    mask = np.zeros(len(idx), dtype=bool)
+    parts = list(xb.values()) if isinstance(xb, dict) else [xb]
+    for part in parts + [yb]:
+        a = np.asarray(part)
+        if a.dtype.kind in "fc" and a.ndim:
+            mask |= ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+    return idx[mask] if mask.any() else idx

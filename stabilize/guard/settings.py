@@ -1,0 +1,110 @@
+"""The guard's settings, validated once and shared by every entry point.
+
+``StabilityTrainer``, ``TorchGuard`` and ``keras_guard`` take the same keyword
+arguments; each builds one :class:`GuardSettings`, so a bad value gets the same
+clear error wherever it is given, before anything runs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+__all__ = ["POLICIES", "GuardSettings"]
+
+POLICIES = ("raise", "skip", "backoff", "rollback", "ignore")
+
+
+def _number(name, value, *, allow_none=False, low=0.0, low_open=True, high=math.inf, high_open=False, finite=True):
+    """Check that ``value`` is a real number in the interval; say what to pass if not."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be a number{hint}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    lo_ok = value > low if low_open else value >= low
+    hi_ok = value < high if high_open else value <= high
+    if math.isnan(value) or (finite and math.isinf(value)) or not (lo_ok and hi_ok):
+        lo, hi = ("(" if low_open else "["), (")" if high_open or math.isinf(high) else "]")
+        shown = f"{lo}{low:g}, {high:g}{hi}"
+        raise ValueError(f"{name} must lie in {shown}{' and be finite' if finite else ''}, got {value!r}")
+    return value
+
+
+def _count(name, value, *, low, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be an integer{hint}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """What a guarded step checks and what the policy does about a bad one.
+
+    Attributes:
+        clip_norm: clip the gradients to this global L2 norm (``clip_grads``); None: no clipping.
+        clip_value: clamp each gradient element to ``[-v, v]`` first; None: no clamping.
+        on_nonfinite: ``"skip"`` (default), ``"backoff"``, ``"rollback"``, ``"raise"``
+            or ``"ignore"`` (unguarded: every update is applied, to reproduce a failure).
+        backoff_factor: the rate is multiplied by this at each back-off, in (0, 1).
+        min_lr: the back-off never takes the rate below this.
+        grow_after: after this many clean steps in a row, undo one back-off
+            (None: never), so intermittent bad batches do not stall a run.
+        max_bad_steps: rollback after this many bad steps in a row.
+        max_rollbacks: raise after this many rollbacks.
+        snapshot_every: applied steps between rollback snapshots (rollback only).
+        max_update_ratio: also treat a step whose applied update ``‖Δw‖/‖w‖``
+            exceeds this as bad (None: not measured).
+        min_loss_scale: a loss scaler whose scale falls below this is no longer
+            handling an overflow: its skips go to the policy.
+    """
+
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    on_nonfinite: str = "skip"
+    backoff_factor: float = 0.5
+    min_lr: float = 0.0
+    grow_after: int | None = 100
+    max_bad_steps: int = 3
+    max_rollbacks: int = 3
+    snapshot_every: int = 50
+    max_update_ratio: float | None = None
+    min_loss_scale: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {self.on_nonfinite!r}")
+        checked = {
+            "clip_norm": _number("clip_norm", self.clip_norm, allow_none=True),
+            "clip_value": _number("clip_value", self.clip_value, allow_none=True),
+            "backoff_factor": _number("backoff_factor", self.backoff_factor, high=1.0, high_open=True),
+            "min_lr": _number("min_lr", self.min_lr, low_open=False),
+            "grow_after": _count("grow_after", self.grow_after, low=1, allow_none=True),
+            "max_bad_steps": _count("max_bad_steps", self.max_bad_steps, low=1),
+            "max_rollbacks": _count("max_rollbacks", self.max_rollbacks, low=0),
+            "snapshot_every": _count("snapshot_every", self.snapshot_every, low=1),
+            "max_update_ratio": _number("max_update_ratio", self.max_update_ratio, allow_none=True),
+            "min_loss_scale": _number("min_loss_scale", self.min_loss_scale),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a bad update is held back (every policy but ``ignore``)."""
+        return self.on_nonfinite != "ignore"
+
+    @property
+    def clips(self) -> bool:
+        return self.clip_norm is not None or self.clip_value is not None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,192 @@
+"""The host side of a guarded step, written once for the trainer and both guards.
+
+A framework adapter runs the step on the device and reads its statistics once
+(:data:`STAT_FIELDS`; ``committed`` is the device's own decision, which the
+host reads and never re-derives). :meth:`Supervisor.observe` then records the
+row, asks the policy what to do, and answers with a :class:`Decision`: restore
+the last rollback snapshot, take a new one, or stop. Step numbers are global
+(they count across ``fit`` calls and guard steps alike); epoch and batch labels
+are what the adapter passes.
+
+A loss scaler's own overflow skip (``scaler_skip``) is recorded as a
+``"scaler"`` event and is not a training failure: the policy never hears of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+from ..errors import NonFiniteError
+from ..history import Event, History
+from .policies import Policy
+from .settings import GuardSettings
+
+__all__ = ["STAT_FIELDS", "Decision", "Supervisor"]
+
+logger = logging.getLogger("stabilize")
+
+# What every adapter reads from the device, as floats (flags are 1.0 / 0.0).
+# ``large_update`` is the device's comparison of the applied update with
+# ``max_update_ratio``; ``scaler_skip`` marks a loss scaler's own overflow skip.
+STAT_FIELDS = ("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio",
+               "large_update", "scaler_skip", "committed")
+
+_PARTS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"))
+
+
+class Decision(NamedTuple):
+    """What the adapter must do after a step.
+
+    Attributes:
+        action: ``"applied"``, ``"skipped"``, ``"backed-off"``, ``"rolled-back"``,
+            ``"raise"`` or ``"scaler-skip"``.
+        restore: restore the last rollback snapshot now.
+        snapshot: take a rollback snapshot now (after a committed step).
+        stop: raise :class:`~stabilize.NonFiniteError` (``Supervisor.raise_for``).
+        event: the event recorded for this step, if any.
+    """
+
+    action: str
+    restore: bool = False
+    snapshot: bool = False
+    stop: bool = False
+    event: Event | None = None
+
+
+class Supervisor:
+    """Policy, rows, events and rollback bookkeeping of one guarded run."""
+
+    def __init__(self, settings: GuardSettings):
+        self.settings = settings
+        self.policy = Policy(settings)
+        self.rows: list[dict] = []  # every step's statistics, global step = index
+        self.events: list[Event] = []
+        self.first_bad: int | None = None
+        self.applied = 0
+        self.diagnosis = None
+        self.skip_rows: set[int] = set()
+        self.skip_positions: set[tuple[int, int]] = set()
+        self._streak: list[tuple[Any, Any]] = []  # (position, rows) of the current run of bad steps
+        self._snapshot_applied: int | None = None
+
+    # -- what the adapter asks --------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The global index of the next step."""
+        return len(self.rows)
+
+    def lr(self, base: float) -> float:
+        """The rate for the next step when the user's schedule gives ``base``."""
+        return self.policy.lr(base)
+
+    @property
+    def wants_snapshot(self) -> bool:
+        """Whether the policy can use a rollback snapshot (only ``rollback`` holds one)."""
+        return self.settings.on_nonfinite == "rollback"
+
+    def snapshot_taken(self) -> None:
+        self._snapshot_applied = self.applied
+
+    def steps_since_snapshot(self) -> int | None:
+        """Applied steps since the last snapshot (what restoring it loses)."""
+        return None if self._snapshot_applied is None else self.applied - self._snapshot_applied
+
+    # -- one step ---------------------------------------------------------------
+    def observe(self, stats: dict, *, epoch: int = 0, batch: int = 0, position: Any = None, rows=None) -> Decision:
+        """Record one step read from the device and decide what follows.
+
+        ``position`` names the batch for a rollback to leave out (default
+        ``(epoch, batch)``); ``rows`` are its sample indices when known.
+        """
+        step = self.step
+        stats = dict(stats, step=step, epoch=epoch, batch=batch)
+        self.rows.append(stats)
+        broken = stats.get("weights_broken", 0.0) == 1.0
+        bad = [name for name, key in _PARTS if stats.get(key, 1.0) != 1.0 or (name == "weights" and broken)]
+        large = stats.get("large_update", 0.0) == 1.0
+        committed = stats["committed"] == 1.0
+        if bad and self.first_bad is None:
+            self.first_bad = step
+        if stats.get("scaler_skip", 0.0) == 1.0 and not committed:
+            event = self._event(stats, "scaler", bad, "scaler-skip")
+            return Decision("scaler-skip", event=event)
+        if committed and not bad and not large:
+            self._streak.clear()
+            self.applied += 1
+            grew = self.policy.on_good()
+            event = self._event(stats, "lr-growth", (), grew) if grew else None
+            snap = self.wants_snapshot and self.applied % self.settings.snapshot_every == 0
+            return Decision("applied", snapshot=snap, event=event)
+        self._streak.append(((epoch, batch) if position is None else position, rows))
+        action = self.policy.on_bad()
+        if broken and self.settings.guarded:
+            # An earlier update (a native optimizer's, applied before it could be checked) left
+            # non-finite weights: they cannot be un-updated, so the last snapshot comes back,
+            # and the event says how many applied steps that loses.
+            shown = "raised" if action == "raise" else "rolled-back"
+            event = self._event(stats, "nonfinite", bad, shown, steps_lost=self.steps_since_snapshot())
+            self._streak.clear()
+            return Decision("raise", stop=True, event=event) if action == "raise" else \
+                Decision("rolled-back", restore=True, event=event)
+        if committed:  # "ignore": the device applied it
+            self.applied += 1
+        kind = "nonfinite" if bad else "large-update"
+        event = self._event(stats, kind, bad, "raised" if action == "raise" else action)
+        if action == "rolled-back":
+            for pos, idx in self._streak:
+                if idx is None:
+                    self.skip_positions.add(pos)
+                else:
+                    self.skip_rows.update(int(i) for i in idx)
+            self._streak.clear()
+            return Decision(action, restore=True, event=event)
+        return Decision(action, stop=action == "raise", event=event)
+
+    def diagnose(self, B, model, loss_fn, x, y, params, *, lr: float | None = None):
+        """Replay the last (failed) step from the current weights and keep the diagnosis.
+
+        The model must hold the step's pre-step weights. A diagnosis that fails
+        itself is logged, never raised: it must not take the run down with it.
+        """
+        import numpy as np
+
+        from ..diagnose import diagnose
+
+        row = self.rows[-1]
+        col = lambda k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64)
+        try:
+            weights = [np.asarray(B.to_numpy(p), dtype=np.float64) for p in params]
+            wnorm = float(np.sqrt(sum(float(np.sum(w * w)) for w in weights)))
+            self.diagnosis = diagnose(B, model, loss_fn, x, y, step=row["step"], batch_index=row.get("batch", 0),
+                                      lr=row.get("lr", np.nan) if lr is None else lr, losses=col("loss"),
+                                      grad_norms=col("grad_norm"), weights_norm=wnorm)
+        except Exception as exc:  # noqa: BLE001 - reported, and training goes on
+            logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",
+                           row["step"], type(exc).__name__, exc)
+            return None
+        logger.warning(self.diagnosis.line())
+        return self.diagnosis
+
+    def raise_for(self, decision: Decision, history: History | None = None) -> None:
+        """Raise :class:`NonFiniteError` with the run's report (call when ``decision.stop``)."""
+        history = history or self.history()
+        raise NonFiniteError(f"training stopped: {decision.event}\n{history.report()}", history)
+
+    def history(self, start: int = 0) -> History:
+        """The record from global step ``start`` on (a ``fit`` passes the step it began at)."""
+        first = self.first_bad if self.first_bad is not None and self.first_bad >= start else None
+        events = [e for e in self.events if e.step >= start]
+        return History.from_rows(self.rows[start:], events, first, self.diagnosis)
+
+    # -- counters (part of the training state) ------------------------------------
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "applied": self.applied, "steps": self.step,
+                "first_bad": self.first_bad, "skip_rows": sorted(self.skip_rows)}
+
+    def _event(self, stats, kind, bad, action, steps_lost=None) -> Event:
+        event = Event(stats.get("step", self.step), stats.get("batch", 0), stats.get("epoch", 0), kind,
+                      tuple(bad), action, stats.get("lr", float("nan")), stats["loss"], stats["grad_norm"],
+                      steps_lost=steps_lost)
+        self.events.append(event)
+        return event

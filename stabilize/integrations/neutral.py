@@ -1,0 +1,76 @@
+"""The trainer's updater for ``stabilize.optim`` specs: the same update math on every backend.
+
+The step (:func:`stabilize.step.make_step`) computes the candidate update,
+checks it and commits it with ``where(ok, new, old)`` on the device; the
+optimizer state lives in backend variables created here. The models it drives
+(the MLP spec, or plain torch/keras models) hold no buffers the step must
+protect beyond what ``make_step`` commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ..step import STAT_FIELDS, flatten_state, make_step
+
+__all__ = ["NeutralUpdater"]
+
+
+class NeutralUpdater:
+    """Runs a :class:`~stabilize.optim.OptimizerSpec` step for the trainer."""
+
+    def __init__(self, B, model, params, optimizer, loss_fn, settings, schedule=None, forward=None):
+        self.B, self.model, self.params, self.optimizer = B, model, params, optimizer
+        self.schedule = schedule
+        self.applied = 0  # the schedule's clock: applied steps only
+        template = optimizer.init(B, params)
+        _, values = flatten_state(template)
+        self.state_vars = [B.variable(v) for v in values]
+        self._lr_var = B.variable(B.state_scalar(optimizer.lr, params[0]))
+        self._step = make_step(B, forward or model, loss_fn, params, optimizer, template, self.state_vars,
+                               clip_norm=settings.clip_norm, clip_value=settings.clip_value,
+                               max_update_ratio=settings.max_update_ratio, guard=settings.guarded)
+
+    def base_lr(self) -> float:
+        factor = self.schedule(self.applied) if self.schedule is not None else 1.0
+        return self.optimizer.lr * factor
+
+    def run(self, xb, yb, rate) -> dict:
+        B = self.B
+        lr = rate(self.base_lr())
+        B.assign(self._lr_var, B.state_scalar(lr, self.params[0]))
+        stats = dict(zip(STAT_FIELDS, B.read(self._step(xb, yb, self._lr_var))))
+        stats["lr"] = lr
+        if stats["committed"] == 1.0:
+            self.applied += 1
+        return stats
+
+    def training(self):
+        return contextlib.nullcontext()
+
+    def capture(self):
+        B = self.B
+        return ([B.copy(p) for p in self.params], [B.copy(v) for v in self.state_vars], self.applied)
+
+    def restore(self, snap) -> None:
+        B = self.B
+        params, state, applied = snap
+        for p, saved in zip(self.params, params):
+            B.assign(p, saved)
+        for v, saved in zip(self.state_vars, state):
+            B.assign(v, saved)
+        self.applied = applied
+
+    def weights_finite(self) -> bool:
+        B = self.B
+        return bool(B.read(B.stack([B.all_finite(self.params)], "float64"))[0])
+
+    def predict(self, xb) -> np.ndarray:
+        if self.B.name == "torch":
+            from .torch_updater import eval_mode
+
+            with eval_mode(self.model):
+                return np.asarray(self.B.to_numpy(self.model(xb)), dtype=np.float64)
+        return np.asarray(self.B.to_numpy(self.model(xb, training=False)), dtype=np.float64)

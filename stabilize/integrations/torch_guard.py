@@ -1,0 +1,154 @@
+"""``TorchGuard``: guard a hand-written torch loop, one call per optimizer step.
+
+A thin adapter: the step is :class:`~stabilize.integrations.torch_step.TorchStep`
+over a :class:`~stabilize.integrations.torch_state.TorchState`, the decisions
+are the :class:`~stabilize.guard.supervisor.Supervisor`'s, exactly as in
+``StabilityTrainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from ..guard.settings import GuardSettings
+from ..guard.supervisor import Supervisor
+from ..history import History
+from .torch_state import TorchState, optimizer_params
+from .torch_step import TorchStep
+
+__all__ = ["TorchGuard", "check_model_and_optimizer"]
+
+logger = logging.getLogger("stabilize")
+
+
+def check_model_and_optimizer(model, optimizer) -> None:
+    """Clear errors for what the guard cannot work with."""
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        raise TypeError("TorchGuard guards torch models; for a keras model use stabilize.keras_guard(optimizer)")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, "
+                        f"got {type(optimizer).__name__}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    own = {id(p) for p in model.parameters()}
+    foreign = [p for p in optimizer_params(optimizer) if id(p) not in own]
+    if foreign:
+        raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's: build it "
+                         f"over this model's parameters, e.g. torch.optim.Adam(model.parameters())")
+
+
+class TorchGuard:
+    """Guard a hand-written torch loop: a bad step is never applied, and changes nothing.
+
+    Example:
+        >>> import torch, stabilize
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = stabilize.TorchGuard(model, opt, clip_norm=1.0, on_nonfinite="backoff")
+        >>> x, y = torch.randn(8, 2), torch.full((8, 1), float("nan"))
+        >>> guard.step(torch.nn.functional.mse_loss(model(x), y))
+        False
+        >>> guard.history.events[0].action
+        'backed-off'
+
+    ``guard.step(loss)`` replaces ``loss.backward(); optimizer.step();
+    optimizer.zero_grad()``. With gradient accumulation, call
+    ``guard.backward(loss)`` for each micro-batch and ``guard.step(loss)`` for
+    the last: the check happens once, at the optimizer step. Keep a scheduler in
+    step with ``if guard.step(loss): scheduler.step()``.
+
+    A step that is not applied leaves the parameters, the optimizer state, the
+    module buffers (BatchNorm statistics), the RNG and the loss scaler as they
+    were before the step's forward pass.
+
+    Args:
+        model, optimizer: what is trained; the optimizer must hold only the model's parameters.
+        scaler: a ``torch.amp.GradScaler``; the guard scales, unscales and steps
+            through it. Its own overflow skips are recorded as ``"scaler"``
+            events, not failures.
+        scheduler: optional, so that a rollback restores its state too.
+        verify_updates: check every applied update (weights finite, and
+            ``max_update_ratio``) and undo it exactly if bad; costs a copy of
+            the parameters and optimizer state per step. Without it, weights an
+            update broke are restored from the last snapshot (the event says how
+            many steps that loses).
+        loss_fn: ``loss_fn(pred, target)``; with ``batch=(x, y)`` given to
+            :meth:`step`, the first bad step is replayed and diagnosed.
+        **settings: :class:`~stabilize.guard.settings.GuardSettings` (clip_norm,
+            clip_value, on_nonfinite, backoff_factor, min_lr, grow_after,
+            max_bad_steps, max_rollbacks, snapshot_every, max_update_ratio, min_loss_scale).
+    """
+
+    def __init__(self, model=None, optimizer=None, *, scaler=None, scheduler=None, verify_updates=False,
+                 loss_fn=None, **settings):
+        if model is None or optimizer is None:
+            raise TypeError("TorchGuard needs the model and its optimizer: TorchGuard(model, optimizer, **settings), "
+                            "then guard.step(loss) in the loop")
+        check_model_and_optimizer(model, optimizer)
+        self.settings = GuardSettings(**settings)
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler)
+        self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates)
+        self.supervisor = Supervisor(self.settings)
+        self._keeps_snapshot = self.supervisor.wants_snapshot or (self.settings.guarded and not self._step.verify)
+        self._snapshot = None
+        self.state.mark()  # a forward pass from here on can be undone
+
+    @property
+    def history(self) -> History:
+        return self.supervisor.history()
+
+    @property
+    def lr(self) -> float:
+        """The rate the next update uses (the optimizer's own rate, backed off)."""
+        return self.supervisor.lr(float(self.optimizer.param_groups[0]["lr"]))
+
+    def backward(self, loss) -> None:
+        """Backward one micro-batch of an accumulated step (no update)."""
+        self._step.backward(loss)
+
+    def step(self, loss=None, model=None, optimizer=None, batch=None) -> bool:
+        """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied."""
+        if (model is not None and model is not self.model) or (optimizer is not None and optimizer is not self.optimizer):
+            raise ValueError("this guard was built for another model or optimizer; build one TorchGuard per optimizer")
+        if self._snapshot is None and self._keeps_snapshot:
+            self._snapshot = self.state.capture()
+            self.supervisor.snapshot_taken()
+        if loss is not None:
+            self._step.backward(loss)
+        sup = self.supervisor
+        stats = self._step.step(sup.lr)
+        if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
+                and stats["scaler_skip"] != 1.0 and not self._weights_finite():
+            stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
+        decision = sup.observe(stats, epoch=0, batch=sup.step)
+        if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
+                and self.loss_fn is not None:
+            self._diagnose(batch, stats)
+        if decision.restore and self._snapshot is not None:
+            self.state.restore(self._snapshot)
+        if self._keeps_snapshot and decision.action == "applied" and sup.applied % self.settings.snapshot_every == 0:
+            self._snapshot = self.state.capture()
+            sup.snapshot_taken()
+        self._step.zero_grad()
+        if decision.stop:
+            sup.raise_for(decision)
+        return stats["committed"] == 1.0
+
+    def _weights_finite(self) -> bool:
+        B = self._step.B
+        return bool(B.read(B.stack([B.all_finite([p.detach() for p in self.state.params])], "float64"))[0])
+
+    def _diagnose(self, batch, stats):
+        x, y = batch
+        try:
+            self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params)
+        finally:
+            self.state.undo_forward()  # the replay's forward pass changed buffers and RNG

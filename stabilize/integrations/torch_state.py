@@ -1,0 +1,167 @@
+"""The training state a torch step may change, captured and restored in one place.
+
+A step changes more than the parameters: the forward pass updates module
+buffers (BatchNorm's running statistics) and draws from the RNG (Dropout)
+before the step is judged, the optimizer keeps its own state, a scheduler
+counts, a ``GradScaler`` moves its scale. :class:`TorchState` knows all of it:
+
+* :meth:`TorchState.mark` / :meth:`TorchState.undo_forward`: what a forward
+  pass changes (buffers and RNG), kept after every committed step in
+  preallocated storage and put back when a step is not committed. Buffers are
+  small next to the parameters, so this costs one small copy per step.
+* :meth:`TorchState.capture` / :meth:`TorchState.restore`: everything, for
+  rollback and checkpoints. A snapshot never shares storage with live tensors
+  (``Optimizer.load_state_dict`` keeps the tensors it is given, so it is given
+  a fresh copy every time).
+* :class:`UpdateUndo`: the parameters and optimizer state before one update,
+  in preallocated storage, so that an update found bad afterwards (non-finite
+  weights, an update too large) is undone exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["TorchState", "Snapshot", "UpdateUndo", "optimizer_params"]
+
+
+def optimizer_params(optimizer) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Snapshot(NamedTuple):
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    optimizer: dict
+    scheduler: dict | None
+    scaler: dict | None
+    rng: dict
+    extra: dict
+
+
+class TorchState:
+    """Parameters, buffers, optimizer, scheduler, loss scaler and RNG of one torch model."""
+
+    def __init__(self, model, optimizer, *, scheduler=None, scaler=None):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.params = optimizer_params(optimizer)
+        self.buffers = [b for b in model.buffers()]
+        self._marked: list[torch.Tensor] | None = None
+        self._marked_rng: dict | None = None
+
+    # -- what a forward pass changes ---------------------------------------------
+    def mark(self) -> None:
+        """Remember the buffers and RNG as they are now (the state a skipped step returns to)."""
+        with torch.no_grad():
+            if self._marked is None or any(m.shape != b.shape for m, b in zip(self._marked, self.buffers)):
+                self._marked = [b.detach().clone() for b in self.buffers]
+            elif self.buffers:
+                torch._foreach_copy_(self._marked, [b.detach() for b in self.buffers])
+        self._marked_rng = _rng_state()
+
+    def undo_forward(self) -> None:
+        """Put the buffers and RNG back as :meth:`mark` saw them."""
+        if self._marked is not None and self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_([b.data for b in self.buffers], self._marked)
+        if self._marked_rng is not None:
+            _set_rng_state(self._marked_rng)
+
+    def buffers_finite(self) -> torch.Tensor:
+        floats = [b for b in self.buffers if b.is_floating_point() and b.numel()]
+        if not floats:
+            return torch.tensor(True)
+        return torch.stack([torch.isfinite(torch.stack(torch.aminmax(b))).all() for b in floats]).all()
+
+    # -- everything ------------------------------------------------------------------
+    def capture(self, extra: dict | None = None) -> Snapshot:
+        with torch.no_grad():
+            return Snapshot(
+                [p.detach().clone() for p in self.params],
+                [b.detach().clone() for b in self.buffers],
+                copy.deepcopy(self.optimizer.state_dict()),
+                copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
+                copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None,
+                _rng_state(),
+                copy.deepcopy(extra or {}),
+            )
+
+    def restore(self, snap: Snapshot) -> None:
+        with torch.no_grad():
+            for live, saved in zip(self.params, snap.params):
+                live.copy_(saved)
+            for live, saved in zip(self.buffers, snap.buffers):
+                live.copy_(saved)
+        # a fresh copy each time: load_state_dict keeps the tensors it is given
+        self.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        if self.scheduler is not None and snap.scheduler is not None:
+            self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
+        if self.scaler is not None and snap.scaler is not None:
+            self.scaler.load_state_dict(copy.deepcopy(snap.scaler))
+        _set_rng_state(snap.rng)
+        self.mark()
+
+
+class UpdateUndo:
+    """The parameters and the optimizer's tensor state before one update, for an exact undo.
+
+    Storage is allocated once and refilled with ``_foreach_copy_``: one copy of
+    the parameters and the optimizer state per step, the price of checking the
+    update actually applied (``max_update_ratio``, ``verify_updates``).
+    """
+
+    def __init__(self, state: TorchState):
+        self.state = state
+        self._params: list[torch.Tensor] | None = None
+        self._opt: list[tuple[dict, str, Any]] = []
+
+    def save(self) -> None:
+        st = self.state
+        with torch.no_grad():
+            if self._params is None:
+                self._params = [p.detach().clone() for p in st.params]
+            else:
+                torch._foreach_copy_(self._params, [p.detach() for p in st.params])
+            saved = []
+            for p in st.params:
+                for key, value in st.optimizer.state.get(p, {}).items():
+                    saved.append((p, key, value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)))
+            self._opt = saved
+            self._had_state = {id(p) for p in st.params if p in st.optimizer.state}
+
+    def undo(self) -> None:
+        st = self.state
+        with torch.no_grad():
+            for live, saved in zip(st.params, self._params):
+                live.copy_(saved)
+            for p in st.params:  # state created by this very update: the optimizer had none before
+                if id(p) not in self._had_state and p in st.optimizer.state:
+                    del st.optimizer.state[p]
+            for p, key, value in self._opt:
+                live = st.optimizer.state[p].get(key)
+                if torch.is_tensor(live) and torch.is_tensor(value) and live.shape == value.shape:
+                    live.copy_(value)
+                else:
+                    st.optimizer.state[p][key] = value.clone() if torch.is_tensor(value) else copy.deepcopy(value)

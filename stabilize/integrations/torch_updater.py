@@ -1,0 +1,108 @@
+"""The trainer's updater for a torch model with a ``torch.optim`` optimizer.
+
+The same guarded step as ``TorchGuard`` (:class:`TorchStep` over
+:class:`TorchState`); the trainer adds the forward pass in training mode, the
+loss in torch's ``(input, target)`` order, and a scheduler stepped only on
+applied steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from .torch_guard import check_model_and_optimizer
+from .torch_state import TorchState
+from .torch_step import TorchStep
+
+__all__ = ["TorchUpdater", "train_mode", "eval_mode", "is_scheduler"]
+
+
+def is_scheduler(obj) -> bool:
+    """A torch scheduler the trainer steps once per applied step."""
+    if isinstance(obj, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise TypeError("ReduceLROnPlateau steps on a validation metric, once per epoch: call "
+                        "scheduler.step(val_loss) yourself between fit(epochs=1) calls")
+    return isinstance(obj, torch.optim.lr_scheduler.LRScheduler)
+
+
+@contextlib.contextmanager
+def train_mode(model):
+    """Train the model in training mode (Dropout on, BatchNorm updating); leave it as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Predict in eval mode without gradients; leave the model as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class TorchUpdater:
+    """Runs one guarded torch.optim step for the trainer."""
+
+    def __init__(self, B, model, optimizer, loss_fn, settings, *, scheduler=None, scaler=None, verify_updates=False):
+        check_model_and_optimizer(model, optimizer)
+        if scheduler is not None and scheduler.optimizer is not optimizer:
+            raise ValueError("the scheduler was built for another optimizer")
+        self.B, self.model, self.optimizer, self.loss_fn = B, model, optimizer, loss_fn
+        self.scheduler = scheduler
+        self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler)
+        self.params = self.state.params
+        self._step = TorchStep(self.state, settings, verify_updates=verify_updates)
+        self.verifies = self._step.verify
+        self.applied = 0
+
+    def base_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @contextlib.contextmanager
+    def training(self):
+        with train_mode(self.model):
+            self.state.mark()  # what a skipped step returns the buffers and RNG to
+            yield
+
+    def run(self, xb, yb, rate) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(xb), yb)
+        self._step.backward(loss)
+        stats = self._step.step(rate)
+        self.optimizer.zero_grad(set_to_none=True)
+        if stats["committed"] == 1.0:
+            self.applied += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+        return stats
+
+    def capture(self):
+        return self.state.capture({"applied": self.applied})
+
+    def restore(self, snap) -> None:
+        self.state.restore(snap)
+        self.applied = snap.extra["applied"]
+
+    def weights_finite(self) -> bool:
+        B = self.B
+        return bool(B.read(B.stack([B.all_finite([p.detach() for p in self.params])], "float64"))[0])
+
+    def predict(self, xb) -> np.ndarray:
+        with eval_mode(self.model):
+            return np.asarray(self.B.to_numpy(self.model(xb)), dtype=np.float64)
+
+    def buffers_finite(self) -> bool:
+        return bool(self.state.buffers_finite())
