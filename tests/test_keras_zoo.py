@@ -74,7 +74,9 @@ def test_clean_fit_is_bit_identical_to_unguarded(name):
     guarded, hg, cb = _fit(case, {}, epochs=2)
     assert Z.same(Z.state(plain), Z.state(guarded))
     assert hp.history == hg.history
-    assert cb.history.events == [] and bool(cb.history.committed.all()) and len(cb.history.losses) == 16
+    events = [e for e in cb.history.events if e.kind != "scaler"]  # float16 overflow at the initial scale
+    assert events == [] and len(cb.history.losses) == 16
+    assert int(np.sum(cb.history.committed)) + len(cb.history.events) == 16
 
 
 class _Probe:
@@ -127,8 +129,9 @@ def test_faults_in_fit_leave_every_variable_as_before_the_step(name, policy):
     model, h, cb = _fit(case, POLICIES[policy], x, y, callbacks=[probe])
     held = {step: kept for step, kind, kept, _ in probe.records if kind}
     assert held == {step: True for step in faults}  # exact pre-step state after every fault
-    assert {step for step, kind, kept, _ in probe.records if not kind and kept} == set()  # clean steps did train
-    events = cb.history.events
+    scaler = {e.step for e in cb.history.events if e.kind == "scaler"}
+    assert {step for step, kind, kept, _ in probe.records if not kind and kept} - scaler == set()  # clean steps trained
+    events = [e for e in cb.history.events if e.kind != "scaler"]
     assert [(e.step, e.action) for e in events] == [(s, ACTION[policy]) for s in sorted(faults)]
     assert [e.epoch for e in events] == [0] * len(faults) and [e.batch_index for e in events] == sorted(faults)
     assert all(np.isfinite(loss) for *_, loss in probe.records) and np.isfinite(h.history["loss"][0])

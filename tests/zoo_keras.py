@@ -8,6 +8,7 @@ data; ``state`` reads every variable of a compiled model as numpy.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,14 +69,29 @@ def _two_inputs():
                                           "cls": keras.layers.Dense(1, activation="sigmoid", name="cls")(h)})
 
 
+@contextlib.contextmanager
+def mixed_policy():
+    """Keras's global dtype policy set to mixed_float16 while models are built, then put back exactly."""
+    import keras
+    from keras.src.backend.common import global_state
+
+    before = global_state.get_global_attribute("dtype_policy", None)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("dtype_policy", before)
+
+
 def _mixed():
     import keras
 
-    x = keras.Input((3,))
-    h = keras.layers.Dense(4, activation="relu", dtype="mixed_float16")(x)
-    h = keras.layers.BatchNormalization(dtype="mixed_float16")(h)
-    out = keras.layers.Dense(1, dtype="float32")(h)  # the output in float32, as Keras advises
-    return keras.Model(x, out, dtype="mixed_float16")  # policy per model: the global policy is left alone
+    with mixed_policy():  # the model's own policy: compile wraps its optimizer in a LossScaleOptimizer
+        x = keras.Input((3,))
+        h = keras.layers.Dense(4, activation="relu")(x)
+        h = keras.layers.BatchNormalization()(h)
+        out = keras.layers.Dense(1, dtype="float32")(h)  # the output in float32, as Keras advises
+        return keras.Model(x, out)
 
 
 def _loss_with_marker(base):
@@ -135,7 +151,7 @@ def state(model) -> list[np.ndarray]:
     import keras
 
     variables = list(model.trainable_variables) + list(model.non_trainable_variables)
-    if model.optimizer is not None:
+    if getattr(model, "optimizer", None) is not None:
         variables += list(model.optimizer.variables)
     return [np.array(keras.ops.convert_to_numpy(v), copy=True) for v in variables]
 

@@ -16,7 +16,7 @@ from keras import ops
 
 from ..guard.settings import GuardSettings
 from ..guard.supervisor import STAT_FIELDS, Supervisor
-from .keras_optimizer import GuardedOptimizer, Protected, all_finite, copy_values
+from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
 
 __all__ = ["keras_guard", "StabilizeGuard", "check_optimizer"]
 
@@ -85,6 +85,10 @@ class StabilizeGuard(keras.callbacks.Callback):
             else:
                 raise ValueError("compile the model with the optimizer keras_guard returned: "
                                  "opt, cb = keras_guard(...); model.compile(optimizer=opt, ...); model.fit(..., callbacks=[cb])")
+        if outer is not None and _scaler(self.guarded.inner_optimizer) is not None:
+            raise ValueError("the model's dtype policy is mixed_float16, so Keras wrapped the guard, which already holds "
+                             "a LossScaleOptimizer, in a second one (the loss would be scaled twice): compile with "
+                             "model.compile(..., auto_scale_loss=False), or give keras_guard the plain optimizer")
         if model.__dict__.get("_stabilize_guard") is self:
             return
         if not opt.built:
@@ -133,10 +137,13 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._epoch = epoch
         self._sync_shadows()  # fit has just reset the metrics
 
+    def on_train_batch_begin(self, batch, logs=None):
+        self._base_lr = float(ops.convert_to_numpy(self.guarded.learning_rate))  # a schedule, before it advances
+
     def on_train_batch_end(self, batch, logs=None):
         sup = self.supervisor
         stats = _read_stats(self.guarded.state)
-        stats["lr"] = sup.lr(float(ops.convert_to_numpy(self.guarded.learning_rate)))
+        stats["lr"] = sup.lr(self._base_lr)
         decision = sup.observe(stats, epoch=self._epoch, batch=batch)
         if decision.event is not None and decision.event.kind == "nonfinite":
             self._maybe_diagnose(stats["lr"])
@@ -147,6 +154,8 @@ class StabilizeGuard(keras.callbacks.Callback):
         elif decision.snapshot or (decision.action == "applied" and self.settings.guarded
                                    and sup.applied % self.settings.snapshot_every == 0):
             self._take()
+        elif decision.action == "scaler-skip" and sup.steps_since_snapshot() == 0:
+            self._take()  # the snapshot held every applied step: keep it current (the scaler lowered its scale)
         self.guarded.state.lr_factor.assign(_factor(sup))
         if decision.stop:
             self.model.stop_training = True
