@@ -198,7 +198,9 @@ class TensorFlowBackend(Backend):
             inputs = keras.Input((spec.sizes[0],), dtype=dtype)
             h = inputs
             for i, act in enumerate(spec.activations):
-                layer = keras.layers.Dense(spec.sizes[i + 1], dtype=dtype, name=f"dense_{i}")
+                # zeros: the spec's weights are set just below, and no RNG is drawn for an init that is thrown away
+                layer = keras.layers.Dense(spec.sizes[i + 1], dtype=dtype, name=f"dense_{i}",
+                                           kernel_initializer="zeros", bias_initializer="zeros")
                 h = layer(h)
                 layer.set_weights([ws[2 * i], ws[2 * i + 1]])  # kernel (in, out), as in the spec
                 if act != "linear":

@@ -95,9 +95,12 @@ class StabilizeGuard(keras.callbacks.Callback):
             opt.build(model.trainable_variables)
         state = self.guarded.state
         self.guarded.watch_buffers(model.non_trainable_variables)
-        self._protected = Protected(list(model.non_trainable_variables) + list(model.metrics_variables))
+        # Under "ignore" every update is committed: nothing to put back, so no shadow copies.
+        guarded = self.settings.guarded
+        self._protected = Protected(list(model.non_trainable_variables) + list(model.metrics_variables)) \
+            if guarded else None
         if outer is not None:
-            self._outer, self._outer_protected = outer, Protected(outer._variables)
+            self._outer, self._outer_protected = outer, Protected(outer._variables if guarded else [])
             scale_loss = type(outer).scale_loss.__get__(outer)
 
             def capture(loss):  # the loss for the check: the scaler's own scale_loss never reaches the guard

@@ -50,7 +50,7 @@ class KerasTrainStep:
         self.guard = GuardedOptimizer(optimizer, settings)
         self.guard.build(self.variables)
         self.guard.watch_buffers(model.non_trainable_variables)
-        self.protected = Protected(model.non_trainable_variables)
+        self.protected = Protected(model.non_trainable_variables if settings.guarded else [])  # ignore: no copies
         import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
 
         self._tf = tf
