@@ -57,3 +57,40 @@ def test_trainer_skips_a_nan_batch_as_if_it_were_not_there():
     before = _every(model, opt)
     p1, p2 = t.predict(X), t.predict(X)
     assert np.isfinite(p1).all() and np.array_equal(p1, p2) and Z.same(_every(model, opt), before)
+
+
+def test_trainer_step_update_ratio_is_measured_on_the_applied_update_and_undone_exactly():
+    import keras
+
+    from stabilize.guard.settings import GuardSettings
+    from stabilize.integrations.keras import KerasTrainStep
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8, 3)).astype(np.float32)
+    y = X.sum(1, keepdims=True)
+    model, opt = _model(), keras.optimizers.SGD(0.1)
+    loose = KerasTrainStep(model, opt, keras.losses.MeanSquaredError(), GuardSettings(max_update_ratio=10.0))
+    stats = loose.run(X, y)
+    assert stats["committed"] == 1.0 and 0.0 < stats["update_ratio"] < 10.0
+    tight = KerasTrainStep(model, opt, keras.losses.MeanSquaredError(), GuardSettings(max_update_ratio=1e-9))
+    before = _every(model, opt)
+    stats = tight.run(X, y)
+    assert stats["large_update"] == 1.0 and stats["committed"] == 0.0 and stats["update_ratio"] > 1e-9
+    assert Z.same(_every(model, opt), before)  # weights, BN statistics, seed state and iterations put back
+
+
+def test_fit_recovers_weights_an_update_made_non_finite():
+    import keras
+
+    import stabilize
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(32, 3)).astype(np.float32)
+    y = X.sum(1, keepdims=True) * 1e4
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(1e36), on_nonfinite="skip")
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(X, y, batch_size=4, shuffle=False, verbose=0, callbacks=[cb])
+    assert all(np.isfinite(w).all() for w in model.get_weights())  # back to the last snapshot, not left broken
+    assert any("weights" in e.nonfinite for e in cb.history.events)
