@@ -1,6 +1,6 @@
 """A Keras user guards their own keras.Model with StabilityTrainer.
 
-The custom loss masks non-finite values with where(is_finite(...)) (seed 003):
+The custom loss masks non-finite values with where(is_finite(...)) (the masked-loss scenario):
 the printed loss looks fine while the gradients are NaN. The guard sees the
 NaN gradients and skips those steps; a plain loop would have NaN weights.
 

@@ -16,7 +16,7 @@ from .errors import (
 from .audit import AuditReport, Finding, audit
 from .diagnose import Diagnosis
 from .finite import FiniteReport, LeafReport, check_finite
-from .ops import clip_grads, global_norm, safe_cross_entropy, safe_div, safe_log, safe_mse
+from .ops import clip_grads, clip_grads_, global_norm, safe_cross_entropy, safe_div, safe_log, safe_mse
 from .registry import backend_for, get_backend, known_backends, register_backend
 from .trainer import StabilityTrainer
 from .history import Event, History
@@ -53,6 +53,7 @@ __all__ = [
     "safe_mse",
     "safe_cross_entropy",
     "clip_grads",
+    "clip_grads_",
     "global_norm",
     "check_finite",
     "audit",

@@ -1,30 +1,47 @@
 """``stabilize.audit``: check the data before training.
 
-Findings, each with a ``kind``, where it is, the measured figures and the remedy:
+Findings, each with a ``kind``, where it is (dataset rows and column names),
+the measured figures and the remedy:
 
-* ``nonfinite``: NaN/Inf cells and their positions (seeds 002, 003);
-* ``unscaled-inputs``: feature means or standard deviations far from 0 and 1,
-  or feature scales differing by orders of magnitude (seed 000);
+* ``nonfinite``: NaN/Inf cells in the inputs or the targets, by row and column
+  (seeds 002, 003);
+* ``constant-columns``: columns holding one value in every row; min-max scaling
+  divides 0 by 0 there and turns every row NaN;
+* ``unscaled-inputs``: feature means or standard deviations beyond
+  ``scale_limit``, or feature scales differing by orders of magnitude, naming
+  the columns that drive it (seed 000);
 * ``huge-targets``: targets whose squared error, and its gradient, explode (seed 002);
+* ``bad-labels`` and ``label-dtype`` (with ``num_classes=``): class labels out
+  of ``0..num_classes-1``, not whole numbers, or stored as floats;
 * ``leakage``: a scaler fitted on more than the training split (seed 000: split
-  first, then fit on the training split only).
+  first, then fit on the training split only); ``scaler-mismatch``: a scaler
+  not fitted on the training rows given.
+
+Integer, boolean and categorical columns (ids, token ids, category codes) are
+not scale-checked; the report lists them in a note. How the data are read into
+rows and columns is in :mod:`stabilize.measures`.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from .finite import check_finite
+from .diagnose import SCALE_LIMIT, TARGET_LIMIT
+from .measures import Table, as_table, column_stats, is_batches, nonfinite_cells, row_positions, take_batches
 
 __all__ = ["Finding", "AuditReport", "audit"]
+
+SHOWN = 5  # columns named in a finding's text before "and N more"
+ROWS_SHOWN = 20  # rows listed in a finding's figures
 
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem: its ``kind``, ``where`` it is, the ``figures`` that show it and the ``remedy``."""
+
     kind: str
     where: str
     figures: dict = field(default_factory=dict)
@@ -37,11 +54,12 @@ class Finding:
 
 @dataclass
 class AuditReport:
-    """All findings; ``ok`` when there are none."""
+    """All findings (``ok`` when there are none), and notes that are not findings."""
 
     findings: list[Finding]
     n_rows: int
     columns: list[str]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -52,84 +70,287 @@ class AuditReport:
 
     def __str__(self) -> str:
         head = f"audit of {self.n_rows} rows x {len(self.columns)} input columns: "
-        if self.ok:
-            return head + "no findings"
-        return head + f"{len(self.findings)} finding(s)\n" + "\n".join(f"  {f}" for f in self.findings)
+        head += "no findings" if self.ok else f"{len(self.findings)} finding(s)"
+        return "\n".join([head] + [f"  {f}" for f in self.findings] + [f"  note: {n}" for n in self.notes])
 
 
-def _take(dataset, max_batches: int):
-    """Concatenate the first batches of a DataLoader / tf.data.Dataset / iterable of (x, y)."""
-    xs, ys = [], []
-    for i, item in enumerate(dataset):
-        if i >= max_batches:
-            break
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ValueError("audit: a dataset must yield (inputs, targets) pairs")
-        xs.append(item[0])
-        ys.append(item[1])
-    if not xs:
-        raise ValueError("audit: the dataset yielded no batches")
-    as_np = lambda t: np.asarray(t.numpy() if hasattr(t, "numpy") else t)
-    if isinstance(xs[0], dict):
-        x = {k: np.concatenate([as_np(b[k]) for b in xs]) for k in xs[0]}
-    else:
-        x = np.concatenate([as_np(b) for b in xs])
-    return x, np.concatenate([as_np(b) for b in ys])
+def _names(T: Table, cols) -> str:
+    cols = list(cols)
+    shown = ", ".join(repr(T.columns[j]) if T.named else T.columns[j].removeprefix("col ") for j in cols[:SHOWN])
+    return shown + (f" and {len(cols) - SHOWN} more" if len(cols) > SHOWN else "")
 
 
-def _matrix(X) -> tuple[np.ndarray, list[str]]:
+def _rows(T: Table, positions) -> str:
+    positions = list(positions)
+    shown = ", ".join(str(T.row(i)) for i in positions[:SHOWN])
+    return shown + (f" and {len(positions) - SHOWN} more" if len(positions) > SHOWN else "")
+
+
+# -- the checks --------------------------------------------------------------------
+def _nonfinite(T: Table, what: str) -> Finding | None:
+    nf = nonfinite_cells(T.values)
+    if nf is None:
+        return None
+    cells = ", ".join(T.row_text(i) + ("" if T.n_columns == 1 and what != "inputs" else " " + T.col_text(j))
+                      for i, j in nf.cells)
+    figures = {"NaN": nf.n_nan, "+inf": nf.n_posinf, "-inf": nf.n_neginf,
+               "rows": [T.row(i) for i in nf.rows[:ROWS_SHOWN]], "rows affected": f"{len(nf.rows)} of {T.n_rows}"}
+    # A column broken in most rows is a broken column: dropping its rows would drop most of the data.
+    broken = [j for j in np.flatnonzero(nf.per_column) if 2 * nf.per_column[j] >= T.n_rows and T.n_rows > 1]
+    advice = []
+    if broken:
+        for j in broken[:SHOWN]:
+            figures[f"{T.columns[j]} non-finite rows"] = int(nf.per_column[j])
+        advice.append(f"{'column' if len(broken) == 1 else 'columns'} {_names(T, broken)} "
+                      f"{'is' if len(broken) == 1 else 'are'} non-finite in most rows: repair or drop "
+                      f"{'that column' if len(broken) == 1 else 'those columns'} (a failed parse or join?), do not drop rows for it")
+    others = np.ones(T.n_columns, bool)
+    others[broken] = False
+    rest = np.flatnonzero((~np.isfinite(T.values[:, others])).any(axis=1))
+    if rest.size:
+        advice.append(f"find out why {'row' if rest.size == 1 else 'rows'} {_rows(T, rest)} ({rest.size} of {T.n_rows}) "
+                      f"{'holds' if rest.size == 1 else 'hold'} non-finite values, then "
+                      + ("impute those cells or drop only those rows" if what == "inputs" else
+                         "fix those targets or drop only those rows, from X and y together")
+                      + ", deliberately (np.nan_to_num hides the problem)")
+    return Finding("nonfinite", f"{what} at {cells}{' ...' if nf.n_cells > len(nf.cells) else ''}", figures, "; ".join(advice))
+
+
+def _constant(T: Table) -> Finding | None:
+    if T.n_rows < 2 or T.structured:
+        return None
+    st = column_stats(T.values)
+    # Token-id and id arrays may hold a fixed id in a column (a [CLS] token); a DataFrame's
+    # columns and float columns are features, and a constant feature breaks min-max scaling.
+    eligible = np.array([T.frame or f for f in T.float_dtype], bool)
+    const = np.flatnonzero(eligible & (st.n_finite >= 2) & (st.min == st.max))
+    if not const.size:
+        return None
+    figures = {f"{T.columns[j]} value": float(st.min[j]) for j in const[:SHOWN]}
+    figures["constant columns"] = int(const.size)
+    return Finding("constant-columns", f"{'column' if const.size == 1 else 'columns'} {_names(T, const)}", figures,
+                   "these columns hold one value in every row: they carry no information, and min-max scaling "
+                   "divides 0 by 0 there (NaN in every row); drop these columns, or use a scaler that handles zero "
+                   "variance (sklearn's StandardScaler and MinMaxScaler keep them finite); do not drop rows for this")
+
+
+def _unscaled(T: Table, limit: float, scaled: bool) -> Finding | None:
+    st = column_stats(T.values)
+    checked = T.scale_checked() & (st.n_finite > 0) & ~(st.min == st.max)  # a constant column is reported as such
+    far = np.flatnonzero(checked & ((np.abs(st.mean) > limit) | (st.std > limit)))
+    far = far[np.argsort(-np.maximum(np.abs(st.mean[far]), st.std[far]), kind="stable")]
+    spreadable = np.flatnonzero(checked & (st.std > 0) & np.isfinite(st.std))
+    spread = 1.0
+    if spreadable.size >= 2:
+        hi = spreadable[np.argmax(st.std[spreadable])]
+        lo = spreadable[np.argmin(st.std[spreadable])]
+        spread = float(st.std[hi] / st.std[lo])
+    if not far.size and spread <= 100 * limit:
+        return None
+    figures = {}
+    for j in far[:SHOWN]:
+        figures[f"{T.columns[j]} mean"] = float(st.mean[j])
+        figures[f"{T.columns[j]} std"] = float(st.std[j])
+    if far.size > SHOWN:
+        figures["more unscaled columns"] = int(far.size - SHOWN)
+    if spreadable.size >= 2:
+        figures[f"largest std ({T.columns[hi]})"] = float(st.std[hi])
+        figures[f"smallest std ({T.columns[lo]})"] = float(st.std[lo])
+        figures["std ratio across columns"] = spread
+    where = (f"columns {_names(T, far)}" if far.size
+             else f"columns {_names(T, [hi])} and {_names(T, [lo])} differ in scale by {spread:.3g}x")
+    if scaled:
+        return Finding("unscaled-inputs", "after scaler.transform(X), " + where, figures,
+                       "the scaler leaves these columns unscaled: fit it on all the quantity columns of X[train_index] "
+                       "(e.g. sklearn.preprocessing.StandardScaler) and transform both splits with it")
+    return Finding("unscaled-inputs", where, figures, "split first, then fit sklearn.preprocessing.StandardScaler on "
+                   "the training split only and transform both splits with it (to check that pipeline: "
+                   "stabilize.audit(X_raw, y, train_index=..., scaler=fitted_scaler))")
+
+
+def _huge_targets(Y: Table, limit: float, what: str) -> Finding | None:
+    cols = [j for j, f in enumerate(Y.float_dtype) if f]
+    vals = Y.values[:, cols]
+    finite = vals[np.isfinite(vals)]
+    rms = float(np.sqrt(np.mean(finite**2))) if finite.size else 0.0
+    if rms <= limit:
+        return None
+    return Finding("huge-targets", what, {"target RMS": rms, "initial MSE ~": rms**2, "max |y|": float(np.abs(finite).max())},
+                   "scale the targets (StandardScaler on y, inverse-transform the predictions), "
+                   "or clip gradients: StabilityTrainer(clip_norm=1.0)")
+
+
+def _labels(Y: Table, y, K: int, ignore_index, what: str) -> list[Finding]:
+    v = Y.values
+    if Y.n_columns not in (1, K):
+        return [Finding("bad-labels", what, {"target columns": Y.n_columns, "num_classes": K},
+                        f"pass class indices (one column, 0..{K - 1}) or one-hot rows ({K} columns), or correct num_classes")]
+    if Y.n_columns == K and K > 1:  # one-hot rows or class probabilities
+        bad = np.flatnonzero((np.isfinite(v) & ((v < 0) | (v > 1))).any(axis=1))
+        if not bad.size:
+            return []
+        return [Finding("bad-labels", f"{what} at rows {_rows(Y, bad)}",
+                        {"rows": [Y.row(i) for i in bad[:ROWS_SHOWN]], "bad rows": f"{bad.size} of {Y.n_rows}",
+                         "min": float(np.nanmin(np.where(np.isfinite(v), v, np.nan))),
+                         "max": float(np.nanmax(np.where(np.isfinite(v), v, np.nan)))},
+                        "one-hot or probability targets must lie in [0, 1]; fix these rows, or drop only these rows")]
+    c = v[:, 0]
+    used = np.isfinite(c) & ((c != ignore_index) if ignore_index is not None else True)
+    whole = c == np.round(c)
+    bad = np.flatnonzero(used & (~whole | (c < 0) | (c >= K)))
+    out = []
+    if bad.size:
+        lo, hi = float(c[used].min()), float(c[used].max())
+        figures = {"rows": [Y.row(i) for i in bad[:ROWS_SHOWN]], "bad labels": f"{bad.size} of {Y.n_rows}",
+                   "values": sorted({int(x) if x == round(x) else float(x) for x in c[bad][:100]})[:SHOWN], "label min": lo, "label max": hi, "num_classes": K}
+        if np.all(whole[used]) and lo >= 1 and hi == K:
+            advice = f"the labels run 1..{K}: they look 1-based; use y - 1 (class indices run 0..{K - 1})"
+        elif np.all(whole[used]) and lo >= 0:
+            advice = (f"labels reach {hi:g} but num_classes={K}: if those classes are real, give the model {int(hi) + 1} "
+                      f"outputs (num_classes={int(hi) + 1}); otherwise fix or drop only these {bad.size} rows")
+        else:
+            advice = (f"class labels must be whole numbers in 0..{K - 1}; re-encode them (sklearn's LabelEncoder), or fix "
+                      f"or drop only these {bad.size} rows"
+                      + ("; labels that mark rows to skip: pass ignore_index= (torch's cross_entropy skips -100)"
+                         if (c[used] < 0).any() else ""))
+        out.append(Finding("bad-labels", f"{what} at rows {_rows(Y, bad)}", figures, advice))
+    elif Y.float_dtype[0]:
+        out.append(Finding("label-dtype", what, {"dtype": str(getattr(y, "dtype", "float"))},
+                           "class indices should be integers: y.astype('int64'). torch's cross_entropy and nll_loss "
+                           "reject float class indices ('expected scalar type Long'), and Keras casts them silently"))
+    return out
+
+
+# -- the scaler ---------------------------------------------------------------------
+def _check_scaler(scaler, X, T: Table, train_index):
+    """Return ``(finding or None, scaler.transform(X) as float64)``."""
+    if train_index is None:
+        raise ValueError("audit: pass train_index (the training rows) to check the scaler for leakage")
+    if not hasattr(scaler, "transform"):
+        raise TypeError(f"audit: scaler must be a fitted transformer with .transform (e.g. sklearn's StandardScaler), "
+                        f"got {type(scaler).__name__}")
+    train = row_positions(train_index, T)
+    n_in = getattr(scaler, "n_features_in_", None)
+    if n_in is not None and n_in != T.n_columns:
+        raise ValueError(f"audit: the scaler was fitted on {n_in} columns but X has {T.n_columns}; pass the raw X the "
+                         "scaler was fitted on (the audit applies scaler.transform itself)")
     pd = sys.modules.get("pandas")
-    if pd is not None and isinstance(X, pd.DataFrame):
-        numeric = X.select_dtypes(include=[np.number, "bool"])
-        if numeric.shape[1] != X.shape[1]:
-            others = [c for c in X.columns if c not in numeric.columns]
-            raise TypeError(f"audit: non-numeric input columns {others}; encode or drop them first")
-        return numeric.to_numpy(dtype=np.float64), [str(c) for c in X.columns]
-    if isinstance(X, dict):
-        cols, names = [], []
-        for key, value in X.items():
-            arr = np.asarray(value, dtype=np.float64).reshape(len(value), -1)
-            cols.append(arr)
-            names += [str(key)] if arr.shape[1] == 1 else [f"{key}[{j}]" for j in range(arr.shape[1])]
-        return np.concatenate(cols, axis=1), names
-    if hasattr(X, "numpy") and not isinstance(X, np.ndarray):
-        X = X.detach().cpu().numpy() if hasattr(X, "detach") else X.numpy()
-    arr = np.asarray(X, dtype=np.float64)
-    arr = arr.reshape(len(arr), -1) if arr.ndim != 2 else arr
-    return arr, [f"col {j}" for j in range(arr.shape[1])]
+    raw = np.where(np.isinf(T.values), np.nan, T.values)  # sklearn rejects inf; those cells are reported already
+    frame = pd is not None and hasattr(scaler, "feature_names_in_")  # give it the names it was fitted with
+    if frame:
+        is_df = isinstance(X, pd.DataFrame)
+        inp = pd.DataFrame(raw, columns=X.columns if is_df else scaler.feature_names_in_, index=X.index if is_df else None)
+    else:
+        inp = raw
+    rows_of = (lambda a, r: a.iloc[r]) if frame else (lambda a, r: a[r])
+    as_array = lambda a: np.asarray(a.toarray() if hasattr(a, "toarray") else a, dtype=np.float64)
+    try:
+        scaled = as_array(scaler.transform(inp))
+    except Exception as exc:  # re-raised with what to pass
+        raise ValueError(f"audit: scaler.transform(X) failed ({exc}); pass the raw X the scaler was fitted on") from exc
+    seen = getattr(scaler, "n_samples_seen_", None)
+    seen = None if seen is None else int(np.max(seen))
+    figures = {"scaler rows seen": seen, "training rows": len(train)} if seen is not None else {"training rows": len(train)}
+    close = lambda a, b: a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+    try:
+        from sklearn.base import clone
+
+        train_fit = as_array(clone(scaler).fit(rows_of(inp, train)).transform(inp))
+        all_fit = as_array(clone(scaler).fit(inp).transform(inp))
+    except Exception:  # not an sklearn estimator: compare its mean with the training rows' mean
+        train_fit = all_fit = None
+    n_train = len(train)
+    with np.errstate(all="ignore"):
+        train_mean, all_mean = np.nanmean(raw[train], axis=0), np.nanmean(raw, axis=0)
+    if train_fit is not None:
+        if not close(scaled, raw) and (close(train_fit, raw) or close(all_fit, raw)):
+            raise ValueError("audit: X looks already scaled (a scaler refitted on it leaves it unchanged, while `scaler` "
+                             "changes it); pass the raw X: the audit applies scaler.transform(X) itself")
+        if close(scaled, train_fit):
+            return None, scaled
+        figures["max |scaler(X) - train-only scaler(X)|"] = float(np.nanmax(np.abs(scaled - train_fit)))
+        on_all = close(scaled, all_fit)
+    elif hasattr(scaler, "mean_"):
+        mean = np.asarray(scaler.mean_, dtype=np.float64)
+        if not (seen is not None and seen > n_train) and np.allclose(mean, train_mean, rtol=1e-9, atol=1e-12):
+            return None, scaled
+        on_all = np.allclose(mean, all_mean, rtol=1e-9, atol=1e-12)
+    elif seen is not None:
+        if seen <= n_train:
+            return None, scaled
+        on_all = seen == T.n_rows
+    else:
+        raise TypeError(f"audit: cannot check this {type(scaler).__name__} for leakage: it is not a scikit-learn "
+                        "estimator and has neither mean_ nor n_samples_seen_")
+    if hasattr(scaler, "mean_"):
+        with np.errstate(all="ignore"):
+            figures["|scaler mean - train mean| max"] = float(np.nanmax(np.abs(scaler.mean_ - train_mean)))
+            figures["|scaler mean - all-rows mean| max"] = float(np.nanmax(np.abs(scaler.mean_ - all_mean)))
+    if (seen is not None and seen > n_train) or on_all:
+        fitted = f"{seen} rows" if seen is not None else f"all {T.n_rows} rows"
+        return Finding("leakage", f"scaler (fitted on {fitted}, not only the {n_train} training rows)", figures,
+                       "split first; fit the scaler on X[train_index] only, then transform both splits with it"), scaled
+    return Finding("scaler-mismatch", f"scaler (not fitted on the {n_train} training rows given)", figures,
+                   "fit the scaler on X[train_index] (the raw rows), and pass that same X and train_index here"), scaled
 
 
-def _nanstats(M: np.ndarray):
-    masked = np.where(np.isfinite(M), M, np.nan)
-    with np.errstate(all="ignore"), _quiet():
-        return np.nanmean(masked, axis=0), np.nanstd(masked, axis=0)
+def _output_table(scaler, scaled: np.ndarray, T: Table) -> Table:
+    """``scaler.transform(X)`` as a table: its output names (a ColumnTransformer reorders and
+    renames columns), each input column keeping its kind (ids stay ids)."""
+    names = None
+    if hasattr(scaler, "get_feature_names_out"):
+        try:
+            names = [str(c) for c in scaler.get_feature_names_out()]
+        except Exception:  # some transformers cannot name their outputs
+            names = None
+    if names is None or len(names) != scaled.shape[1]:
+        if scaled.shape == T.values.shape:
+            return Table(scaled, T.columns, T.kinds, T.rows, named=T.named, float_dtype=T.float_dtype)
+        names = [f"col {j}" for j in range(scaled.shape[1])]
+    kind = dict(zip(T.columns, T.kinds))
+    return Table(scaled, names, [kind.get(c, "float") for c in names], T.rows, named=T.named,
+                 float_dtype=[True] * len(names))
 
 
-class _quiet:
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._w.__exit__(*exc)
-
-
-def audit(X, y=None, *, train_index=None, scaler=None, scale_limit: float = 10.0,
-          target_limit: float = 1e3, max_batches: int = 100) -> AuditReport:
+def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None = None, ignore_index: int | None = None,
+          scale_limit: float = SCALE_LIMIT, target_limit: float = TARGET_LIMIT, max_batches: int = 100) -> AuditReport:
     """Audit inputs (and targets) before training.
+
+    Which ``X``: without ``scaler``, ``X`` is what the model sees, and its scale
+    is checked as it is. With ``scaler``, ``X`` is the **raw** data, the very
+    array the scaler was fitted on (rows ``X[train_index]``) and will transform:
+    the audit checks that the scaler was fitted on the training rows only, and
+    checks the scale of ``scaler.transform(X)``, which is what the model sees.
+    So a correct pipeline (split, fit on the training rows, transform) gets a
+    clean report. An ``X`` that is already scaled raises a ``ValueError``.
+
+    Rows are named as the dataset names them: a DataFrame's index labels, a
+    ``torch`` ``Subset``'s indices, dataset item numbers for a ``DataLoader``
+    (re-read in dataset order, without shuffling), positions in the order a
+    ``tf.data.Dataset`` yields them.
 
     Args:
         X: a numpy array, a pandas DataFrame, a dict of arrays (seed 000's
             ``{'input1', 'input2'}``), a tensor, or a DataLoader / ``tf.data.Dataset``
-            of ``(x, y)`` batches (with ``y=None``; the first ``max_batches`` are sampled).
-        y: the targets.
-        train_index: the rows of the training split (needed to check ``scaler``).
-        scaler: a fitted scikit-learn scaler (``mean_``, ``n_samples_seen_``) to check for leakage.
-        scale_limit: a feature with ``|mean|`` or std above this is unscaled.
-        target_limit: targets with RMS above this make MSE and its gradient explode.
+            of ``(x, y)`` batches (with ``y=None``; the first ``max_batches`` are read).
+        y: the targets (an array, a tensor, a pandas Series or DataFrame).
+        train_index: the training rows (positions, a boolean mask, or a DataFrame's
+            index labels as a pandas Index); needed with ``scaler``.
+        scaler: a fitted scaler (any scikit-learn transformer; others need
+            ``mean_`` or ``n_samples_seen_``), checked for leakage.
+        num_classes: ``y`` holds class labels for this many classes (indices, or
+            one-hot rows): checks their range and dtype instead of their scale.
+        ignore_index: a label value that marks rows the loss skips (torch's -100).
+        scale_limit: a float feature with ``|mean|`` or std above this is unscaled.
+        target_limit: float targets with RMS above this make MSE and its gradient explode.
+
+    Returns:
+        An :class:`AuditReport`; ``report.ok`` when there is no finding.
+
+    Raises:
+        ValueError: no rows or no columns, inputs and targets of different lengths,
+            a bad ``train_index``, an already scaled ``X``, a bad ``num_classes``.
+        TypeError: a non-numeric column (named in the message).
 
     Example:
         >>> import numpy as np, stabilize
@@ -137,62 +358,48 @@ def audit(X, y=None, *, train_index=None, scaler=None, scale_limit: float = 10.0
         >>> sorted(stabilize.audit(X).kinds())
         ['unscaled-inputs']
     """
-    if y is None and not isinstance(X, (np.ndarray, dict)) and hasattr(X, "__iter__") and not hasattr(X, "shape"):
-        X, y = _take(X, max_batches)
-    M, columns = _matrix(X)
-    findings: list[Finding] = []
-    Y = None if y is None else np.asarray(y.numpy() if hasattr(y, "numpy") and not isinstance(y, np.ndarray) else y)
-    if Y is not None and len(Y) != len(M):
-        raise ValueError(f"audit: inputs have {len(M)} rows but the targets have {len(Y)}")
+    rows = None
+    if is_batches(X, y):
+        X, y, rows = take_batches(X, max_batches)
+    T = as_table(X, "input")
+    if rows is not None:
+        T.rows = rows
+    if T.n_rows == 0:
+        raise ValueError("audit: X has 0 rows: there is nothing to audit (an empty file, or a split or filter that kept no rows)")
+    if T.n_columns == 0:
+        raise ValueError("audit: X has 0 columns: there is nothing to audit (were all its columns non-numeric, "
+                         "or the target the only column?)")
+    Y = None if y is None else as_table(y, "target")
+    if Y is not None and Y.n_rows != T.n_rows:
+        raise ValueError(f"audit: inputs have {T.n_rows} rows but the targets have {Y.n_rows}")
+    if Y is not None and Y.rows is None:
+        Y.rows = T.rows
+    what_y = (f"target {Y.columns[0]!r}" if Y.named and Y.n_columns == 1 else "targets") if Y is not None else ""
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+            raise ValueError(f"audit: num_classes must be a positive integer, got {num_classes!r}")
+        if Y is None:
+            raise ValueError("audit: num_classes checks the labels: pass them as y")
 
-    report = check_finite({"X": M} if Y is None or Y.dtype.kind not in "fc" else {"X": M, "y": Y}, name="data",
-                          raise_error=False)
-    for leaf in report.bad:
-        names = columns if leaf.path.endswith("['X']") else None
-        where = ", ".join(f"row {p[0]}" + (f" col {names[p[1]]!r}" if names and len(p) > 1 else "") for p in leaf.positions)
-        rows = np.flatnonzero(~np.isfinite(M if names else Y.reshape(len(Y), -1)).all(axis=1))
-        findings.append(Finding("nonfinite", f"{leaf.path} at {where}{' ...' if leaf.n_bad > len(leaf.positions) else ''}",
-                                {"NaN": leaf.n_nan, "+inf": leaf.n_posinf, "-inf": leaf.n_neginf, "rows": rows.tolist()[:20]},
-                                "find out why these cells are non-finite; drop or impute those rows deliberately "
-                                "before training (np.nan_to_num hides the problem)"))
+    checks = (_nonfinite(T, "inputs"), None if Y is None else _nonfinite(Y, what_y), _constant(T))
+    findings = [f for f in checks if f]
+    leak, scaled = _check_scaler(scaler, X, T, train_index) if scaler is not None else (None, None)
+    shown = T if scaled is None else _output_table(scaler, scaled, T)
+    findings += [f for f in [_unscaled(shown, scale_limit, scaled is not None)] if f]
+    if Y is not None and num_classes is None:
+        findings += [f for f in [_huge_targets(Y, target_limit, what_y or "y")] if f]
+    if num_classes is not None:
+        findings += _labels(Y, y, int(num_classes), ignore_index, what_y)
+    if leak:
+        findings.append(leak)
 
-    if M.size:
-        mean, std = _nanstats(M)
-        far = [j for j in range(M.shape[1]) if abs(mean[j]) > scale_limit or std[j] > scale_limit]
-        finite_std = std[np.isfinite(std) & (std > 0)]
-        spread = float(finite_std.max() / finite_std.min()) if finite_std.size >= 2 else 1.0
-        if far or spread > 100 * scale_limit:
-            figures = {f"{columns[j]} mean": float(mean[j]) for j in far}
-            figures.update({f"{columns[j]} std": float(std[j]) for j in far})
-            figures["std ratio across columns"] = spread
-            findings.append(Finding("unscaled-inputs", "columns " + ", ".join(repr(columns[j]) for j in far) if far else "all columns",
-                                    figures, "split first, then fit sklearn.preprocessing.StandardScaler on the training "
-                                             "split only and transform both splits with it"))
-
-    if Y is not None and Y.dtype.kind in "fc" and Y.size:
-        finite_y = Y[np.isfinite(Y)]
-        rms = float(np.sqrt(np.mean(finite_y.astype(np.float64) ** 2))) if finite_y.size else 0.0
-        if rms > target_limit:
-            findings.append(Finding("huge-targets", "y", {"target RMS": rms, "initial MSE ~": rms**2,
-                                                          "max |y|": float(np.abs(finite_y).max())},
-                                    "scale the targets (StandardScaler on y, inverse-transform the predictions), "
-                                    "or clip gradients: StabilityTrainer(clip_norm=1.0)"))
-
-    if scaler is not None:
-        if train_index is None:
-            raise ValueError("audit: pass train_index (the training rows) to check the scaler for leakage")
-        train_index = np.asarray(train_index)
-        seen = int(getattr(scaler, "n_samples_seen_", -1)) if np.ndim(getattr(scaler, "n_samples_seen_", -1)) == 0 \
-            else int(np.max(scaler.n_samples_seen_))
-        figures: dict[str, Any] = {"scaler rows seen": seen, "training rows": len(train_index)}
-        leak = seen > len(train_index)
-        if hasattr(scaler, "mean_") and M.size:
-            train_mean = np.nanmean(M[train_index], axis=0)
-            all_mean = np.nanmean(M, axis=0)
-            figures["|scaler mean - train mean| max"] = float(np.max(np.abs(scaler.mean_ - train_mean)))
-            figures["|scaler mean - all-rows mean| max"] = float(np.max(np.abs(scaler.mean_ - all_mean)))
-            leak = leak or not np.allclose(scaler.mean_, train_mean, rtol=1e-9, atol=1e-12)
-        if leak:
-            findings.append(Finding("leakage", "scaler", figures,
-                                    "split first; fit the scaler on X[train_index] only, then transform both splits"))
-    return AuditReport(findings, len(M), columns)
+    notes = []
+    skipped = [j for j, k in enumerate(T.kinds) if k != "float"]
+    if skipped and len(skipped) == T.n_columns > 1:
+        notes.append(f"no column is scale-checked: all {T.n_columns} are integer, boolean or categorical (ids, token "
+                     "ids, codes, flags); cast quantities stored as integers to float to have them checked")
+    elif skipped:
+        notes.append(f"not scale-checked (integer, boolean or categorical: ids, token ids, codes, flags): "
+                     f"{_names(T, skipped)}; embed or one-hot ids and codes; cast a quantity stored as integers to "
+                     "float to have it checked")
+    return AuditReport(findings, T.n_rows, T.columns, notes)

@@ -5,9 +5,16 @@ Precedence, highest first (``resolve``):
 1. an explicit ``backend=`` / ``device=`` argument;
 2. the innermost :func:`use_backend` context, else :func:`set_backend`;
 3. the ``STABILIZE_BACKEND`` / ``STABILIZE_DEVICE`` environment variables;
-4. ``stabilize.toml`` (top-level keys) in the working directory, else
-   ``[tool.stabilize]`` in its ``pyproject.toml``;
+4. a config file, found by :func:`find_config_file`: starting in the working
+   directory and moving up, the first ``stabilize.toml`` (top-level keys) or
+   ``pyproject.toml`` with a ``[tool.stabilize]`` table; the search stops at
+   the project root (the first directory holding a ``pyproject.toml``,
+   ``.git`` or ``.hg``);
 5. the default: backend ``"torch"``, device ``"auto"`` (CUDA when torch sees one).
+
+The keys are ``backend`` and ``device``. An unknown key, or a ``[stabilize]``
+table in ``pyproject.toml`` (which must be ``[tool.stabilize]``), gives a
+warning once per file version; invalid TOML gives a one-line ConfigError.
 
 Resolving reads but never writes: no file, environment variable or global is
 changed by asking which backend is in force.
@@ -19,6 +26,7 @@ import contextlib
 import contextvars
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -36,10 +44,15 @@ __all__ = [
     "resolve_backend_name",
     "resolve_device",
     "file_config",
+    "find_config_file",
+    "KEYS",
 ]
 
 DEFAULT_BACKEND = "torch"
 DEVICES = ("auto", "cpu", "cuda")
+KEYS = ("backend", "device")
+_ROOT_MARKERS = ("pyproject.toml", ".git", ".hg")
+_warned: set = set()
 
 _context: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "stabilize_backend_stack", default=()
@@ -63,9 +76,26 @@ def set_backend(name: str | None) -> None:
     _global = name
 
 
+class _Frame:
+    """One active ``use_backend`` block; compared by identity."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Use ``name`` as the backend inside a ``with`` block (thread- and task-local).
+
+    Blocks may be exited in any order: leaving one removes exactly that block,
+    and the innermost block still open wins. One limit comes from Python
+    itself: context variables do not follow generators (PEP 568 was
+    deferred), so while a generator is suspended at a ``yield`` inside a
+    ``with use_backend(...)`` block, its caller sees that backend too. In a
+    generator, pass ``backend=`` to the calls instead, or drive it with
+    ``contextvars.copy_context().run(next, gen)``.
 
     Example:
         >>> import stabilize
@@ -74,11 +104,14 @@ def use_backend(name: str) -> Iterator[None]:
         'numpy'
     """
     _validate_name(name, "use_backend()")
-    token = _context.set(_context.get() + (name,))
+    frame = _Frame(name)
+    _context.set(_context.get() + (frame,))
     try:
         yield
     finally:
-        _context.reset(token)
+        # Remove this block only: a reset to the saved token would also drop blocks
+        # entered after it, or restore ones already exited (out-of-order exits).
+        _context.set(tuple(f for f in _context.get() if f is not frame))
 
 
 def _validate_name(name, source):
@@ -89,20 +122,57 @@ def _validate_name(name, source):
     registry.canonical_name(name, source)
 
 
+def find_config_file(cwd: str | os.PathLike | None = None) -> tuple[Path, str] | tuple[None, None]:
+    """The config file in force: ``(path, kind)`` with kind ``"stabilize.toml"`` or ``"pyproject"``.
+
+    Searches ``cwd`` (default: the working directory), then its parents, up to
+    and including the project root (a directory holding ``pyproject.toml``,
+    ``.git`` or ``.hg``). Returns ``(None, None)`` when there is none.
+    """
+    here = (Path(cwd) if cwd is not None else Path.cwd()).resolve()
+    for base in (here, *here.parents):
+        own = base / "stabilize.toml"
+        if own.is_file():
+            return own, "stabilize.toml"
+        pyproject = base / "pyproject.toml"
+        if pyproject.is_file():
+            data = _read_toml(pyproject)
+            if "stabilize" in data.get("tool", {}):
+                return pyproject, "pyproject"
+            if "stabilize" in data:
+                _warn_once(pyproject, f"{pyproject} has a [stabilize] table, which is ignored; "
+                                      f"rename it [tool.stabilize]")
+        if any((base / marker).exists() for marker in _ROOT_MARKERS):
+            break
+    return None, None
+
+
 def file_config(cwd: str | os.PathLike | None = None) -> tuple[dict, str | None]:
-    """Return ``(settings, path)`` from ``stabilize.toml`` or ``pyproject.toml`` in ``cwd``."""
-    base = Path(cwd) if cwd is not None else Path.cwd()
-    own = base / "stabilize.toml"
-    if own.is_file():
-        return _read_toml(own), str(own)
-    pyproject = base / "pyproject.toml"
-    if pyproject.is_file():
-        section = _read_toml(pyproject).get("tool", {}).get("stabilize")
-        if section is not None:
-            if not isinstance(section, dict):
-                raise ConfigError(f"{pyproject}: [tool.stabilize] must be a table")
-            return section, f"{pyproject} [tool.stabilize]"
-    return {}, None
+    """Return ``(settings, source)`` from the config file in force (see :func:`find_config_file`)."""
+    path, kind = find_config_file(cwd)
+    if path is None:
+        return {}, None
+    if kind == "stabilize.toml":
+        settings, source = _read_toml(path), str(path)
+    else:
+        settings, source = _read_toml(path)["tool"]["stabilize"], f"{path} [tool.stabilize]"
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{path}: [tool.stabilize] must be a table")
+    unknown = sorted(set(settings) - set(KEYS))
+    if unknown:
+        _warn_once(path, f"{source}: unknown key(s) {', '.join(map(repr, unknown))} ignored; "
+                         f"known keys: {', '.join(KEYS)}")
+    return settings, source
+
+
+def _warn_once(path: Path, message: str) -> None:
+    try:
+        key = (str(path), path.stat().st_mtime_ns, message)
+    except OSError:
+        key = (str(path), None, message)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _read_toml(path: Path) -> dict:
@@ -110,7 +180,9 @@ def _read_toml(path: Path) -> dict:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix or remove it") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
 
 
 def resolve_backend_name(explicit: str | None = None) -> tuple[str, str]:
@@ -119,7 +191,7 @@ def resolve_backend_name(explicit: str | None = None) -> tuple[str, str]:
         return explicit, "backend= argument"
     stack = _context.get()
     if stack:
-        return stack[-1], "use_backend()"
+        return stack[-1].name, "use_backend()"
     if _global is not None:
         return _global, "set_backend()"
     env = os.environ.get("STABILIZE_BACKEND", "").strip()

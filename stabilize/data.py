@@ -12,6 +12,8 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
+from .validate import check_count, check_nonempty
+
 __all__ = ["Batch", "batches", "check_arrays", "rows_of", "bad_rows"]
 
 
@@ -28,15 +30,12 @@ def rows_of(x) -> int:
 
 def check_arrays(x, y, batch_size, epochs) -> None:
     """Clear errors for inputs a fit cannot use."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    check_count("batch_size", batch_size, 1, "a batch holds at least one row")
+    check_count("epochs", epochs, 1, "no step would run")
     if y is None:
         return
     n = len(y)
-    if n == 0:
-        raise ValueError("the targets are empty: there is nothing to train on")
+    check_nonempty("y", n)
     columns = x.items() if isinstance(x, dict) else [("x", x)]
     for key, value in columns:
         if len(value) != n:

@@ -6,12 +6,30 @@ Every error says what was received, what is allowed, and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "DISTRIBUTION",
+    "install_hint",
     "StabilizeError",
     "UnknownBackendError",
     "BackendNotAvailableError",
     "NonFiniteError",
     "ConfigError",
 ]
+
+
+# The name on the package index: PyPI's ``stabilize`` is an unrelated project,
+# so ``pip install stabilize`` would install someone else's package.
+DISTRIBUTION = "stabilize-nn"
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs a pip extra of this package, from the index or a clone.
+
+    Example:
+        >>> from stabilize.errors import install_hint
+        >>> install_hint("tensorflow")
+        "pip install 'stabilize-nn[tensorflow]' (from a clone: pip install -e '.[tensorflow]')"
+    """
+    return f"pip install '{DISTRIBUTION}[{extra}]' (from a clone: pip install -e '.[{extra}]')"
 
 
 class StabilizeError(Exception):
@@ -41,7 +59,7 @@ class BackendNotAvailableError(StabilizeError, ImportError):
     def __init__(self, name: str, extra: str | None, cause: BaseException):
         self.name = name
         hint = (
-            f"install it with: pip install 'stabilize[{extra}]'"
+            f"install it with: {install_hint(extra)}"
             if extra
             else "install the framework it wraps"
         )

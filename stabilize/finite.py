@@ -1,14 +1,20 @@
 """``check_finite``: find NaN and Inf values and say exactly where they are.
 
-It accepts torch and TF tensors, numpy arrays, pandas DataFrames and Series,
-Python numbers, and nested dict/list/tuple of those (seed 000 feeds
-``{'input1': ..., 'input2': ...}``). For each offending leaf it reports the key
-path, NaN, +inf and -inf counted separately, the first positions as
-(row, column), and the finite min and max.
+It accepts torch and TF tensors, Keras variables (``model.weights``), numpy
+arrays, pandas DataFrames and Series (NaT in a datetime column counts as NaN),
+Python numbers, and nested dict/list/tuple of those (the ``unscaled-inputs``
+scenario feeds ``{'input1': ..., 'input2': ...}``). For each offending leaf it
+reports the key path, NaN, +inf and -inf counted separately, the first
+positions as (row, column), and the finite min and max.
 
-This check copies data to the host, so it is meant for data and for reports,
-not for the per-step guard inside a training loop (the trainer keeps its flag
-on the device).
+The walk is iterative (any depth) and a structure that contains itself is an
+error. Arrays are scanned in chunks of ``CHUNK`` elements, so the extra memory
+is a few boolean masks of one chunk, not a copy of the array. A message
+lists at most ``MAX_LEAVES_SHOWN`` bad arrays and summarises the rest.
+
+This check copies device tensors to the host, so it is meant for data and for
+reports, not for the per-step guard inside a training loop (the trainer keeps
+its flag on the device).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from .errors import NonFiniteError
 __all__ = ["check_finite", "FiniteReport", "LeafReport"]
 
 MAX_POSITIONS = 5
+MAX_LEAVES_SHOWN = 20
+CHUNK = 1 << 20
 
 
 @dataclass
@@ -99,8 +107,15 @@ class FiniteReport:
     def __str__(self) -> str:
         if self.ok:
             return f"{self.name}: all {len(self.leaves)} array(s) finite"
-        lines = [f"non-finite values in {self.name!r} ({len(self.bad)} of {len(self.leaves)} array(s)):"]
-        lines += ["  " + leaf.describe() for leaf in self.bad]
+        bad = self.bad
+        lines = [f"non-finite values in {self.name!r} ({len(bad)} of {len(self.leaves)} array(s)):"]
+        lines += ["  " + leaf.describe() for leaf in bad[:MAX_LEAVES_SHOWN]]
+        if len(bad) > MAX_LEAVES_SHOWN:
+            rest = bad[MAX_LEAVES_SHOWN:]
+            lines.append(
+                f"  ... and {len(rest)} more array(s) with {sum(leaf.n_bad for leaf in rest)} non-finite "
+                f"value(s) in all (report.bad lists every one)"
+            )
         lines.append(
             "  fix: inspect those rows at their source; drop or impute them before training "
             "(np.nan_to_num hides them: use it only after deciding what they mean)"
@@ -109,63 +124,103 @@ class FiniteReport:
 
 
 def _walk(obj, path):
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _walk(value, f"{path}[{key!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _walk(value, f"{path}[{i}]")
-    else:
-        yield path, obj
+    """Yield ``(path, leaf)`` depth-first without recursion; a container inside itself is an error."""
+    stack = [(path, obj, False)]
+    open_ids: list[int] = []  # the containers on the current path
+    while stack:
+        path, item, closing = stack.pop()
+        if closing:
+            open_ids.pop()
+            continue
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) in open_ids:
+                raise ValueError(f"check_finite: {path} contains itself (a reference cycle); pass the data without the cycle")
+            open_ids.append(id(item))
+            stack.append((path, item, True))
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            children = [(f"{path}[{k!r}]" if isinstance(item, dict) else f"{path}[{k}]", v) for k, v in pairs]
+            stack.extend((p, v, False) for p, v in reversed(children))
+        else:
+            yield path, item
+
+
+def _datetime_as_float(arr: np.ndarray) -> np.ndarray:
+    """Datetimes/timedeltas as float64 counts, NaT as NaN."""
+    out = arr.view("i8").astype(np.float64)
+    out[np.isnat(arr)] = np.nan
+    return out
+
+
+def _frame_column(col) -> np.ndarray:
+    """One pandas column as float64; datetime and timedelta values as int64 counts, NaT as NaN."""
+    if col.dtype.kind in "mM" or hasattr(col.array, "asi8"):  # tz-aware datetimes are not kind "M"
+        out = col.array.asi8.astype(np.float64)
+        out[col.isna().to_numpy()] = np.nan
+        return out
+    return col.to_numpy(dtype=np.float64)
 
 
 def _to_numpy(obj, path):
     """Return ``(array, row_labels, column_labels)`` for a leaf."""
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(obj, pd.DataFrame):
-        numeric = obj.select_dtypes(include=[np.number, "bool"])
-        if numeric.shape[1] != obj.shape[1]:
-            others = [c for c in obj.columns if c not in numeric.columns]
+        usable = [c for c in obj.columns if pd.api.types.is_numeric_dtype(obj[c]) or pd.api.types.is_bool_dtype(obj[c])
+                  or pd.api.types.is_datetime64_any_dtype(obj[c]) or pd.api.types.is_timedelta64_dtype(obj[c])]
+        if len(usable) != obj.shape[1]:
+            others = [c for c in obj.columns if c not in usable]
             raise TypeError(
                 f"check_finite: {path} has non-numeric columns {others}; select the numeric "
                 f"columns first (df.select_dtypes('number'))"
             )
-        return numeric.to_numpy(dtype=np.float64), list(obj.index), list(obj.columns)
+        if all(obj[c].dtype.kind in "fiub" for c in obj.columns):  # one conversion for the usual frame
+            return obj.to_numpy(dtype=np.float64), list(obj.index), list(obj.columns)
+        return np.column_stack([_frame_column(obj[c]) for c in obj.columns]), list(obj.index), list(obj.columns)
     if pd is not None and isinstance(obj, pd.Series):
-        return obj.to_numpy(dtype=np.float64), list(obj.index), None
+        return _frame_column(obj), list(obj.index), None
     if isinstance(obj, (np.ndarray, np.generic, float, int, bool)):
-        return np.asarray(obj), None, None
+        arr = np.asarray(obj)
+        return (_datetime_as_float(arr) if arr.dtype.kind in "mM" else arr), None, None
     from .registry import backend_for
 
     B = backend_for(obj)
-    if not B.is_tensor(obj):
-        raise TypeError(
-            f"check_finite: {path} is a {type(obj).__name__}; expected a tensor, an array, "
-            f"a pandas object, a number, or a dict/list/tuple of those"
-        )
-    return B.to_numpy(obj), None, None
+    if B.is_tensor(obj):
+        return B.to_numpy(obj), None, None
+    if hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):  # Keras 3 variables, array-likes
+        return np.asarray(obj), None, None
+    raise TypeError(
+        f"check_finite: {path} is a {type(obj).__name__}; expected a tensor, an array, "
+        f"a pandas object, a number, or a dict/list/tuple of those"
+    )
 
 
 def _inspect(arr: np.ndarray, path: str, rows, cols) -> LeafReport:
-    if arr.dtype.kind not in "fcbiu":
+    if arr.dtype.kind == "c":
+        raise TypeError(f"check_finite: {path} is complex ({arr.dtype}); check x.real and x.imag separately")
+    if arr.dtype.kind not in "fbiu":
         raise TypeError(f"check_finite: {path} has dtype {arr.dtype}, which is not numeric")
     leaf = LeafReport(path, tuple(arr.shape), str(arr.dtype), row_labels=rows, column_labels=cols)
-    if arr.dtype.kind not in "fc":
+    if arr.dtype.kind != "f":
         if arr.size:
             leaf.finite_min, leaf.finite_max = float(arr.min()), float(arr.max())
         return leaf
-    finite = np.isfinite(arr)
-    if arr.size and finite.any():
-        vals = arr[finite]
-        leaf.finite_min, leaf.finite_max = float(vals.min()), float(vals.max())
-    if finite.all():
-        return leaf
-    nan = np.isnan(arr)
-    leaf.n_nan = int(nan.sum())
-    leaf.n_posinf = int(np.isposinf(arr).sum())
-    leaf.n_neginf = int(np.isneginf(arr).sum())
-    flat = np.flatnonzero(~finite.ravel())[:MAX_POSITIONS]
-    leaf.positions = [tuple(int(i) for i in np.unravel_index(k, arr.shape)) for k in flat]
+    flat = arr.reshape(-1)  # a view for contiguous arrays (the usual case); a copy otherwise
+    lo, hi, bad_at = np.inf, -np.inf, []
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start:start + CHUNK]
+        finite = np.isfinite(part)  # the one mask per chunk
+        if part.size and finite.any():
+            lo = min(lo, float(np.min(part, where=finite, initial=np.inf)))
+            hi = max(hi, float(np.max(part, where=finite, initial=-np.inf)))
+        if finite.all():
+            continue
+        leaf.n_nan += int(np.count_nonzero(np.isnan(part)))
+        leaf.n_posinf += int(np.count_nonzero(part == np.inf))
+        leaf.n_neginf += int(np.count_nonzero(part == -np.inf))
+        if len(bad_at) < MAX_POSITIONS:
+            bad_at += [start + int(i) for i in np.flatnonzero(~finite)[: MAX_POSITIONS - len(bad_at)]]
+    if lo <= hi:
+        leaf.finite_min, leaf.finite_max = lo, hi
+    leaf.positions = [tuple(int(i) for i in np.unravel_index(k, arr.shape)) for k in bad_at]
     return leaf
 
 
@@ -187,12 +242,16 @@ def check_finite(obj: Any, name: str = "input", raise_error: bool = True) -> Fin
         >>> print(stabilize.check_finite(X, raise_error=False).bad[0].describe())
         input['input1']: shape (2, 2) float64: 1 NaN, 1 +inf, 0 -inf; first at (row 0, col 1), (row 1, col 0); finite range [1, 2]
     """
+    if obj is None:
+        raise TypeError(f"check_finite: {name!r} is None; pass the data to check (an array, a tensor, a DataFrame...)")
     leaves = []
     for path, leaf in _walk(obj, name):
         if leaf is None:
             continue
         arr, rows, cols = _to_numpy(leaf, path)
         leaves.append(_inspect(arr, path, rows, cols))
+    if not leaves:
+        raise ValueError(f"check_finite: {name!r} holds no arrays or numbers to check (an empty or all-None structure)")
     report = FiniteReport(name, leaves)
     if raise_error and not report.ok:
         raise NonFiniteError(str(report), report)

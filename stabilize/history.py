@@ -19,7 +19,7 @@ class Event:
         epoch: the epoch.
         kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound),
             ``"scaler"`` (a loss scaler skipped an overflowing step; not a failure) or ``"lr-growth"``.
-        nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"`` were non-finite.
+        nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"``, ``"buffers"`` were non-finite.
         action: ``"skipped"``, ``"backed-off"``, ``"rolled-back"``, ``"raised"``,
             ``"applied"`` (policy ``ignore``), ``"scaler-skip"`` or ``"grew-lr"``.
         lr: the learning rate the step ran with.
@@ -110,7 +110,9 @@ class History:
         try:
             import matplotlib
         except ImportError as exc:
-            raise ImportError("History.plot needs matplotlib: pip install 'stabilize[scenarios]'") from exc
+            from .errors import install_hint
+
+            raise ImportError(f"History.plot needs matplotlib: {install_hint('scenarios')}") from exc
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

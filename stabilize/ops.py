@@ -6,39 +6,93 @@ and TensorFlow agree bit for bit where their primitives do.
 
 The rule for every clamp in this module: the value is clamped, the gradient is
 the derivative *at the clamp boundary*, never zero. A zero gradient in the
-clamped region is the "fake loss" of seed 001 (``tf.clip_by_value(y, 1e-8, 1)``
-inside a log): the loss looks finite and learning silently stops.
-NaN is never turned into a number: it comes out as NaN in its own element.
+clamped region is the "fake loss" of the ``log-zero`` scenario
+(``tf.clip_by_value(y, 1e-8, 1)`` inside a log): the loss looks finite and
+learning silently stops. NaN is never turned into a number: it comes out as
+NaN in its own element.
+
+The gradient bound: the local derivative of every safe op has magnitude at
+most :func:`grad_bound` ``(dtype) = sqrt(finfo(dtype).max)`` (rounded down),
+so any upstream factor up to that size (``5 * loss``, ``loss ** 2``, a loss
+scale) keeps the gradient finite. ``safe_log``'s derivative at its value
+floor would otherwise be ``1/tiny`` (8.5e37 in float32): ``5 * safe_log(0)``
+then has an inf gradient. The value floor and the gradient bound are separate.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 from .backends.base import ACCUMULATE, FLOAT_INFO
+from .clip import _leaves, _rebuild, clip_grads, clip_grads_, global_norm  # noqa: F401 (re-exported)
 from .registry import backend_for
+from .validate import check_positive_finite, convert, float_dtype
 
-__all__ = ["safe_log", "safe_div", "safe_mse", "safe_cross_entropy", "clip_grads", "global_norm"]
+__all__ = [
+    "grad_bound",
+    "safe_log",
+    "safe_div",
+    "safe_mse",
+    "safe_cross_entropy",
+    "clip_grads",
+    "clip_grads_",
+    "global_norm",
+]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _float_dtype(B, x, op: str) -> str:
-    dt = B.dtype(x)
-    if dt not in FLOAT_INFO:
-        raise TypeError(
-            f"{op} expects a floating tensor (float16, bfloat16, float32, float64), "
-            f"got {dt}; cast it first, e.g. x.float() or tf.cast(x, 'float32')"
-        )
-    return dt
+def _largest_root(name: str) -> float:
+    """The largest number of dtype ``name`` whose exact square is at most the dtype's max."""
+    info = FLOAT_INFO[name]
+    bits = round(-math.log2(info.eps)) + 1  # significand bits, the implicit one included
+    mantissa, exponent = math.frexp(math.sqrt(info.max))
+    steps = math.floor(mantissa * 2**bits)
+    while True:  # exact: Fraction arithmetic, no rounding of the square
+        value = math.ldexp(steps / 2**bits, exponent)
+        if Fraction(value) ** 2 <= Fraction(info.max):
+            return value
+        steps -= 1
 
 
-def _positive(value, what: str, op: str) -> float:
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{op}: {what} must be a positive finite number, got {value!r}")
-    return value
+_GRAD_BOUND = {name: _largest_root(name) for name in FLOAT_INFO}
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
+    return str(name).replace("torch.", "")
+
+
+def grad_bound(dtype) -> float:
+    """The largest local derivative a safe op returns in ``dtype``: ``sqrt(finfo(dtype).max)``.
+
+    Rounded down to a number of the dtype, so that ``bound * bound`` is finite
+    in it: 255.875 in float16, 1.84e19 in bfloat16 and float32, 1.34e154 in
+    float64. Every safe op caps its local derivative at this magnitude, so an
+    upstream gradient up to the same size keeps the product finite.
+
+    Args:
+        dtype: a dtype name (``"float32"``) or a numpy, torch or TensorFlow dtype.
+
+    Example:
+        >>> from stabilize.ops import grad_bound
+        >>> grad_bound("float16"), grad_bound("float32") ** 2 <= 3.4028234663852886e38
+        (255.875, True)
+    """
+    name = _dtype_name(dtype)
+    if name not in _GRAD_BOUND:
+        raise TypeError(f"grad_bound: {dtype!r} is not a floating dtype; use one of {', '.join(_GRAD_BOUND)}")
+    return _GRAD_BOUND[name]
+
+
+def _capped(B, g, bound: float):
+    """``g`` clamped to ``[-bound, bound]``; NaN stays NaN (both comparisons are False)."""
+    return B.where(g > bound, bound, B.where(g < -bound, -bound, g))
 
 
 def _wider(a: str, b: str) -> str:
@@ -56,9 +110,12 @@ def safe_log(x, eps: float | None = None, *, backend: str | None = None):
 
     Returns:
         A tensor of ``x``'s dtype. Below the floor (0, -0, negatives, -inf,
-        subnormals) the value is ``log(floor)`` and the gradient is
-        ``1/floor``: finite, positive, pointing towards larger ``x``. Above it,
-        value ``log(x)`` and gradient ``1/x``. NaN stays NaN in its element.
+        subnormals) the value is ``log(floor)``. The gradient is
+        ``min(1/max(x, floor), grad_bound(dtype))``: ``1/x`` wherever
+        ``x >= 1/grad_bound`` (5.4e-20 in float32, 0.0039 in float16), and the
+        bound below that, so it is finite, positive (pointing towards larger
+        ``x``) and stays finite under any upstream factor up to the bound.
+        NaN stays NaN in its element.
 
     Example:
         >>> import numpy as np, stabilize
@@ -67,9 +124,10 @@ def safe_log(x, eps: float | None = None, *, backend: str | None = None):
         (True, 0.0)
     """
     B = backend_for(x, backend=backend)
-    x = B.convert(x)
-    dt = _float_dtype(B, x, "safe_log")
-    floor = FLOAT_INFO[dt].tiny if eps is None else _positive(eps, "eps", "safe_log")
+    x = convert(B, x, "safe_log", "x")
+    dt = float_dtype(B, x, "safe_log")
+    floor = FLOAT_INFO[dt].tiny if eps is None else check_positive_finite("eps", eps, "1e-12", op="safe_log")
+    bound = _GRAD_BOUND[dt]
 
     def forward(x):
         # NaN < floor is False, so NaN passes through to log and stays NaN.
@@ -78,7 +136,8 @@ def safe_log(x, eps: float | None = None, *, backend: str | None = None):
 
     def backward(saved, dy):
         (clamped,) = saved
-        return (dy / clamped,)
+        # 1/clamped is finite (clamped >= floor > 0); capping it keeps dy * local finite.
+        return (dy * _capped(B, 1.0 / clamped, bound),)
 
     return B.custom_grad(forward, backward)(x)
 
@@ -100,7 +159,8 @@ def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
 
     The default floor is ``sqrt(smallest normal)`` of the dtype, the largest
     floor for which both ``a/b`` and the gradient ``-a/b**2`` stay finite for
-    ``|a| <= 1`` in every float dtype, float16 included.
+    ``|a| <= 1`` in every float dtype, float16 included. Both local
+    derivatives, ``1/b`` and ``-a/b**2``, are capped at :func:`grad_bound`.
 
     Example:
         >>> import numpy as np, stabilize
@@ -108,12 +168,13 @@ def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
         1000.0
     """
     B = backend_for(a, b, backend=backend)
-    a = B.convert(a)
-    dt = _float_dtype(B, a, "safe_div")
-    b = B.convert(b, dtype=None if B.is_tensor(b) else dt)
+    a = convert(B, a, "safe_div", "a")
+    dt = float_dtype(B, a, "safe_div")
+    b = convert(B, b, "safe_div", "b", dtype=None if B.is_tensor(b) else dt)
     if B.dtype(b) != dt:
         raise TypeError(f"safe_div: a is {dt} but b is {B.dtype(b)}; cast one of them so they match")
-    floor = math.sqrt(FLOAT_INFO[dt].tiny) if eps is None else _positive(eps, "eps", "safe_div")
+    floor = math.sqrt(FLOAT_INFO[dt].tiny) if eps is None else check_positive_finite("eps", eps, "1e-12", op="safe_div")
+    bound = _GRAD_BOUND[dt]
     shape_a, shape_b = B.shape(a), B.shape(b)
 
     def forward(a, b):
@@ -124,8 +185,8 @@ def safe_div(a, b, eps: float | None = None, *, backend: str | None = None):
 
     def backward(saved, dy):
         y, safe_b = saved
-        da = dy / safe_b
-        db = -(dy * y) / safe_b
+        da = dy * _capped(B, 1.0 / safe_b, bound)
+        db = dy * _capped(B, -y / safe_b, bound)  # -a/b**2; an overflow to inf is capped too
         return _unbroadcast(B, da, shape_a), _unbroadcast(B, db, shape_b)
 
     return B.custom_grad(forward, backward)(a, b)
@@ -137,8 +198,12 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
     It accumulates in at least float32 and returns in that dtype (float16 and
     bfloat16 inputs give a float32 loss: a float16 square overflows past 256).
     The sum of squares is computed on ``d / max|d|`` and rescaled, so it does
-    not overflow before the mean is taken. The gradient is exactly
-    ``2 (pred - target) / n``, cast back to each input's dtype.
+    not overflow before the mean is taken. The gradient is
+    ``2 (pred - target) / n`` (``2 (pred - target)`` for ``"sum"``), its
+    magnitude capped at :func:`grad_bound` of the accumulation dtype, then
+    cast back to each input's dtype. Empty inputs: ``"sum"`` gives 0,
+    ``"none"`` an empty tensor, and ``"mean"`` raises ``ValueError`` (the mean
+    of nothing is undefined; torch and numpy return NaN).
 
     Args:
         pred, target: tensors of the same shape. Shapes must match exactly:
@@ -154,10 +219,10 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
     if reduction not in _REDUCTIONS:
         raise ValueError(f"safe_mse: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     B = backend_for(pred, target, backend=backend)
-    pred = B.convert(pred)
-    dt_p = _float_dtype(B, pred, "safe_mse")
-    target = B.convert(target, dtype=None if B.is_tensor(target) else dt_p)
-    dt_t = _float_dtype(B, target, "safe_mse")
+    pred = convert(B, pred, "safe_mse", "pred")
+    dt_p = float_dtype(B, pred, "safe_mse")
+    target = convert(B, target, "safe_mse", "target", dtype=None if B.is_tensor(target) else dt_p)
+    dt_t = float_dtype(B, target, "safe_mse")
     if B.shape(pred) != B.shape(target):
         raise ValueError(
             f"safe_mse: pred has shape {B.shape(pred)} but target has shape {B.shape(target)}; "
@@ -165,14 +230,20 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
         )
     acc = _wider(ACCUMULATE[dt_p], ACCUMULATE[dt_t])
     n = B.numel(pred, acc)
+    bound = _GRAD_BOUND[acc]
+    if reduction == "mean" and isinstance(n, int) and n == 0:
+        raise ValueError(
+            f"safe_mse: pred and target are empty (shape {B.shape(pred)}), and the mean of no "
+            f"elements is undefined; check where the empty batch comes from, or pass "
+            f"reduction='sum' (0 for empty input)"
+        )
 
     def forward(p, t):
         d = B.cast(p, acc) - B.cast(t, acc)
         if reduction == "none":
             return d * d, (d,)
         if isinstance(n, int) and n == 0:
-            empty = B.sum(d)  # 0 for "sum"; the mean of nothing is NaN, as in numpy and torch
-            return (empty if reduction == "sum" else empty / 0.0), (d,)
+            return B.sum(d), (d,)  # "sum" of nothing: 0
         m = B.amax(B.abs(d))
         scale = B.where(B.isfinite(m) & (m > 0), m, B.full_like(m, 1.0))
         q = d / scale
@@ -182,7 +253,8 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
 
     def backward(saved, dy):
         (d,) = saved
-        g = (2.0 / n if reduction == "mean" else 2.0) * d * B.cast(dy, acc)
+        local = (2.0 / n if reduction == "mean" else 2.0) * d
+        g = _capped(B, local, bound) * B.cast(dy, acc)
         return B.cast(g, dt_p), B.cast(-g, dt_t)
 
     return B.custom_grad(forward, backward)(pred, target)
@@ -210,13 +282,13 @@ def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str 
     if reduction not in _REDUCTIONS:
         raise ValueError(f"safe_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     B = backend_for(logits, labels, backend=backend)
-    logits = B.convert(logits)
-    dt = _float_dtype(B, logits, "safe_cross_entropy")
+    logits = convert(B, logits, "safe_cross_entropy", "logits")
+    dt = float_dtype(B, logits, "safe_cross_entropy")
     shape = B.shape(logits)
     if len(shape) != 2 or shape[1] is None:
         raise ValueError(f"safe_cross_entropy: logits must be (N, C) with C known, got shape {shape}")
     acc = ACCUMULATE[dt]
-    labels = B.convert(labels)
+    labels = convert(B, labels, "safe_cross_entropy", "labels")
     lshape = B.shape(labels)
     if len(lshape) == 1 and not B.dtype(labels).startswith(("float", "bfloat")):
         y = B.one_hot(labels, shape[1], acc)
@@ -238,126 +310,3 @@ def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str 
         return losses
     total = B.sum(losses)
     return total / B.rows(logits, acc) if reduction == "mean" else total
-
-
-def _leaves(tree, path=()):
-    if isinstance(tree, dict):
-        for k in tree:
-            yield from _leaves(tree[k], path + (k,))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _leaves(v, path + (i,))
-    else:
-        yield path, tree
-
-
-def _rebuild(tree, values, path=()):
-    if isinstance(tree, dict):
-        return type(tree)((k, _rebuild(tree[k], values, path + (k,))) for k in tree)
-    if isinstance(tree, (list, tuple)):
-        items = [_rebuild(v, values, path + (i,)) for i, v in enumerate(tree)]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return values[path]
-
-
-def global_norm(grads, norm_type: float = 2.0, *, backend: str | None = None):
-    """The norm of all gradients taken together (``None`` leaves are ignored).
-
-    Accumulates in float32 (float64 if any gradient is float64). ``norm_type``
-    is a positive number or ``inf``. As in ``torch.nn.utils.clip_grad_norm_``,
-    it is the norm of the per-tensor norms, each taken in one pass.
-    """
-    present = [g for _, g in _leaves(grads) if g is not None]
-    B = backend_for(*present[:1], backend=backend)
-    if not present:
-        return B.convert(0.0, "float32")
-    acc = "float32"
-    tensors = [B.convert(g) for g in present]
-    for g in tensors:
-        acc = _wider(acc, ACCUMULATE[_float_dtype(B, g, "clip_grads")])
-    # torch's formula: the norm of the per-tensor norms.
-    norms = B.norms(tensors, norm_type, acc)
-    if norm_type == math.inf:
-        return _stack_scalars(B, norms)
-    if norm_type == 2.0:
-        return B.sqrt(_add_all([n * n for n in norms]))
-    if norm_type == 1.0:
-        return _add_all(norms)
-    return _add_all([n**norm_type for n in norms]) ** (1.0 / norm_type)
-
-
-def _add_all(values):
-    out = values[0]
-    for v in values[1:]:
-        out = out + v
-    return out
-
-
-def _stack_scalars(B, values):
-    out = values[0]
-    for v in values[1:]:
-        out = B.where((v > out) | B.isnan(v), v, out)  # NaN-propagating running max
-    return out
-
-
-def clip_grads(
-    grads,
-    max_norm: float | None = None,
-    max_value: float | None = None,
-    norm_type: float = 2.0,
-    *,
-    backend: str | None = None,
-) -> tuple[Any, Any]:
-    """Clip gradients by value and/or by global norm; one formula on every backend.
-
-    Value clipping (``max_value``) clamps each element to ``[-max_value, max_value]``
-    first. Norm clipping (``max_norm``) then multiplies every gradient by
-    ``min(max_norm / (norm + 1e-6), 1)``, torch's formula, as a clamped
-    coefficient on the device rather than a Python branch, so it needs no
-    host sync. When the norm is inf or NaN the coefficient is 1: gradients are
-    never zeroed, negated or scaled into NaN, and the returned norm shows the
-    problem (``tf.clip_by_global_norm`` turns everything NaN instead).
-
-    Args:
-        grads: a tensor, or a list/tuple/dict of tensors (``None`` entries kept).
-        max_norm: the global-norm bound, or None.
-        max_value: the elementwise bound, or None.
-        norm_type: 2.0, 1.0, any p > 0, or ``math.inf``.
-
-    Returns:
-        ``(clipped, total_norm)``: the same structure as ``grads`` and the norm
-        of the gradients *as given* (before any clipping), for logging.
-
-    Example:
-        >>> import numpy as np, stabilize
-        >>> (g,), norm = stabilize.clip_grads([np.array([3.0, 4.0])], max_norm=1.0, backend="numpy")
-        >>> float(norm), np.round(g, 6).tolist()
-        (5.0, [0.6, 0.8])
-    """
-    if max_norm is not None:
-        max_norm = _positive(max_norm, "max_norm", "clip_grads")
-    if max_value is not None:
-        max_value = _positive(max_value, "max_value", "clip_grads")
-    norm_type = float(norm_type)
-    if not norm_type > 0:
-        raise ValueError(f"clip_grads: norm_type must be > 0 or inf, got {norm_type!r}")
-    single = not isinstance(grads, (list, tuple, dict))
-    tree = [grads] if single else grads
-    leaves = dict(_leaves(tree))
-    present = [g for g in leaves.values() if g is not None]
-    B = backend_for(*present[:1], backend=backend)
-    leaves = {k: (None if g is None else B.convert(g)) for k, g in leaves.items()}
-    total_norm = global_norm(list(leaves.values()), norm_type, backend=B)
-    if max_value is not None:
-        leaves = {
-            k: None if g is None else B.where(g > max_value, max_value, B.where(g < -max_value, -max_value, g))
-            for k, g in leaves.items()
-        }
-    if max_norm is not None:
-        norm = total_norm if max_value is None else global_norm(list(leaves.values()), norm_type, backend=B)
-        coef = max_norm / (norm + 1e-6)
-        # A non-finite norm means non-finite gradients: leave them for the caller to see.
-        coef = B.where(B.isfinite(norm) & (coef < 1.0), coef, 1.0)
-        leaves = {k: None if g is None else g * B.cast(coef, B.dtype(g)) for k, g in leaves.items()}
-    clipped = _rebuild(tree, leaves)
-    return (clipped[0] if single else clipped), total_norm

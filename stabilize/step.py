@@ -17,7 +17,14 @@ from typing import Any, Callable
 from .guard.supervisor import STAT_FIELDS
 from .ops import _leaves, _rebuild, clip_grads, global_norm
 
-__all__ = ["STAT_FIELDS", "make_step", "flatten_state", "unflatten_state"]
+__all__ = ["STAT_FIELDS", "make_step", "flatten_state", "unflatten_state", "update_ratio"]
+
+
+def update_ratio(B, new, old):
+    """``‖new - old‖ / (‖old‖ + 1e-12)``: the size of the update actually applied, next to
+    the weights, on the device. The one formula of ``max_update_ratio`` everywhere."""
+    delta = global_norm([n - o for n, o in zip(new, old)], backend=B)
+    return delta / (global_norm(old, backend=B) + 1e-12)
 
 
 def flatten_state(state) -> tuple[list[tuple], list[Any]]:
@@ -65,8 +72,7 @@ def make_step(
             weights_ok = B.all_finite(new_params)
             ok = loss_ok & grads_ok & weights_ok
             if max_update_ratio is not None:  # the update actually applied: after clipping
-                delta = global_norm([n - p for n, p in zip(new_params, params)], backend=B)
-                ratio = delta / (global_norm(params, backend=B) + 1e-12)
+                ratio = update_ratio(B, new_params, params)
                 small = ratio <= max_update_ratio
                 ok = ok & small
                 large = ~small

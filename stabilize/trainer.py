@@ -213,7 +213,7 @@ class StabilityTrainer:
         if B.is_tensor(xb):
             return xb
         arr = np.asarray(xb)
-        return B.convert(arr, self.dtype if arr.dtype.kind == "f" else None)
+        return self.updater.to_tensor(arr, self.dtype if arr.dtype.kind == "f" else None)
 
     # -- fit ----------------------------------------------------------------------
     def fit(self, x, y=None, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
@@ -265,25 +265,33 @@ class StabilityTrainer:
     def _step(self, batch: Batch, epoch: int, bar, keeps: bool) -> bool:
         """One guarded step and what follows it; returns whether it was bad."""
         sup, updater = self.supervisor, self.updater
-        keep_pre = self.diagnose and sup.diagnosis is None and not self.settings.guarded
-        pre = updater.capture() if keep_pre else None
+        pending = self.diagnose and sup.diagnosis is None and not self.settings.guarded
         xb, yb = self._convert(batch.x), self._convert(batch.y)
-        stats = updater.run(xb, yb, sup.lr)
+        if pending and getattr(updater, "diagnoses_before_commit", False):
+            # ``ignore`` with torch.optim: the bad step is diagnosed before its update is applied
+            hook = lambda stats: self._diagnose(xb, yb, None, dict(stats, batch=batch.position))  # noqa: E731
+            stats = updater.run(xb, yb, sup.lr, hook)
+            pre = None
+        else:  # the other updaters commit on the device: keep the pre-step state while no diagnosis is made
+            pre = updater.capture() if pending else None
+            stats = updater.run(xb, yb, sup.lr)
         bad = stats["committed"] != 1.0 or stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0
         if bad and self._native and stats.get("scaler_skip") != 1.0 and not updater.weights_finite():
             stats["weights_broken"] = 1.0  # an earlier native update broke the weights
         rows = bad_rows(batch.x, batch.y, batch.rows) if bad and batch.rows is not None else batch.rows
         decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows)
-        nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite"))
-        if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose:
+        nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
+        if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose \
+                and not (pending and pre is None):
             self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}")
         if decision.restore:
             self._restore_snapshot()
-        elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0:
-            self._take_snapshot()
+        elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0 \
+                and (not self._native or getattr(updater, "verifies", False) or updater.weights_finite()):
+            self._take_snapshot()  # never keep weights a native update broke
         if decision.stop:
             sup.raise_for(decision, sup.history())
         return nonfinite
@@ -307,7 +315,7 @@ class StabilityTrainer:
         if self._snapshot is not None:
             self.updater.restore(self._snapshot)
 
-    def _diagnose(self, xb, yb, pre):
+    def _diagnose(self, xb, yb, pre, pending=None):
         """Replay the failing step from its pre-step state (see :mod:`stabilize.diagnose`)."""
         updater = self.updater
         current = None
@@ -315,7 +323,7 @@ class StabilityTrainer:
             current = updater.capture()
             updater.restore(pre)
         try:
-            self.supervisor.diagnose(self.backend, self.model, self.loss_fn, xb, yb, self.params)
+            self.supervisor.diagnose(self.backend, self.model, self.loss_fn, xb, yb, self.params, pending=pending)
         finally:
             if current is not None:
                 updater.restore(current)

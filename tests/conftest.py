@@ -1,10 +1,18 @@
-"""Shared fixtures.
+"""Shared fixtures, and the rule for what a partial install skips.
 
 ``STABILIZE_TEST_BACKENDS`` (default ``torch,tensorflow``) names the backends
 this run must exercise: one of those that cannot load fails the run; a backend
 not named is skipped.
+
+A test that needs a module from an extra that is not installed (scikit-learn,
+matplotlib or tqdm from ``scenarios``, or a framework not named in
+``STABILIZE_TEST_BACKENDS``) is skipped, naming the module and the extra: a
+torch-only install (``pip install -e '.[torch,test]'`` with
+``STABILIZE_TEST_BACKENDS=torch``) runs everything it can and skips the rest.
+The rule is applied once, here (``pytest_runtest_call``), not test by test.
 """
 
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -15,6 +23,69 @@ import pytest
 REQUIRED = [b.strip() for b in os.environ.get("STABILIZE_TEST_BACKENDS", "torch,tensorflow").split(",") if b.strip()]
 ALL_BACKENDS = ["torch", "tensorflow"]
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+# module -> (extra that installs it, the backend it belongs to or None)
+OPTIONAL = {
+    "sklearn": ("scenarios", None),
+    "matplotlib": ("scenarios", None),
+    "tqdm": ("scenarios", None),
+    "pandas": ("test", None),
+    "tensorflow": ("tensorflow", "tensorflow"),
+    "keras": ("tensorflow", "tensorflow"),
+    "torch": ("torch", "torch"),
+}
+
+
+def _missing_optional(exc):
+    """The (module, extra) behind an ImportError that a partial install may skip, else None."""
+    while exc is not None:
+        name = getattr(exc, "name", None)
+        if isinstance(exc, ImportError) and name:
+            top = name.split(".")[0]
+            if top in OPTIONAL and importlib.util.find_spec(top) is None:
+                extra, backend = OPTIONAL[top]
+                return None if backend in REQUIRED else (top, extra)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _skip_if_optional_missing(outcome):
+    exc = getattr(outcome, "exception", None)
+    if exc is None:
+        try:
+            outcome.get_result()
+        except BaseException as err:  # noqa: BLE001 - inspected, then re-raised by pluggy
+            exc = err
+    missing = _missing_optional(exc) if exc is not None else None
+    if missing is not None:
+        module, extra = missing
+        outcome.force_exception(pytest.skip.Exception(f"needs {module} (the '{extra}' extra), not installed"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    outcome = yield
+    _skip_if_optional_missing(outcome)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    outcome = yield
+    _skip_if_optional_missing(outcome)
+
+
+@pytest.fixture(autouse=True)
+def _needs_marker(request):
+    """``@pytest.mark.needs("tensorflow", "matplotlib")``: for tests that use a module only in a
+    subprocess, where the ImportError rule above cannot see it."""
+    marker = request.node.get_closest_marker("needs")
+    for module in marker.args if marker else ():
+        if importlib.util.find_spec(module) is None:
+            extra, backend = OPTIONAL.get(module, (None, None))
+            if backend in REQUIRED:
+                pytest.fail(f"{module} is needed by the backend {backend}, which STABILIZE_TEST_BACKENDS asks for")
+            pytest.skip(f"needs {module} (the '{extra}' extra), not installed")
 
 
 def load_backend(name):

@@ -1,4 +1,4 @@
-"""The "Numeric functions" table of shared/RELIABILITY.md, row by row, on every backend and dtype."""
+"""The reliability table for numeric functions, row by row, on every backend and dtype."""
 
 import math
 
@@ -7,6 +7,7 @@ import pytest
 
 import stabilize
 from stabilize.backends.base import FLOAT_INFO
+from stabilize.ops import grad_bound
 from conftest import DTYPES
 from helpers import TOL, rounded, value_and_grads
 
@@ -31,8 +32,9 @@ def test_safe_log_below_floor_finite_value_nonzero_gradient(backend, dtype, devi
     value, (grad,), _ = value_and_grads(backend, stabilize.safe_log, [x], dtype, device)
     tiny = FLOAT_INFO[dtype].tiny
     np.testing.assert_array_equal(value, rounded(np.full_like(x, math.log(tiny)), dtype))
-    # 1/floor: finite, positive (towards larger x), never the zero of clip_by_value.
-    np.testing.assert_array_equal(grad, np.full_like(x, 1.0 / tiny))
+    # The gradient bound (1/floor would be 8.5e37 in float32: inf once scaled by 5):
+    # finite, positive (towards larger x), never the zero of clip_by_value.
+    np.testing.assert_array_equal(grad, np.full_like(x, grad_bound(dtype)))
     assert np.all(np.isfinite(grad)) and np.all(grad > 0)
 
 
@@ -45,7 +47,9 @@ def test_safe_log_above_floor_matches_float64_log_and_reciprocal_gradient(backen
     value, (grad,), _ = value_and_grads(backend, stabilize.safe_log, [x], dtype, device)
     tol = TOL[dtype]
     np.testing.assert_allclose(value, np.log(x), rtol=tol, atol=tol)
-    np.testing.assert_allclose(grad, 1.0 / x, rtol=tol)
+    # 1/x, capped at the gradient bound below x = 1/bound (5.4e-20 in float32, 0.0039 in float16).
+    np.testing.assert_allclose(grad, np.minimum(1.0 / x, grad_bound(dtype)), rtol=tol)
+    assert np.any(1.0 / x > grad_bound(dtype)) and np.any(1.0 / x < grad_bound(dtype))  # both regimes drawn
 
 
 def _ops():
@@ -137,7 +141,9 @@ def test_safe_div_matches_reference_and_floors_small_denominators(backend, devic
     tol = TOL[dtype]
     np.testing.assert_allclose(value, a / bs, rtol=tol)
     np.testing.assert_allclose(ga, 1 / bs, rtol=tol)
-    np.testing.assert_allclose(gb, -ar / bs**2, rtol=tol * 2)
+    bound = grad_bound(dtype)
+    np.testing.assert_allclose(gb, np.clip(-ar / bs**2, -bound, bound), rtol=tol * 2)
+    assert np.any(np.abs(ar / bs**2) > bound)  # the cap is exercised: -a/b**2 at the floor is 1/tiny
     assert np.all(np.isfinite(value)) and np.all(np.isfinite(ga)) and np.all(np.isfinite(gb))
     assert np.all(gb[2:] != 0)  # the floored region keeps an informative gradient
 

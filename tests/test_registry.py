@@ -97,7 +97,7 @@ def test_known_but_missing_framework_names_the_pip_extra():
             print("ERR", e)
     """)
     assert "ERR backend 'torch' is known but its framework failed to import" in out.stdout, out.stderr
-    assert "pip install 'stabilize[torch]'" in out.stdout
+    assert "pip install 'stabilize-nn[torch]' (from a clone: pip install -e '.[torch]')" in out.stdout
 
 
 def test_ops_dispatch_on_tensor_type_not_on_config(backend):

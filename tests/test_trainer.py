@@ -160,7 +160,7 @@ def test_torch_step_makes_exactly_one_host_read(monkeypatch):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"on_nonfinite": "retry"}, "on_nonfinite must be one of"),
-    ({"clip_norm": -1.0}, "clip_norm must lie in"),
+    ({"clip_norm": -1.0}, "clip_norm must be a positive finite number"),
     ({"backoff_factor": 1.5}, "backoff_factor must lie in"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, match):
@@ -245,3 +245,17 @@ def test_native_optimizer_update_that_overflows_weights_is_rolled_back():
     assert h.first_nonfinite_step == 1
     for p, s in zip(model.parameters(), start):  # back at the snapshot taken when fit began
         assert torch.equal(p, s)
+
+
+def test_fit_refuses_degenerate_input_with_clear_errors():
+    from conftest import load_backend
+
+    load_backend("torch")
+    t = StabilityTrainer(MLP((3, 1)), "mse", SGD(lr=0.1), backend="torch", progress=False)
+    X = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0; no step would run"):
+        t.fit(X, np.zeros((4, 1)), epochs=0)
+    with pytest.raises(ValueError, match="y has 0 rows, so no training step can run"):
+        t.fit(X[:0], np.zeros((0, 1)))
+    with pytest.raises(TypeError, match="batch_size must be an integer >= 1, got the str"):
+        t.fit(X, np.zeros((4, 1)), batch_size="8")

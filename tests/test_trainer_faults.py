@@ -1,4 +1,4 @@
-"""The "trainer" rows of shared/RELIABILITY.md: faults injected on purpose, exact state asserted after."""
+"""The trainer's reliability rows: faults injected on purpose, exact state asserted after."""
 
 import numpy as np
 import pytest

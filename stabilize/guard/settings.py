@@ -11,6 +11,8 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 
+from ..validate import check_count, check_positive_finite
+
 __all__ = ["POLICIES", "GuardSettings"]
 
 POLICIES = ("raise", "skip", "backoff", "rollback", "ignore")
@@ -31,17 +33,6 @@ def _number(name, value, *, allow_none=False, low=0.0, low_open=True, high=math.
         shown = f"{lo}{low:g}, {high:g}{hi}"
         raise ValueError(f"{name} must lie in {shown}{' and be finite' if finite else ''}, got {value!r}")
     return value
-
-
-def _count(name, value, *, low, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        hint = " or None" if allow_none else ""
-        raise TypeError(f"{name} must be an integer{hint}, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -81,17 +72,18 @@ class GuardSettings:
     def __post_init__(self):
         if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in POLICIES:
             raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {self.on_nonfinite!r}")
+        optional = lambda check, name, *args: None if getattr(self, name) is None else check(name, getattr(self, name), *args)  # noqa: E731
         checked = {
-            "clip_norm": _number("clip_norm", self.clip_norm, allow_none=True),
-            "clip_value": _number("clip_value", self.clip_value, allow_none=True),
+            "clip_norm": optional(check_positive_finite, "clip_norm"),
+            "clip_value": optional(check_positive_finite, "clip_value"),
             "backoff_factor": _number("backoff_factor", self.backoff_factor, high=1.0, high_open=True),
             "min_lr": _number("min_lr", self.min_lr, low_open=False),
-            "grow_after": _count("grow_after", self.grow_after, low=1, allow_none=True),
-            "max_bad_steps": _count("max_bad_steps", self.max_bad_steps, low=1),
-            "max_rollbacks": _count("max_rollbacks", self.max_rollbacks, low=0),
-            "snapshot_every": _count("snapshot_every", self.snapshot_every, low=1),
-            "max_update_ratio": _number("max_update_ratio", self.max_update_ratio, allow_none=True),
-            "min_loss_scale": _number("min_loss_scale", self.min_loss_scale),
+            "grow_after": optional(check_count, "grow_after", 1),
+            "max_bad_steps": check_count("max_bad_steps", self.max_bad_steps, 1),
+            "max_rollbacks": check_count("max_rollbacks", self.max_rollbacks, 0),
+            "snapshot_every": check_count("snapshot_every", self.snapshot_every, 1),
+            "max_update_ratio": optional(check_positive_finite, "max_update_ratio", "0.5"),
+            "min_loss_scale": check_positive_finite("min_loss_scale", self.min_loss_scale),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

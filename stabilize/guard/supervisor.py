@@ -32,7 +32,8 @@ logger = logging.getLogger("stabilize")
 STAT_FIELDS = ("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio",
                "large_update", "scaler_skip", "committed")
 
-_PARTS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"))
+_PARTS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"),
+          ("buffers", "buffers_finite"))
 
 
 class Decision(NamedTuple):
@@ -143,23 +144,26 @@ class Supervisor:
             return Decision(action, restore=True, event=event)
         return Decision(action, stop=action == "raise", event=event)
 
-    def diagnose(self, B, model, loss_fn, x, y, params, *, lr: float | None = None):
-        """Replay the last (failed) step from the current weights and keep the diagnosis.
+    def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None):
+        """Replay the last failed step from the current weights and keep the diagnosis.
 
-        The model must hold the step's pre-step weights. A diagnosis that fails
-        itself is logged, never raised: it must not take the run down with it.
+        The model must hold the step's pre-step weights. ``pending`` is the
+        statistics of a step not yet recorded (diagnosed before an unguarded
+        update is applied, so that no weights need copying). A diagnosis that
+        fails itself is logged, never raised: it must not take the run down.
         """
         import numpy as np
 
         from ..diagnose import diagnose
 
-        row = self.rows[-1]
-        col = lambda k: np.array([r.get(k, np.nan) for r in self.rows], dtype=np.float64)
+        rows = self.rows if pending is None else self.rows + [dict(pending, step=self.step)]
+        row = rows[-1]
+        col = lambda k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)
         try:
             weights = [np.asarray(B.to_numpy(p), dtype=np.float64) for p in params]
             wnorm = float(np.sqrt(sum(float(np.sum(w * w)) for w in weights)))
             self.diagnosis = diagnose(B, model, loss_fn, x, y, step=row["step"], batch_index=row.get("batch", 0),
-                                      lr=row.get("lr", np.nan) if lr is None else lr, losses=col("loss"),
+                                      lr=row.get("lr", np.nan), losses=col("loss"),
                                       grad_norms=col("grad_norm"), weights_norm=wnorm)
         except Exception as exc:  # noqa: BLE001 - reported, and training goes on
             logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",

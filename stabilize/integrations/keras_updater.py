@@ -112,6 +112,10 @@ class KerasUpdater:
         self.params = B.parameters(model)  # the tf.Variables under the Keras variables, for diagnosis and get_weights
         self.applied = 0
 
+    def to_tensor(self, arr: np.ndarray, dtype: str | None):
+        """A batch as a backend tensor, on the device the parameters live on."""
+        return self.B.convert(arr, dtype)
+
     def base_lr(self) -> float:
         """The optimizer's own rate now (a schedule evaluated at its ``iterations``)."""
         return float(ops.convert_to_numpy(self.optimizer.learning_rate))

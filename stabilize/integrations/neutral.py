@@ -33,6 +33,14 @@ class NeutralUpdater:
                                clip_norm=settings.clip_norm, clip_value=settings.clip_value,
                                max_update_ratio=settings.max_update_ratio, guard=settings.guarded)
 
+    def to_tensor(self, arr: np.ndarray, dtype: str | None):
+        """A batch as a backend tensor, on the device the parameters live on."""
+        if self.B.name == "torch":  # the parameters' device, resolved once (no config read per batch)
+            import torch
+
+            return torch.as_tensor(arr, dtype=getattr(torch, dtype) if dtype else None, device=self.params[0].device)
+        return self.B.convert(arr, dtype)
+
     def base_lr(self) -> float:
         factor = self.schedule(self.applied) if self.schedule is not None else 1.0
         return self.optimizer.lr * factor

@@ -74,6 +74,11 @@ class TorchGuard:
             through it. Its own overflow skips are recorded as ``"scaler"``
             events, not failures.
         scheduler: optional, so that a rollback restores its state too.
+        restore_rng: a step that is not applied gives back the RNG draws made
+            since the last applied step (Dropout, and anything else drawn in
+            between), so a faulted run equals the run without that batch. With
+            several guards on one RNG (a GAN), pass False: one guard's skip
+            would otherwise rewind the other's draws.
         verify_updates: check every applied update (weights finite, and
             ``max_update_ratio``) and undo it exactly if bad; costs a copy of
             the parameters and optimizer state per step. Without it, weights an
@@ -87,14 +92,14 @@ class TorchGuard:
     """
 
     def __init__(self, model=None, optimizer=None, *, scaler=None, scheduler=None, verify_updates=False,
-                 loss_fn=None, **settings):
+                 restore_rng=True, loss_fn=None, **settings):
         if model is None or optimizer is None:
             raise TypeError("TorchGuard needs the model and its optimizer: TorchGuard(model, optimizer, **settings), "
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
         self.settings = GuardSettings(**settings)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler)
+        self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates)
         self.supervisor = Supervisor(self.settings)
         self._keeps_snapshot = self.supervisor.wants_snapshot or (self.settings.guarded and not self._step.verify)
@@ -134,7 +139,8 @@ class TorchGuard:
             self._diagnose(batch, stats)
         if decision.restore and self._snapshot is not None:
             self.state.restore(self._snapshot)
-        if self._keeps_snapshot and decision.action == "applied" and sup.applied % self.settings.snapshot_every == 0:
+        if self._keeps_snapshot and decision.action == "applied" and sup.applied % self.settings.snapshot_every == 0 \
+                and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
             self._snapshot = self.state.capture()
             sup.snapshot_taken()
         self._step.zero_grad()

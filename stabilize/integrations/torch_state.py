@@ -64,8 +64,9 @@ class Snapshot(NamedTuple):
 class TorchState:
     """Parameters, buffers, optimizer, scheduler, loss scaler and RNG of one torch model."""
 
-    def __init__(self, model, optimizer, *, scheduler=None, scaler=None):
+    def __init__(self, model, optimizer, *, scheduler=None, scaler=None, restore_rng=True):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.restore_rng = restore_rng
         self.params = optimizer_params(optimizer)
         self.buffers = [b for b in model.buffers()]
         self._marked: list[torch.Tensor] | None = None
@@ -79,7 +80,7 @@ class TorchState:
                 self._marked = [b.detach().clone() for b in self.buffers]
             elif self.buffers:
                 torch._foreach_copy_(self._marked, [b.detach() for b in self.buffers])
-        self._marked_rng = _rng_state()
+        self._marked_rng = _rng_state() if self.restore_rng else None
 
     def undo_forward(self) -> None:
         """Put the buffers and RNG back as :meth:`mark` saw them."""
@@ -92,7 +93,8 @@ class TorchState:
     def buffers_finite(self) -> torch.Tensor:
         floats = [b for b in self.buffers if b.is_floating_point() and b.numel()]
         if not floats:
-            return torch.tensor(True)
+            device = self.params[0].device if self.params else "cpu"
+            return torch.ones((), dtype=torch.bool, device=device)
         return torch.stack([torch.isfinite(torch.stack(torch.aminmax(b))).all() for b in floats]).all()
 
     # -- everything ------------------------------------------------------------------

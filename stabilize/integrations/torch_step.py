@@ -27,6 +27,7 @@ import torch
 from ..guard.settings import GuardSettings
 from ..ops import global_norm
 from ..registry import get_backend
+from ..step import update_ratio
 from .torch_state import TorchState, UpdateUndo
 
 __all__ = ["TorchStep", "check_loss"]
@@ -60,12 +61,15 @@ class TorchStep:
         scaler = self.state.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    def step(self, rate=None) -> dict[str, float]:
+    def step(self, rate=None, before_unguarded=None) -> dict[str, float]:
         """Check the accumulated gradients and commit or discard; returns the step's statistics.
 
         ``rate(lr) -> lr``, when given, maps each group's own rate (the user's or
         the scheduler's) to the one this update uses (the back-off); the group's
         rate is put back right after, so a scheduler never sees it changed.
+        ``before_unguarded(stats)`` is called when a bad step is about to be
+        applied anyway (policy ``ignore``), while the weights are still the
+        pre-step ones: the diagnosis runs there, and nothing is copied.
         """
         st, s = self.state, self.settings
         if not self._losses:
@@ -85,18 +89,24 @@ class TorchStep:
             else:
                 current = norm
             loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(norm)
-            ok = loss_ok & grads_ok
+            buffers_ok = st.buffers_finite()  # BatchNorm statistics the forward pass just wrote
+            ok = loss_ok & grads_ok & buffers_ok
             scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones((), device=loss.device)
-            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale], "float64"))
+            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale, buffers_ok],
+                                              "float64"))
         stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite"), values[:4]))
         ok, current, scale = values[4] == 1.0, values[5], values[6]
+        stats["buffers_finite"] = values[7]
         base = float(st.optimizer.param_groups[0]["lr"])
         stats.update(weights_finite=1.0, update_ratio=0.0, large_update=0.0, scaler_skip=0.0, loss_scale=scale,
                      lr=float(rate(base)) if rate is not None else base)
         # A scaler's own overflow: finite loss, non-finite gradients, scale still above the floor.
-        if scaler is not None and not ok and stats["loss_finite"] == 1.0 and scale >= s.min_loss_scale:
+        if scaler is not None and not ok and stats["loss_finite"] == 1.0 and values[7] == 1.0 \
+                and scale >= s.min_loss_scale:
             stats["scaler_skip"] = 1.0
         commit = ok or not s.guarded
+        if not ok and commit and before_unguarded is not None:
+            before_unguarded(stats)
         if commit and s.clip_norm is not None and grads and math.isfinite(current):
             coef = float(np.float32(s.clip_norm) / (np.float32(current) + np.float32(1e-6)))
             if coef < 1.0:
@@ -135,8 +145,7 @@ class TorchStep:
         with torch.no_grad():
             new = [p.detach() for p in st.params]
             weights_ok = self.B.all_finite(new)
-            delta = global_norm(torch._foreach_sub(new, self._undo._params), backend=self.B)
-            ratio = delta / (global_norm(self._undo._params, backend=self.B) + 1e-12)
+            ratio = update_ratio(self.B, new, self._undo._params)
             bound = s.max_update_ratio
             large = ~(ratio <= bound) if bound is not None else torch.zeros((), dtype=torch.bool)
             keep = weights_ok & ~large

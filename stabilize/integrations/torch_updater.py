@@ -56,6 +56,8 @@ def eval_mode(model):
 class TorchUpdater:
     """Runs one guarded torch.optim step for the trainer."""
 
+    diagnoses_before_commit = True  # ``run(..., before_unguarded)``: no pre-step copy under ``ignore``
+
     def __init__(self, B, model, optimizer, loss_fn, settings, *, scheduler=None, scaler=None, verify_updates=False):
         check_model_and_optimizer(model, optimizer)
         if scheduler is not None and scheduler.optimizer is not optimizer:
@@ -67,6 +69,11 @@ class TorchUpdater:
         self._step = TorchStep(self.state, settings, verify_updates=verify_updates)
         self.verifies = self._step.verify
         self.applied = 0
+        self._device = self.params[0].device
+
+    def to_tensor(self, arr: np.ndarray, dtype: str | None):
+        """A batch as a tensor on the model's device (resolved once, never from the config per step)."""
+        return torch.as_tensor(arr, dtype=getattr(torch, dtype) if dtype else None, device=self._device)
 
     def base_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -77,11 +84,11 @@ class TorchUpdater:
             self.state.mark()  # what a skipped step returns the buffers and RNG to
             yield
 
-    def run(self, xb, yb, rate) -> dict:
+    def run(self, xb, yb, rate, before_unguarded=None) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(xb), yb)
         self._step.backward(loss)
-        stats = self._step.step(rate)
+        stats = self._step.step(rate, before_unguarded)
         self.optimizer.zero_grad(set_to_none=True)
         if stats["committed"] == 1.0:
             self.applied += 1

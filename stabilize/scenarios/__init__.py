@@ -19,7 +19,7 @@ __all__ = ["names", "variants", "describe", "build", "run", "Trajectory", "Case"
 
 
 def names() -> list[str]:
-    """The scenario ids, in the order of shared/SCENARIOS.md."""
+    """The scenario ids, in catalogue order."""
     return list(SCENARIOS)
 
 

@@ -1,4 +1,4 @@
-"""The seven scenarios of shared/SCENARIOS.md, each with its variants.
+"""The seven built-in scenarios, each with its variants.
 
 Every number below was chosen so that the diverging variant really diverges in
 float64 *and* float32 on every backend, and the fixed ones converge below their
@@ -44,7 +44,7 @@ def _full_loss(trainer, loss, x, y) -> float:
     return float(B.to_numpy(loss(pred, trainer._convert(y))))
 
 
-# -- unscaled-inputs (seed 000) ----------------------------------------------------
+# -- unscaled-inputs ---------------------------------------------------------------
 def _unscaled(variant: str) -> Case:
     inputs, y = data.two_inputs()
     model = MLP((2, 16, 16, 1), seed=0)
@@ -73,7 +73,7 @@ def _unscaled(variant: str) -> Case:
                 sy.transform(y_tr), "finite", epochs=20, bound=0.01, probe=probe, note=note, facts=facts)
 
 
-# -- log-zero (seed 001) --------------------------------------------------------------
+# -- log-zero -------------------------------------------------------------------------
 def _log_zero(variant: str) -> Case:
     X, labels = data.clusters()
     onehot = np.eye(3)[labels]
@@ -125,7 +125,7 @@ def _high_lr(variant: str) -> Case:
                      "(the precursor of the blow-up) and halves the rate")
 
 
-# -- huge-targets (seed 002) ----------------------------------------------------------
+# -- huge-targets ---------------------------------------------------------------------
 def _huge_targets(variant: str) -> Case:
     X, y = data.regression()
     model = MLP((4, 32, 32, 1), seed=0)
@@ -169,7 +169,7 @@ def _dirty_data(variant: str) -> Case:
                 note="check_finite names the cells; the rows holding them are dropped, and listed")
 
 
-# -- masked-loss (seed 003) -----------------------------------------------------------
+# -- masked-loss ----------------------------------------------------------------------
 def _masked_loss(variant: str) -> Case:
     X, y0 = data.regression()
     y = np.clip(3.0 + 0.4 * y0 / np.std(y0), 0.5, None)
@@ -194,7 +194,7 @@ def _masked_loss(variant: str) -> Case:
                 note="the loss made safe first: the double-where trick, no branch ever holds inf")
 
 
-# -- numpy-net (seed 004) -------------------------------------------------------------
+# -- numpy-net ------------------------------------------------------------------------
 def _numpy_net(variant: str) -> Case:
     X, y = data.hand_net_data()
     n = len(y)

@@ -28,7 +28,7 @@ def regression(n: int = 256, seed: int = 0, nonlinear: bool = False):
 
 
 def clusters(n: int = 300, seed: int = 0, scale: float = 5.0):
-    """Three well-separated classes in 2-D (seed 001's classifier)."""
+    """Three well-separated classes in 2-D (the log-zero classifier)."""
     rng = np.random.default_rng(seed)
     centers = np.array([[1.0, 0.0], [-0.5, 0.87], [-0.5, -0.87]])
     labels = rng.integers(0, 3, n)

@@ -1,4 +1,4 @@
-"""The losses the documents write by hand, traps included, over backend primitives.
+"""The losses the scenarios write by hand, traps included, over backend primitives.
 
 These reproduce the failures faithfully on every backend; they are not
 recommendations. The fixes are :func:`stabilize.safe_cross_entropy`,
@@ -36,7 +36,7 @@ def _softmax(B, z):
 
 
 def naive_log_softmax_cross_entropy(logits, onehot):
-    """``-mean(sum(y * log(softmax(z))))`` (seed 001): a saturated class gives
+    """``-mean(sum(y * log(softmax(z))))`` (the log-zero scenario): a saturated class gives
     ``log(0) = -inf`` and ``0 * -inf = NaN``."""
     B = backend_for(logits)
     p = _softmax(B, logits)
@@ -77,7 +77,7 @@ def double_where_relative_error(pred, target):
 
 def clip_output_gradient(pred, limit: float = 1.0):
     """Identity forward; the gradient reaching ``pred`` is clipped to ``[-limit, limit]``
-    (seed 004's ``np.clip(d_output, -1, 1)``)."""
+    (the numpy-net scenario's ``np.clip(d_output, -1, 1)``)."""
     B = backend_for(pred)
 
     def forward(x):

@@ -1,0 +1,7 @@
+"""``python -m stabilize``: the same command line as the ``stabilize`` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
