@@ -259,3 +259,17 @@ def test_clear_errors():
     step = KerasTrainStep(model, keras.optimizers.SGD(0.1), lambda t, p: (t - p) ** 2, GuardSettings())
     with pytest.raises(ValueError, match="scalar"):
         step.run(*_data())
+
+
+def test_first_bad_step_is_diagnosed_from_diagnose_data():
+    import keras
+
+    import stabilize
+
+    X, y = _data(nan_row=5)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(0.1), diagnose_data=(X, y),
+                                    loss_fn=keras.losses.MeanSquaredError())
+    _fit(model, opt, X, y, [cb])
+    d = cb.history.diagnosis
+    assert d is not None and d.cause == "dirty-data" and "(5, 1)" in str(d)

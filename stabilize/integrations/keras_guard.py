@@ -8,10 +8,7 @@ to the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
 
 from __future__ import annotations
 
-import logging
-
 import keras
-import numpy as np
 from keras import ops
 
 from ..guard.settings import GuardSettings
@@ -19,8 +16,6 @@ from ..guard.supervisor import STAT_FIELDS, Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
 
 __all__ = ["keras_guard", "StabilizeGuard", "check_optimizer"]
-
-logger = logging.getLogger("stabilize")
 
 
 def _factor(sup: Supervisor) -> float:
@@ -192,20 +187,18 @@ class StabilizeGuard(keras.callbacks.Callback):
                 p.sync_now()
 
     def _maybe_diagnose(self, lr):
+        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step ones)."""
         sup = self.supervisor
         if sup.diagnosis is not None or self.diagnose_data is None or self.loss_fn is None:
             return
-        from ..diagnose import diagnose
         from ..registry import get_backend
 
         B = get_backend("tensorflow")
+        loss = self.loss_fn
+        if isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras"):
+            loss = lambda pred, target, f=loss: f(target, pred)  # Keras order: (y_true, y_pred)
         x, y = self.diagnose_data
-        col = lambda k: np.array([r[k] for r in sup.rows], dtype=np.float64)
-        wnorm = float(np.sqrt(sum(float(np.sum(np.square(w))) for w in self.model.get_weights())))
-        step = sup.step - 1
-        sup.diagnosis = diagnose(B, self.model, self.loss_fn, B.convert(x), B.convert(y), step=step, batch_index=step,
-                                 lr=lr, losses=col("loss"), grad_norms=col("grad_norm"), weights_norm=wnorm)
-        logger.warning(sup.diagnosis.line())
+        sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
 
 
 def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
