@@ -30,8 +30,8 @@ def _dropout_bn():
                              keras.layers.Dropout(0.5), keras.layers.Dense(1)])
 
 
-def _fit(model, opt, X, y, callbacks=(), epochs=1, batch_size=4, loss="mse"):
-    model.compile(optimizer=opt, loss=loss)
+def _fit(model, opt, X, y, callbacks=(), epochs=1, batch_size=4, loss="mse", **compile_args):
+    model.compile(optimizer=opt, loss=loss, **compile_args)
     return model.fit(X, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0, callbacks=list(callbacks))
 
 
@@ -63,12 +63,12 @@ def test_skipped_batch_consumes_no_rng_and_history_shows_applied_steps_only():
     X, y = _data(nan_row=5)  # batch 1 of 8
     keep = np.r_[0:4, 8:32]
     control = _dropout_bn()
-    hc = _fit(control, keras.optimizers.Adam(0.01), X[keep], y[keep], epochs=2)
+    hc = _fit(control, keras.optimizers.Adam(0.01), X[keep], y[keep], epochs=2, metrics=["mae"])
     model = _dropout_bn()
     opt, cb = stabilize.keras_guard(keras.optimizers.Adam(0.01))
-    h = _fit(model, opt, X, y, [cb], epochs=2)
+    h = _fit(model, opt, X, y, [cb], epochs=2, metrics=["mae"])
     assert Z.same(Z.state(model), Z.state(control))  # Dropout's seed state included
-    assert h.history["loss"] == hc.history["loss"]  # the mean over applied steps, no NaN
+    assert h.history == hc.history  # loss and compiled metric: the mean over applied steps, no NaN
     events = cb.history.events
     assert [(e.step, e.epoch, e.batch_index, e.action) for e in events] == [(1, 0, 1, "skipped"), (9, 1, 1, "skipped")]
 
@@ -256,6 +256,9 @@ def test_clear_errors():
     _, cb = stabilize.keras_guard(keras.optimizers.SGD(0.1))
     with pytest.raises(ValueError, match="compile the model with the optimizer keras_guard returned"):
         _fit(model, keras.optimizers.SGD(0.1), *_data(), [cb])
+    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="steps_per_execution=1"):
+        _fit(model, opt, *_data(), [cb], steps_per_execution=2)
     step = KerasTrainStep(model, keras.optimizers.SGD(0.1), lambda t, p: (t - p) ** 2, GuardSettings())
     with pytest.raises(ValueError, match="scalar"):
         step.run(*_data())

@@ -86,16 +86,12 @@ class StabilizeGuard(keras.callbacks.Callback):
                              "model.compile(..., auto_scale_loss=False), or give keras_guard the plain optimizer")
         if model.__dict__.get("_stabilize_guard") is self:
             return
-        if not opt.built:
+        if not opt.built and model.trainable_variables:
             opt.build(model.trainable_variables)
-        state = self.guarded.state
-        self.guarded.watch_buffers(model.non_trainable_variables)
-        # Under "ignore" every update is committed: nothing to put back, so no shadow copies.
-        guarded = self.settings.guarded
-        self._protected = Protected(list(model.non_trainable_variables) + list(model.metrics_variables)) \
-            if guarded else None
+        self.guarded.watch_buffers(lambda: model.non_trainable_variables)  # read when apply is traced
+        self._protected = self._outer_protected = None  # made when the step is first traced
         if outer is not None:
-            self._outer, self._outer_protected = outer, Protected(outer._variables if guarded else [])
+            self._outer = outer
             scale_loss = type(outer).scale_loss.__get__(outer)
 
             def capture(loss):  # the loss for the check: the scaler's own scale_loss never reaches the guard
@@ -107,8 +103,14 @@ class StabilizeGuard(keras.callbacks.Callback):
         train_step = type(model).train_step.__get__(model)
 
         def guarded_train_step(data):
-            state.begin()
-            logs = train_step(data)
+            if self.guarded.state is not None:
+                self.guarded.state.begin()
+            logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
+            state = self.guarded.state
+            if state is None:
+                raise ValueError("the guarded optimizer was not applied in train_step: compile the model with "
+                                 "the optimizer keras_guard returned")
+            self._shadow(model, outer)
             scale = None if outer is None else outer.dynamic_scale
             state.finish(self._protected, self._outer_protected, loss=self._outer_loss, scale=scale,
                          min_loss_scale=self.settings.min_loss_scale)
@@ -120,6 +122,22 @@ class StabilizeGuard(keras.callbacks.Callback):
         object.__setattr__(model, "train_step", guarded_train_step)
         object.__setattr__(model, "_stabilize_guard", self)
         object.__setattr__(model, "train_function", None)  # rebuilt by fit around the wrapped step
+
+    def _shadow(self, model, outer):
+        """Shadow copies of what the forward pass may change: non-trainable and metric variables
+        (and an outer loss scaler's). Made while the step is traced, once Keras has built everything."""
+        if not self.settings.guarded:  # "ignore": every update is committed, nothing to put back, no copies
+            self._protected = Protected([])
+            self._outer_protected = None if outer is None else Protected([])
+            return
+        variables = list(model.non_trainable_variables) + list(model.metrics_variables)
+        if self._protected is not None and len(self._protected.variables) == len(variables):
+            return
+        import tensorflow as tf  # variables must be made outside the trace; keras.ops has no init_scope
+
+        with tf.init_scope():
+            self._protected = Protected(variables)
+            self._outer_protected = None if outer is None else Protected(outer._variables)
 
     # -- the fit loop ---------------------------------------------------------------
     def on_train_begin(self, logs=None):

@@ -100,6 +100,18 @@ def copy_values(variables) -> list[np.ndarray]:
     return [np.array(ops.convert_to_numpy(v), copy=True) for v in variables]
 
 
+def _initial(v):
+    """A copy of ``v``'s value. A variable Keras makes while the step is first traced (the compiled
+    metrics) cannot be read yet: zeros, a metric's reset state, synced after the first kept step."""
+    try:
+        value = np.asarray(ops.convert_to_numpy(v))
+    except (ValueError, TypeError):
+        value = None
+    if value is not None and value.shape == tuple(v.shape):
+        return np.array(value, copy=True)
+    return "zeros"
+
+
 class Protected:
     """Variables a forward pass may change before the step is judged, with their shadow copies.
 
@@ -109,8 +121,8 @@ class Protected:
 
     def __init__(self, variables):
         self.variables = list(variables)
-        self.shadows = [keras.Variable(np.array(ops.convert_to_numpy(v), copy=True), dtype=v.dtype, trainable=False,
-                                       autocast=False, name="stabilize_shadow") for v in self.variables]
+        self.shadows = [keras.Variable(_initial(v), shape=v.shape, dtype=v.dtype, trainable=False, autocast=False,
+                                       name="stabilize_shadow") for v in self.variables]
 
     def keep_or_restore(self, keep):
         """In the compiled step: sync the shadows when ``keep``, else put them back (a select, never ``x*ok``)."""
@@ -232,8 +244,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def watch_buffers(self, variables):
         """Also hold the update back when one of these (float) non-trainable variables is non-finite
         at ``apply`` time, e.g. a BatchNorm statistic the forward pass just poisoned."""
-        floats = [v for v in variables if "float" in str(v.dtype)]
-        object.__setattr__(self, "_buffers", floats)  # not tracked: the model owns them
+        object.__setattr__(self, "_buffers", variables)  # not tracked: the model owns them; a callable is read at apply
 
     # -- the optimizer interface, delegated ----------------------------------------
     def build(self, var_list):
@@ -325,7 +336,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         scale = None if scaler is None else ops.cast(scaler.dynamic_scale, "float32")
         loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
         grads_ok = all_finite(grads)
-        buffers_ok = all_finite([b.value for b in self._buffers])
+        buffers = self._buffers() if callable(self._buffers) else self._buffers
+        buffers_ok = all_finite([b.value for b in buffers if "float" in str(b.dtype)])
         raw_norm = global_norm(grads)
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
         if s.clips:
