@@ -94,3 +94,31 @@ def test_fit_recovers_weights_an_update_made_non_finite():
     model.fit(X, y, batch_size=4, shuffle=False, verbose=0, callbacks=[cb])
     assert all(np.isfinite(w).all() for w in model.get_weights())  # back to the last snapshot, not left broken
     assert any("weights" in e.nonfinite for e in cb.history.events)
+
+
+def test_back_off_factor_multiplies_the_schedule_on_the_device():
+    import keras
+    import tensorflow as tf
+
+    from stabilize.guard.settings import GuardSettings
+    from stabilize.integrations.keras import KerasTrainStep
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8, 3)).astype(np.float32)
+    y = X.sum(1, keepdims=True)
+    mse = keras.losses.MeanSquaredError()
+
+    def dense():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+
+    plain, popt = dense(), keras.optimizers.SGD(0.05)
+    with tf.GradientTape() as tape:
+        loss = mse(y, plain(X, training=True))
+    popt.apply(tape.gradient(loss, plain.trainable_variables), plain.trainable_variables)
+    model = dense()
+    sched = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    step = KerasTrainStep(model, keras.optimizers.SGD(sched), mse, GuardSettings(on_nonfinite="backoff"))
+    assert step.run(X, y, lr_factor=0.5)["committed"] == 1.0
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(plain.trainable_variables, model.trainable_variables))
+    assert isinstance(step.guard.inner_optimizer._learning_rate, keras.optimizers.schedules.ExponentialDecay)
