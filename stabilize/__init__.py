@@ -17,6 +17,7 @@ from .audit import AuditReport, Finding, audit
 from .diagnose import Diagnosis
 from .finite import FiniteReport, LeafReport, check_finite
 from .ops import clip_grads, clip_grads_, global_norm, safe_cross_entropy, safe_div, safe_log, safe_mse
+from .singular import masked_softmax, safe_acos, safe_asin, safe_norm, safe_pow, safe_sqrt, safe_std, safe_var
 from .registry import backend_for, get_backend, known_backends, register_backend
 from .trainer import StabilityTrainer
 from .history import Event, History
@@ -52,6 +53,14 @@ __all__ = [
     "safe_div",
     "safe_mse",
     "safe_cross_entropy",
+    "safe_sqrt",
+    "safe_norm",
+    "safe_pow",
+    "safe_acos",
+    "safe_asin",
+    "masked_softmax",
+    "safe_var",
+    "safe_std",
     "clip_grads",
     "clip_grads_",
     "global_norm",

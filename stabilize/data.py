@@ -14,7 +14,7 @@ import numpy as np
 
 from .validate import check_count, check_nonempty
 
-__all__ = ["Batch", "batches", "check_arrays", "rows_of", "bad_rows"]
+__all__ = ["Batch", "batches", "check_arrays", "rows_of", "bad_rows", "batch_finite"]
 
 
 class Batch(NamedTuple):
@@ -78,3 +78,17 @@ def bad_rows(xb, yb, idx) -> np.ndarray:
         if a.dtype.kind in "fc" and a.ndim:
             mask |= ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
     return idx[mask] if mask.any() else idx
+
+
+def batch_finite(B, *trees) -> bool:
+    """Whether every floating value of a batch (tensors, arrays, nested dicts/lists) is finite:
+    one read, made only after a step has failed."""
+    from .ops import _leaves
+
+    tensors = []
+    for tree in trees:
+        for _, leaf in _leaves(tree):
+            t = leaf if B.is_tensor(leaf) else B.convert(np.asarray(leaf)) if np.asarray(leaf).dtype.kind == "f" else None
+            if t is not None and B.dtype(t) in ("float16", "bfloat16", "float32", "float64"):
+                tensors.append(t)
+    return not tensors or bool(B.read(B.stack([B.all_finite(tensors)], "float64"))[0])

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from . import ops
-from .data import Batch, bad_rows, batches, check_arrays, rows_of
+from .data import Batch, bad_rows, batch_finite, batches, check_arrays, rows_of
 from .guard.settings import GuardSettings
 from .guard.supervisor import Supervisor
 from .history import History
@@ -270,16 +270,26 @@ class StabilityTrainer:
         if pending and getattr(updater, "diagnoses_before_commit", False):
             # ``ignore`` with torch.optim: the bad step is diagnosed before its update is applied
             hook = lambda stats: self._diagnose(xb, yb, None, dict(stats, batch=batch.position))  # noqa: E731
-            stats = updater.run(xb, yb, sup.lr, hook)
+            try:
+                stats = updater.run(xb, yb, sup.lr, hook)
+            except Exception as exc:
+                self._explain(exc, xb, yb, batch)
+                raise
             pre = None
         else:  # the other updaters commit on the device: keep the pre-step state while no diagnosis is made
             pre = updater.capture() if pending else None
-            stats = updater.run(xb, yb, sup.lr)
+            try:
+                stats = updater.run(xb, yb, sup.lr)
+            except Exception as exc:  # the user's forward or loss raised (labels out of range, a shape)
+                self._explain(exc, xb, yb, batch)
+                raise
         bad = stats["committed"] != 1.0 or stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0
         if bad and self._native and stats.get("scaler_skip") != 1.0 and not updater.weights_finite():
             stats["weights_broken"] = 1.0  # an earlier native update broke the weights
         rows = bad_rows(batch.x, batch.y, batch.rows) if bad and batch.rows is not None else batch.rows
-        decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows)
+        bad_data = bad and not batch_finite(self.backend, xb, yb)
+        decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows,
+                               bad_data=bad_data)
         nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
         if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose \
                 and not (pending and pre is None):
@@ -295,6 +305,19 @@ class StabilityTrainer:
         if decision.stop:
             sup.raise_for(decision, sup.history())
         return nonfinite
+
+    def _explain(self, exc, xb, yb, batch):
+        """A step raised: put back what its forward pass changed, and add the diagnosis of the
+        replay to the exception (a label out of range raises on the CPU, and is NaN on a GPU)."""
+        state = getattr(self.updater, "state", None)
+        if state is not None:
+            state.undo_forward()
+        if not self.diagnose or self.supervisor.diagnosis is not None:
+            return
+        pending = {"loss": float("nan"), "grad_norm": float("nan"), "lr": self.current_lr(), "batch": batch.position}
+        diagnosis = self._diagnose(xb, yb, None, pending)
+        if diagnosis is not None:
+            exc.add_note(f"stabilize: {diagnosis.line()}")
 
     def _step_failed_after_the_fact(self, epoch):
         sup = self.supervisor
@@ -323,7 +346,8 @@ class StabilityTrainer:
             current = updater.capture()
             updater.restore(pre)
         try:
-            self.supervisor.diagnose(self.backend, self.model, self.loss_fn, xb, yb, self.params, pending=pending)
+            self.supervisor.diagnose(self.backend, self.model, self.loss_fn, xb, yb, self.params, pending=pending,
+                                     optimizer=self.optimizer if self._native else None)
         finally:
             if current is not None:
                 updater.restore(current)

@@ -231,3 +231,48 @@ def test_fit_reads_no_configuration_file_per_step(monkeypatch, tmp_path):
         reads.clear()
         t.fit(X, y, batch_size=8, epochs=2)
         assert reads == []  # 16 steps, no configuration read
+
+
+def test_auto_policy_reacts_by_cause():
+    mse = torch.nn.functional.mse_loss
+    X, y = _xy(8)
+    x, t = torch.from_numpy(X), torch.from_numpy(y)
+    model = torch.nn.Linear(3, 1)
+    guard = stabilize.TorchGuard(model, torch.optim.SGD(model.parameters(), 0.05), on_nonfinite="auto")
+    # bad data: skipped and listed, no back-off
+    bad_t = t.clone()
+    bad_t[2] = float("nan")
+    assert not guard.step(mse(model(x), bad_t), batch=(x, bad_t))
+    assert guard.history.events[-1].action == "skipped" and guard.lr == 0.05
+    assert guard.step(mse(model(x), t), batch=(x, t))
+    # instability with finite data: back off
+    assert not guard.step(mse(model(x), t) * float("inf"), batch=(x, t))
+    assert guard.history.events[-1].action == "backed-off" and guard.lr == 0.025
+    # the same failure on every batch (a singular op hit by every batch): stop, not skip forever
+    with pytest.raises(stabilize.NonFiniteError, match="raised"):
+        for _ in range(3):
+            guard.step(torch.sqrt(-mse(model(x), t)), batch=(x, t))
+    assert guard.history.events[-1].action == "raised"
+
+
+def test_auto_policy_in_the_trainer_skips_bad_rows_without_backing_off():
+    X, y = _xy(32)
+    y[[3, 20]] = np.nan
+    model = torch.nn.Linear(3, 1)
+    t = stabilize.StabilityTrainer(model, "mse", torch.optim.SGD(model.parameters(), 0.05), on_nonfinite="auto",
+                                   progress=False)
+    h = t.fit(X, y, batch_size=8, shuffle=False, epochs=2)
+    assert [e.action for e in h.events] == ["skipped"] * 4 and t.current_lr() == 0.05
+
+
+def test_a_step_that_raises_gets_the_diagnosis_as_a_note():
+    r = np.random.default_rng(0)
+    X = r.normal(size=(16, 4)).astype(np.float32)
+    labels = r.integers(1, 4, 16)  # 1-based labels for 3 classes: label 3 is out of range
+    model = torch.nn.Linear(4, 3)
+    t = stabilize.StabilityTrainer(model, torch.nn.functional.cross_entropy,
+                                   torch.optim.SGD(model.parameters(), 0.1), progress=False)
+    with pytest.raises(IndexError) as info:
+        t.fit(X, labels, batch_size=16)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "bad-labels" in notes

@@ -91,6 +91,12 @@ class Backend:
     def sqrt(self, x):
         raise NotImplementedError
 
+    def acos(self, x):
+        raise NotImplementedError
+
+    def asin(self, x):
+        raise NotImplementedError
+
     def isfinite(self, x):
         raise NotImplementedError
 

@@ -65,6 +65,14 @@ class NumpyBackend(Backend):
         with np.errstate(invalid="ignore"):
             return np.sqrt(x)
 
+    def acos(self, x):
+        with np.errstate(invalid="ignore"):
+            return np.arccos(x)
+
+    def asin(self, x):
+        with np.errstate(invalid="ignore"):
+            return np.arcsin(x)
+
     def isfinite(self, x):
         return np.isfinite(x)
 

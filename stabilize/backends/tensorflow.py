@@ -109,6 +109,12 @@ class TensorFlowBackend(Backend):
     def sqrt(self, x):
         return tf.sqrt(x)
 
+    def acos(self, x):
+        return tf.acos(x)
+
+    def asin(self, x):
+        return tf.asin(x)
+
     def isfinite(self, x):
         return tf.math.is_finite(x)
 

@@ -133,6 +133,12 @@ class TorchBackend(Backend):
     def sqrt(self, x):
         return torch.sqrt(x)
 
+    def acos(self, x):
+        return torch.acos(x)
+
+    def asin(self, x):
+        return torch.asin(x)
+
     def isfinite(self, x):
         return torch.isfinite(x)
 

@@ -12,6 +12,12 @@ that decision); the policy decides what happens next:
 * ``"rollback"``: skip; after ``max_bad_steps`` bad steps in a row, restore the
   last good snapshot (the whole training state), back off once, and leave out
   the data implicated; after ``max_rollbacks`` rollbacks, raise.
+* ``"auto"``: the reaction follows the cause. Bad data (non-finite inputs
+  or targets in the batch): skip, and list the rows, with no back-off.
+  Instability (an overflow with finite data): back off. A failure that
+  recurs on ``max_bad_steps`` batches in a row with finite data (a singular
+  op that every batch hits) is not cured by a smaller rate: stop, with the
+  diagnosis, instead of skipping forever.
 * ``"ignore"``: commit every update, bad or not: the unguarded loop, for
   reproducing a failure.
 
@@ -57,17 +63,28 @@ class Policy:
         self.bad_streak = 0
         self.clean_streak = min(self.clean_streak + 1, _SATURATE)
         grow = self.settings.grow_after
-        if self.settings.on_nonfinite in ("backoff", "rollback") and grow and self.backoffs and self.clean_streak >= grow:
+        if self.settings.on_nonfinite in ("backoff", "rollback", "auto") and grow and self.backoffs and self.clean_streak >= grow:
             self.backoffs -= 1
             self.clean_streak = 0
             return "grew-lr"
         return None
 
-    def on_bad(self) -> str:
-        """Return the action: ``raise``, ``skipped``, ``backed-off``, ``rolled-back`` or ``applied``."""
+    def on_bad(self, bad_data: bool = False) -> str:
+        """Return the action: ``raise``, ``skipped``, ``backed-off``, ``rolled-back`` or ``applied``.
+
+        ``bad_data``: the batch itself holds non-finite values (used by ``auto``).
+        """
         self.clean_streak = 0
-        self.bad_streak = min(self.bad_streak + 1, _SATURATE)
         mode = self.settings.on_nonfinite
+        if mode == "auto":
+            if bad_data:  # the data, not the training: nothing to back off from
+                return "skipped"
+            self.bad_streak = min(self.bad_streak + 1, _SATURATE)
+            if self.bad_streak >= self.settings.max_bad_steps:
+                return "raise"
+            self.backoffs = min(self.backoffs + 1, _SATURATE)
+            return "backed-off"
+        self.bad_streak = min(self.bad_streak + 1, _SATURATE)
         if mode == "ignore":
             return "applied"
         if mode == "raise":

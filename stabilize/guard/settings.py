@@ -15,7 +15,7 @@ from ..validate import check_count, check_positive_finite
 
 __all__ = ["POLICIES", "GuardSettings"]
 
-POLICIES = ("raise", "skip", "backoff", "rollback", "ignore")
+POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto")
 
 
 def _number(name, value, *, allow_none=False, low=0.0, low_open=True, high=math.inf, high_open=False, finite=True):
@@ -42,7 +42,8 @@ class GuardSettings:
     Attributes:
         clip_norm: clip the gradients to this global L2 norm (``clip_grads``); None: no clipping.
         clip_value: clamp each gradient element to ``[-v, v]`` first; None: no clamping.
-        on_nonfinite: ``"skip"`` (default), ``"backoff"``, ``"rollback"``, ``"raise"``
+        on_nonfinite: ``"skip"`` (default), ``"backoff"``, ``"rollback"``, ``"raise"``,
+            ``"auto"`` (the reaction follows the cause: see :mod:`~stabilize.guard.policies`)
             or ``"ignore"`` (unguarded: every update is applied, to reproduce a failure).
         backoff_factor: the rate is multiplied by this at each back-off, in (0, 1).
         min_lr: the back-off never takes the rate below this.

@@ -94,8 +94,12 @@ class Supervisor:
         return None if self._snapshot_applied is None else self.applied - self._snapshot_applied
 
     # -- one step ---------------------------------------------------------------
-    def observe(self, stats: dict, *, epoch: int = 0, batch: int = 0, position: Any = None, rows=None) -> Decision:
+    def observe(self, stats: dict, *, epoch: int = 0, batch: int = 0, position: Any = None, rows=None,
+                bad_data: bool = False) -> Decision:
         """Record one step read from the device and decide what follows.
+
+        ``bad_data``: the adapter found non-finite values in the batch itself
+        (policy ``auto`` skips such a batch without backing off).
 
         ``position`` names the batch for a rollback to leave out (default
         ``(epoch, batch)``); ``rows`` are its sample indices when known.
@@ -120,7 +124,7 @@ class Supervisor:
             snap = self.wants_snapshot and self.applied % self.settings.snapshot_every == 0
             return Decision("applied", snapshot=snap, event=event)
         self._streak.append(((epoch, batch) if position is None else position, rows))
-        action = self.policy.on_bad()
+        action = self.policy.on_bad(bad_data)
         if broken and self.settings.guarded:
             # An earlier update (a native optimizer's, applied before it could be checked) left
             # non-finite weights: they cannot be un-updated, so the last snapshot comes back,
@@ -133,6 +137,8 @@ class Supervisor:
         if committed:  # "ignore": the device applied it
             self.applied += 1
         kind = "nonfinite" if bad else "large-update"
+        if bad_data:
+            stats["bad_data"] = 1.0
         event = self._event(stats, kind, bad, "raised" if action == "raise" else action)
         if action == "rolled-back":
             for pos, idx in self._streak:
@@ -144,7 +150,7 @@ class Supervisor:
             return Decision(action, restore=True, event=event)
         return Decision(action, stop=action == "raise", event=event)
 
-    def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None):
+    def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None, optimizer=None):
         """Replay the last failed step from the current weights and keep the diagnosis.
 
         The model must hold the step's pre-step weights. ``pending`` is the
@@ -164,7 +170,8 @@ class Supervisor:
             wnorm = float(np.sqrt(sum(float(np.sum(w * w)) for w in weights)))
             self.diagnosis = diagnose(B, model, loss_fn, x, y, step=row["step"], batch_index=row.get("batch", 0),
                                       lr=row.get("lr", np.nan), losses=col("loss"),
-                                      grad_norms=col("grad_norm"), weights_norm=wnorm)
+                                      grad_norms=col("grad_norm"), weights_norm=wnorm,
+                                      optimizer=optimizer)
         except Exception as exc:  # noqa: BLE001 - reported, and training goes on
             logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",
                            row["step"], type(exc).__name__, exc)

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ..data import batch_finite
 from ..guard.settings import GuardSettings
 from ..guard.supervisor import Supervisor
 from ..history import History
@@ -133,7 +134,8 @@ class TorchGuard:
         if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
                 and stats["scaler_skip"] != 1.0 and not self._weights_finite():
             stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
-        decision = sup.observe(stats, epoch=0, batch=sup.step)
+        bad_data = stats["committed"] != 1.0 and batch is not None and not batch_finite(self._step.B, *batch)
+        decision = sup.observe(stats, epoch=0, batch=sup.step, bad_data=bad_data)
         if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
                 and self.loss_fn is not None:
             self._diagnose(batch, stats)
@@ -155,6 +157,7 @@ class TorchGuard:
     def _diagnose(self, batch, stats):
         x, y = batch
         try:
-            self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params)
+            self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params,
+                                     optimizer=self.optimizer)
         finally:
             self.state.undo_forward()  # the replay's forward pass changed buffers and RNG

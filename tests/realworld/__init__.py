@@ -1,0 +1,1 @@
+"""Failure cases reproduced from public reports, run through the diagnosis."""
