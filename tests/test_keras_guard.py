@@ -276,3 +276,16 @@ def test_first_bad_step_is_diagnosed_from_diagnose_data():
     _fit(model, opt, X, y, [cb])
     d = cb.history.diagnosis
     assert d is not None and d.cause == "dirty-data" and "(5, 1)" in str(d)
+
+
+def test_auto_policy_skips_a_non_finite_batch_without_backing_off():
+    import keras
+
+    import stabilize
+
+    X, y = _data(nan_row=5)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(0.1), on_nonfinite="auto")
+    _fit(model, opt, X, y, [cb])
+    assert [(e.step, e.action) for e in cb.history.events] == [(1, "skipped")]
+    assert cb.supervisor.policy.backoffs == 0 and int(opt.iterations.numpy()) == 7

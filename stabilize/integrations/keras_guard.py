@@ -104,7 +104,7 @@ class StabilizeGuard(keras.callbacks.Callback):
 
         def guarded_train_step(data):
             if self.guarded.state is not None:
-                self.guarded.state.begin()
+                self.guarded.state.begin(data)
             logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
             state = self.guarded.state
             if state is None:
@@ -157,16 +157,31 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._base_lr = float(ops.convert_to_numpy(self.guarded.learning_rate))  # a schedule, before it advances
 
     def on_train_batch_end(self, batch, logs=None):
-        sup = self.supervisor
-        stats = _read_stats(self.guarded.state)
+        sup, state = self.supervisor, self.guarded.state
+        stats = _read_stats(state)
         stats["lr"] = sup.lr(self._base_lr)
-        decision = sup.observe(stats, epoch=self._epoch, batch=batch)
+        if stats["weights_finite"] != 1.0 and self._weights_broken():
+            stats["weights_broken"] = 1.0  # an earlier update broke them, not just a buffer this step put back
+        bad_data = stats["committed"] != 1.0 and int(ops.convert_to_numpy(state.data_ok)) == 0
+        self._decide(sup.observe(stats, epoch=self._epoch, batch=batch, bad_data=bad_data), stats["lr"])
+
+    def on_train_end(self, logs=None):
+        # The last update has no next step to reveal non-finite weights: look once, now.
+        sup = self.supervisor
+        if self.settings.guarded and sup.rows and self._weights_broken():
+            last = dict(sup.rows.pop(), committed=0.0, weights_broken=1.0)  # recorded again, with what it did
+            self._decide(sup.observe(last, epoch=last.get("epoch", self._epoch), batch=last.get("batch", 0)),
+                         last.get("lr", float("nan")))
+
+    def _weights_broken(self) -> bool:
+        return not bool(ops.convert_to_numpy(all_finite(self.model.trainable_variables)))
+
+    def _decide(self, decision, lr):
+        sup = self.supervisor
         if decision.event is not None and decision.event.kind == "nonfinite":
-            self._maybe_diagnose(stats["lr"])
-        broken = stats["weights_finite"] != 1.0 and not bool(
-            ops.convert_to_numpy(all_finite(self.model.trainable_variables)))  # not just a buffer the step put back
-        if decision.restore or (broken and not decision.stop and self._snapshot is not None):
-            self._restore()  # a rollback, or weights an earlier (native) update made non-finite
+            self._maybe_diagnose(lr)
+        if decision.restore and self._snapshot is not None:
+            self._restore()  # a rollback, or weights an earlier update made non-finite
         elif decision.snapshot or (decision.action == "applied" and self.settings.guarded
                                    and sup.applied % self.settings.snapshot_every == 0):
             self._take()
@@ -176,14 +191,6 @@ class StabilizeGuard(keras.callbacks.Callback):
         if decision.stop:
             self.model.stop_training = True
             sup.raise_for(decision)
-
-    def on_train_end(self, logs=None):
-        # The last update has no next step to reveal non-finite weights: look once, now.
-        if self.settings.guarded and self._snapshot is not None and not bool(
-                ops.convert_to_numpy(all_finite(self.model.trainable_variables))):
-            decision = self.supervisor.weights_broken(epoch=self._epoch, batch=-1)
-            if decision.restore:
-                self._restore()
 
     # -- state ----------------------------------------------------------------------
     def _variables(self):

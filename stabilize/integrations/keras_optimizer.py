@@ -153,9 +153,15 @@ class StepState:
         self.stats = keras.Variable(np.zeros(len(STAT_FIELDS)), dtype="float64", trainable=False, autocast=False,
                                     name="stabilize_stats")
         self.called = keras.Variable(0, dtype="int32", trainable=False, autocast=False, name="stabilize_called")
+        self.data_ok = keras.Variable(1, dtype="int32", trainable=False, autocast=False, name="stabilize_data_ok")
 
-    def begin(self):
+    def begin(self, data=None):
+        """Start of the compiled step; with ``data``, note whether its float tensors are finite
+        (policy ``auto`` skips a bad batch without backing off)."""
         self.called.assign(0)
+        if data is not None:
+            leaves = [t for t in keras.tree.flatten(data) if t is not None and "float" in str(getattr(t, "dtype", ""))]
+            self.data_ok.assign(ops.cast(all_finite(leaves), "int32"))
 
     def write(self, **values):
         row = [ops.cast(values[name], "float64") for name in STAT_FIELDS]
