@@ -289,3 +289,19 @@ def test_auto_policy_skips_a_non_finite_batch_without_backing_off():
     _fit(model, opt, X, y, [cb])
     assert [(e.step, e.action) for e in cb.history.events] == [(1, "skipped")]
     assert cb.supervisor.policy.backoffs == 0 and int(opt.iterations.numpy()) == 7
+
+
+def test_a_model_built_by_its_first_step_is_guarded_too():
+    import keras
+
+    import stabilize
+
+    X, y = _data()
+    X[5, 1], X[21, 0] = np.nan, np.inf
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization(), keras.layers.Dense(1)])  # no Input
+    opt, cb = stabilize.keras_guard(keras.optimizers.Adam(0.01))
+    h = _fit(model, opt, X, y, [cb], epochs=2, metrics=["mae"])
+    assert [e.step for e in cb.history.events] == [1, 5, 9, 13]
+    assert all(np.isfinite(v).all() for v in h.history.values())
+    assert all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in model.variables)

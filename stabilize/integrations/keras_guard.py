@@ -102,14 +102,11 @@ class StabilizeGuard(keras.callbacks.Callback):
             object.__setattr__(outer, "scale_loss", capture)
         train_step = type(model).train_step.__get__(model)
 
+        state = self.guarded.ensure_state()
+
         def guarded_train_step(data):
-            if self.guarded.state is not None:
-                self.guarded.state.begin(data)
+            state.begin(data)
             logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
-            state = self.guarded.state
-            if state is None:
-                raise ValueError("the guarded optimizer was not applied in train_step: compile the model with "
-                                 "the optimizer keras_guard returned")
             self._shadow(model, outer)
             scale = None if outer is None else outer.dynamic_scale
             state.finish(self._protected, self._outer_protected, loss=self._outer_loss, scale=scale,

@@ -256,9 +256,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        self.ensure_state()
+        self.built = True
+
+    def ensure_state(self) -> "StepState":
+        """The guard's step bookkeeping, made on first need (before the step is traced)."""
         if self._state is None:
             object.__setattr__(self, "_state", StepState())  # not tracked: never saved with the model
-        self.built = True
+        return self._state
 
     @property
     def variables(self):
