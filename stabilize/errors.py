@@ -13,6 +13,7 @@ __all__ = [
     "BackendNotAvailableError",
     "NonFiniteError",
     "ConfigError",
+    "SkipAlarmError",
 ]
 
 
@@ -75,3 +76,7 @@ class NonFiniteError(StabilizeError, FloatingPointError):
     def __init__(self, message: str, report=None):
         self.report = report
         super().__init__(message)
+
+
+class SkipAlarmError(StabilizeError, RuntimeError):
+    """Too many recent steps were not applied (``skip_alarm="raise"``): the run is not training."""

@@ -17,10 +17,11 @@ class Event:
         step: the 0-based step index (every attempted step counts).
         batch_index: the batch's position in its epoch.
         epoch: the epoch.
-        kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound),
+        kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound), ``"spike"``
+            (a finite loss or gradient norm above the spike detector's limit),
             ``"scaler"`` (a loss scaler skipped an overflowing step; not a failure) or ``"lr-growth"``.
         nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"``, ``"buffers"`` were non-finite.
-        action: ``"skipped"``, ``"backed-off"``, ``"rolled-back"``, ``"raised"``,
+        action: ``"skipped"``, ``"clipped"`` (a spike, applied clipped), ``"backed-off"``, ``"rolled-back"``, ``"raised"``,
             ``"applied"`` (policy ``ignore``), ``"scaler-skip"`` or ``"grew-lr"``.
         lr: the learning rate the step ran with.
         loss: the step's loss.
@@ -40,7 +41,8 @@ class Event:
     steps_lost: int | None = None
 
     def __str__(self) -> str:
-        what = ", ".join(self.nonfinite) or "update ratio over the bound"
+        what = ", ".join(self.nonfinite) or ("above the spike limit" if self.kind == "spike"
+                                             else "update ratio over the bound")
         return (
             f"step {self.step} (epoch {self.epoch}, batch {self.batch_index}): {self.kind} [{what}]; "
             f"loss={self.loss:.6g} grad_norm={self.grad_norm:.6g} lr={self.lr:.3g} -> {self.action}"
@@ -87,12 +89,22 @@ class History:
         idx = np.flatnonzero(self.committed)
         return float(self.losses[idx[-1]]) if idx.size else float("nan")
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was not applied (for any reason: non-finite, spike, scaler overflow)."""
+        return int((~self.committed).sum())
+
+    @property
+    def spikes(self) -> int:
+        """Finite loss or gradient-norm spikes caught (skipped or clipped)."""
+        return sum(1 for e in self.events if e.kind == "spike")
+
     def report(self) -> str:
         """A text summary: steps, final loss, every event."""
         n = len(self.losses)
         lines = [
-            f"{n} steps, {int(self.committed.sum())} applied, final loss {self.final_loss:.6g}, "
-            f"first non-finite step: {self.first_nonfinite_step}"
+            f"{n} steps, {int(self.committed.sum())} applied, {self.skipped_steps} not applied, {self.spikes} "
+            f"spikes, final loss {self.final_loss:.6g}, first non-finite step: {self.first_nonfinite_step}"
         ]
         events = self.events
         if len(events) > 12:  # the first ones say what happened; the rest repeat it

@@ -60,6 +60,18 @@ def warning(message: str, bar=None) -> None:
     log(logging.WARNING, message, bar)
 
 
+def progress_bar(total: int | None, show: bool | None):
+    """A tqdm bar for a fit (None when ``show`` is False or tqdm is missing); ``show=None``:
+    only when stderr is a terminal (tqdm's ``disable=None``)."""
+    if show is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, disable=None if show is None else False, leave=False, desc="stabilize")
+
+
 @contextlib.contextmanager
 def _fd2_discarded():
     try:

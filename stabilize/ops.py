@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any
 
 from .backends.base import ACCUMULATE, FLOAT_INFO
 from .clip import _leaves, _rebuild, clip_grads, clip_grads_, global_norm  # noqa: F401 (re-exported)

@@ -17,7 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import ops
+from . import logs, ops
+from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm
+from .frameworks import has_state_buffers as _has_state_buffers, keras_convention as _keras_convention
 from .data import Batch, bad_rows, batch_finite, batches, check_arrays, rows_of
 from .guard.settings import GuardSettings
 from .guard.supervisor import Supervisor
@@ -31,27 +33,6 @@ __all__ = ["StabilityTrainer"]
 logger = logging.getLogger("stabilize")
 
 _LOSSES = {"mse": ops.safe_mse, "cross_entropy": ops.safe_cross_entropy}
-
-
-def _framework_of(obj) -> str | None:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.nn.Module):
-        return "torch"
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(obj, keras.Model):
-        return "tensorflow"
-    return None
-
-
-def _keras_convention(loss, framework) -> bool:
-    """Whether a loss callable takes Keras's ``(y_true, y_pred)``: any loss given with a
-    keras model, and Keras loss objects or functions anywhere."""
-    if framework == "tensorflow":
-        return True
-    keras = sys.modules.get("keras")
-    if keras is None:
-        return False
-    return isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras")
 
 
 class StabilityTrainer:
@@ -123,6 +104,10 @@ class StabilityTrainer:
         self.params = self.updater.params
         self.dtype = self.backend.dtype(self.params[0])
         self.supervisor = Supervisor(self.settings)
+        if self.settings.spike is not None:  # the device compares each step with the detector's limits
+            if not hasattr(self.updater, "_step"):
+                raise ValueError("spike= is wired for torch models with a torch.optim optimizer so far")
+            self.updater._step.limits = self.supervisor.spike_limits
         self.policy = self.supervisor.policy
         self._snapshot = None
         self._native = not isinstance(optimizer, OptimizerSpec)
@@ -243,7 +228,10 @@ class StabilityTrainer:
                                        and not getattr(self.updater, "verifies", False))
         if keeps and self._snapshot is None:
             self._take_snapshot()
-        bar = self._progress(epochs, x, y, batch_size, max_steps)
+        total = epochs * math.ceil(len(y) / batch_size) if y is not None else None
+        if max_steps is not None:
+            total = min(total, max_steps) if total else max_steps
+        bar = logs.progress_bar(total, self.progress)
         try:
             with self.updater.training():
                 for epoch in range(epochs):
@@ -296,7 +284,8 @@ class StabilityTrainer:
             self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}")
+            bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}", skipped=sup.not_applied,
+                            spikes=sup.spikes.spikes if sup.spikes is not None else 0)
         if decision.restore:
             self._restore_snapshot()
         elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0 \
@@ -355,18 +344,36 @@ class StabilityTrainer:
                 updater.state.undo_forward()  # the replay's forward pass changed buffers and RNG
         return self.supervisor.diagnosis
 
-    def _progress(self, epochs, x, y, batch_size, max_steps):
-        if self.progress is False:
-            return None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return None
-        total = epochs * math.ceil(len(y) / batch_size) if y is not None else None
-        if max_steps is not None:
-            total = min(total, max_steps) if total else max_steps
-        # disable=None: tqdm turns itself off when stderr is not a terminal.
-        return tqdm(total=total, disable=None if self.progress is None else False, leave=False, desc="stabilize")
+    # -- durable state ------------------------------------------------------------------
+    def save_checkpoint(self, path):
+        """Save the whole training state to ``path`` atomically (torch models; :mod:`stabilize.checkpoint`):
+        parameters, buffers, optimizer, scheduler, loss scaler, policy counters, history, the rows a
+        rollback left out, and every RNG. ``fit`` again with the same ``seed`` after loading continues
+        exactly as an uninterrupted run would."""
+        from .checkpoint import save
+
+        return save(path, {"torch": self._torch_state("save")(self.updater.state),
+                           "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
+                    meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
+
+    def load_checkpoint(self, path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote; a bad file raises ``CheckpointError`` and changes nothing."""
+        from .checkpoint import load
+
+        loader = self._torch_state("load")
+        saved = load(path)
+        loader(self.updater.state, saved["torch"], f"checkpoint {str(path)!r}")
+        self.supervisor.load_state_dict(saved["supervisor"])
+        self.updater.applied = int(saved["applied"])
+        self._snapshot = None  # the next fit takes a fresh rollback snapshot
+
+    def _torch_state(self, what):
+        if not hasattr(self.updater, "state") or self.backend.name != "torch":
+            raise NotImplementedError("checkpoints of StabilityTrainer are written for torch models with a "
+                                      "torch.optim optimizer so far; for others, save the model with its framework")
+        from .integrations import torch_state
+
+        return torch_state.checkpoint_state if what == "save" else torch_state.load_checkpoint_state
 
     # -- after training -------------------------------------------------------------
     @property
@@ -387,22 +394,3 @@ class StabilityTrainer:
     def get_weights(self) -> list[np.ndarray]:
         """The current parameters as numpy arrays (in the spec's order for an MLP)."""
         return [self.backend.to_numpy(p) for p in self.params]
-
-
-def _has_state_buffers(model) -> bool:
-    torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return any(True for _ in model.buffers())
-    if keras is not None and isinstance(model, keras.Model):
-        return bool(model.non_trainable_variables)
-    return False
-
-
-def _has_batchnorm(model) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.Model):
-        return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
-    return False

@@ -122,7 +122,7 @@ def convert(B, x, op: str, arg: str, dtype: str | None = None):
         raise TypeError(f"{op}: {arg} must be a tensor, an array or a number, got {_shown(x)}")
     try:
         return B.convert(x, dtype) if dtype is not None else B.convert(x)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError):
         raise TypeError(
             f"{op}: {arg} could not be made into a {B.name} tensor ({_shown(x)}); "
             f"pass a tensor, a numeric array or a number"

@@ -35,16 +35,16 @@ def test_torch_nothing_is_traced_during_healthy_steps_only_during_the_replay():
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = stabilize.TorchGuard(loss_fn=gps_loss)
+    guard = stabilize.TorchGuard(model, opt, loss_fn=gps_loss)
     x, y = torch.randn(4, 2), torch.randn(4, 2)
     for _ in range(3):
         opt.zero_grad()
-        assert guard.step(gps_loss(model(x), y), model, opt, batch=(x, y))
+        assert guard.step(gps_loss(model(x), y), batch=(x, y))
     assert seen == [(0, 0)] * 3  # healthy: no function mode, no module hook
     with torch.no_grad():
         y_hit = model(x).detach()  # targets met exactly: distance 0, d sqrt/dx = inf
     opt.zero_grad()
-    assert not guard.step(gps_loss(model(x), y_hit), model, opt, batch=(x, y_hit))
+    assert not guard.step(gps_loss(model(x), y_hit), batch=(x, y_hit))
     assert seen[4][0] == 1  # the replay ran under the recorder: the probe can see it
     assert probe() == (0, 0) and torch._C._len_torch_function_stack() == 0
     d = guard.history.diagnosis
@@ -54,7 +54,7 @@ def test_torch_nothing_is_traced_during_healthy_steps_only_during_the_replay():
     assert d.origin_line().startswith(f"torch.sqrt at test_diagnosis_trace.py:{d.op.line} in gps_loss (backward: 4 inputs exactly 0")
     opt.zero_grad()
     seen.clear()
-    assert guard.step(gps_loss(model(x), y), model, opt, batch=(x, y))
+    assert guard.step(gps_loss(model(x), y), batch=(x, y))
     assert seen == [(0, 0)]
 
 

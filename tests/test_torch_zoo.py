@@ -6,7 +6,6 @@ whole training state (parameters, buffers, optimizer, scheduler, RNG) exactly
 as before the step; eval-mode predictions stay finite.
 """
 
-import math
 
 import numpy as np
 import pytest

@@ -13,9 +13,11 @@ from dataclasses import dataclass, fields
 
 from ..validate import check_count, check_positive_finite
 
-__all__ = ["POLICIES", "GuardSettings"]
+__all__ = ["POLICIES", "SPIKE_ACTIONS", "ALARMS", "GuardSettings"]
 
 POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto")
+SPIKE_ACTIONS = (None, "clip", "skip")
+ALARMS = ("warn", "raise", "off")
 
 
 def _number(name, value, *, allow_none=False, low=0.0, low_open=True, high=math.inf, high_open=False, finite=True):
@@ -56,6 +58,19 @@ class GuardSettings:
             exceeds this as bad (None: not measured).
         min_loss_scale: a loss scaler whose scale falls below this is no longer
             handling an overflow: its skips go to the policy.
+        distributed: ``"auto"``: with several torch.distributed ranks, every
+            decision is taken from flags and norms reduced across the ranks
+            (:mod:`stabilize.distributed`); ``"off"``: each rank decides alone
+            (independent replicas only: DDP replicas would drift apart).
+        spike: what to do about a finite loss or gradient-norm spike
+            (:mod:`~stabilize.guard.spikes`): None (not watched), ``"clip"``
+            (ZClip: clip the norm to ``mean + spike_z * std``) or ``"skip"``.
+        spike_z: the z-score above which a value is a spike.
+        spike_warmup: accepted steps before anything is flagged.
+        spike_alpha: the weight of a new value in the running mean and variance.
+        skip_alarm: ``"warn"``, ``"raise"`` or ``"off"``: what happens when more
+            than ``skip_alarm_fraction`` of the last ``skip_alarm_window`` steps
+            were not applied (a run that silently skips is not training).
     """
 
     clip_norm: float | None = None
@@ -69,10 +84,24 @@ class GuardSettings:
     snapshot_every: int = 50
     max_update_ratio: float | None = None
     min_loss_scale: float = 1.0
+    distributed: str = "auto"
+    spike: str | None = None
+    spike_z: float = 6.0
+    spike_warmup: int = 20
+    spike_alpha: float = 0.02
+    skip_alarm: str = "warn"
+    skip_alarm_fraction: float = 0.5
+    skip_alarm_window: int = 50
 
     def __post_init__(self):
         if not isinstance(self.on_nonfinite, str) or self.on_nonfinite not in POLICIES:
             raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {self.on_nonfinite!r}")
+        if self.distributed not in ("auto", "off"):
+            raise ValueError(f"distributed must be 'auto' or 'off', got {self.distributed!r}")
+        if self.spike not in SPIKE_ACTIONS:
+            raise ValueError(f"spike must be one of {SPIKE_ACTIONS}, got {self.spike!r}")
+        if self.skip_alarm not in ALARMS:
+            raise ValueError(f"skip_alarm must be one of {ALARMS}, got {self.skip_alarm!r}")
         optional = lambda check, name, *args: None if getattr(self, name) is None else check(name, getattr(self, name), *args)  # noqa: E731
         checked = {
             "clip_norm": optional(check_positive_finite, "clip_norm"),
@@ -85,6 +114,11 @@ class GuardSettings:
             "snapshot_every": check_count("snapshot_every", self.snapshot_every, 1),
             "max_update_ratio": optional(check_positive_finite, "max_update_ratio", "0.5"),
             "min_loss_scale": check_positive_finite("min_loss_scale", self.min_loss_scale),
+            "spike_z": check_positive_finite("spike_z", self.spike_z, "6.0"),
+            "spike_warmup": check_count("spike_warmup", self.spike_warmup, 2),
+            "spike_alpha": _number("spike_alpha", self.spike_alpha, high=1.0),
+            "skip_alarm_fraction": _number("skip_alarm_fraction", self.skip_alarm_fraction, high=1.0),
+            "skip_alarm_window": check_count("skip_alarm_window", self.skip_alarm_window, 1),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

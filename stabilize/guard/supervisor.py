@@ -14,13 +14,18 @@ A loss scaler's own overflow skip (``scaler_skip``) is recorded as a
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
+import math
 from typing import Any, NamedTuple
 
-from ..errors import NonFiniteError
+from ..distributed import is_main, unwrap
+from ..errors import NonFiniteError, SkipAlarmError
 from ..history import Event, History
 from .policies import Policy
 from .settings import GuardSettings
+from .spikes import SpikeDetector
 
 __all__ = ["STAT_FIELDS", "Decision", "Supervisor"]
 
@@ -40,8 +45,8 @@ class Decision(NamedTuple):
     """What the adapter must do after a step.
 
     Attributes:
-        action: ``"applied"``, ``"skipped"``, ``"backed-off"``, ``"rolled-back"``,
-            ``"raise"`` or ``"scaler-skip"``.
+        action: ``"applied"``, ``"clipped"`` (applied, a spike clipped), ``"skipped"``,
+            ``"backed-off"``, ``"rolled-back"``, ``"raise"`` or ``"scaler-skip"``.
         restore: restore the last rollback snapshot now.
         snapshot: take a rollback snapshot now (after a committed step).
         stop: raise :class:`~stabilize.NonFiniteError` (``Supervisor.raise_for``).
@@ -70,6 +75,10 @@ class Supervisor:
         self.skip_positions: set[tuple[int, int]] = set()
         self._streak: list[tuple[Any, Any]] = []  # (position, rows) of the current run of bad steps
         self._snapshot_applied: int | None = None
+        self.spikes = SpikeDetector(settings) if settings.spike else None
+        self._recent: collections.deque = collections.deque(maxlen=settings.skip_alarm_window)
+        self.alarms = 0
+        self.not_applied = 0  # steps not applied, for the progress line
 
     # -- what the adapter asks --------------------------------------------------
     @property
@@ -93,6 +102,10 @@ class Supervisor:
         """Applied steps since the last snapshot (what restoring it loses)."""
         return None if self._snapshot_applied is None else self.applied - self._snapshot_applied
 
+    def spike_limits(self) -> tuple[float, float] | None:
+        """``(loss_max, norm_max)`` for the next step's device-side spike check; None when not watched."""
+        return self.spikes.limits() if self.spikes is not None else None
+
     # -- one step ---------------------------------------------------------------
     def observe(self, stats: dict, *, epoch: int = 0, batch: int = 0, position: Any = None, rows=None,
                 bad_data: bool = False) -> Decision:
@@ -104,6 +117,25 @@ class Supervisor:
         ``position`` names the batch for a rollback to leave out (default
         ``(epoch, batch)``); ``rows`` are its sample indices when known.
         """
+        decision = self._decide(stats, epoch, batch, position, rows, bad_data)
+        held = decision.action not in ("applied", "clipped")
+        self.not_applied += held
+        self._recent.append(held)
+        window = self.settings.skip_alarm_window
+        if self.settings.skip_alarm != "off" and len(self._recent) == window and not decision.stop \
+                and sum(self._recent) > self.settings.skip_alarm_fraction * window:
+            self.alarms += 1
+            message = (f"stabilize: {sum(self._recent)} of the last {window} steps were not applied (alarm at "
+                       f"{self.settings.skip_alarm_fraction:.0%}): the run is not training; "
+                       f"{self.history().report() if self.settings.skip_alarm == 'raise' else 'see guard.history'}")
+            self._recent.clear()
+            if self.settings.skip_alarm == "raise":
+                raise SkipAlarmError(message)
+            if is_main():
+                logger.warning(message)
+        return decision
+
+    def _decide(self, stats, epoch, batch, position, rows, bad_data) -> Decision:
         step = self.step
         stats = dict(stats, step=step, epoch=epoch, batch=batch)
         self.rows.append(stats)
@@ -116,13 +148,22 @@ class Supervisor:
         if stats.get("scaler_skip", 0.0) == 1.0 and not committed:
             event = self._event(stats, "scaler", bad, "scaler-skip")
             return Decision("scaler-skip", event=event)
+        spike = stats.get("spike", 0.0) == 1.0 and not bad
+        if spike and not committed and not large:  # spike="skip": held back on the device
+            self.spikes.spikes += 1
+            return Decision("skipped", event=self._event(stats, "spike", (), "skipped"))
         if committed and not bad and not large:
             self._streak.clear()
             self.applied += 1
+            if self.spikes is not None:
+                if spike:  # spike="clip": applied with the norm clipped to the limit (ZClip)
+                    self.spikes.spikes += 1
+                    self._event(stats, "spike", (), "clipped")
+                self.spikes.update(stats["loss"], min(stats["grad_norm"], stats.get("norm_max", math.inf)))
             grew = self.policy.on_good()
             event = self._event(stats, "lr-growth", (), grew) if grew else None
             snap = self.wants_snapshot and self.applied % self.settings.snapshot_every == 0
-            return Decision("applied", snapshot=snap, event=event)
+            return Decision("clipped" if spike else "applied", snapshot=snap, event=event)
         self._streak.append(((epoch, batch) if position is None else position, rows))
         action = self.policy.on_bad(bad_data)
         if broken and self.settings.guarded:
@@ -162,6 +203,9 @@ class Supervisor:
 
         from ..diagnose import diagnose
 
+        model = unwrap(model)
+        if model is None:  # sharded parameters: a rank-local replay would start a collective
+            return None
         rows = self.rows if pending is None else self.rows + [dict(pending, step=self.step)]
         row = rows[-1]
         col = lambda k: np.array([r.get(k, np.nan) for r in rows], dtype=np.float64)
@@ -173,10 +217,12 @@ class Supervisor:
                                       grad_norms=col("grad_norm"), weights_norm=wnorm,
                                       optimizer=optimizer)
         except Exception as exc:  # noqa: BLE001 - reported, and training goes on
-            logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",
-                           row["step"], type(exc).__name__, exc)
+            if is_main():
+                logger.warning("stabilize: the diagnosis of step %d failed (%s: %s); the step was still handled",
+                               row["step"], type(exc).__name__, exc)
             return None
-        logger.warning(self.diagnosis.line())
+        if is_main():  # every rank records; only rank 0 prints
+            logger.warning(self.diagnosis.line())
         return self.diagnosis
 
     def raise_for(self, decision: Decision, history: History | None = None) -> None:
@@ -192,8 +238,29 @@ class Supervisor:
 
     # -- counters (part of the training state) ------------------------------------
     def state_dict(self) -> dict:
+        """Counters, every step's row, the events and what was left out: plain values, for a checkpoint."""
+        rows = [{k: (float(v) if isinstance(v, float) else v) for k, v in r.items()} for r in self.rows]
         return {"policy": self.policy.state_dict(), "applied": self.applied, "steps": self.step,
-                "first_bad": self.first_bad, "skip_rows": sorted(self.skip_rows)}
+                "first_bad": self.first_bad, "skip_rows": sorted(self.skip_rows),
+                "skip_positions": sorted(self.skip_positions), "rows": rows,
+                "events": [dataclasses.asdict(e) for e in self.events], "snapshot_applied": self._snapshot_applied,
+                "spikes": self.spikes.state_dict() if self.spikes is not None else None,
+                "recent": [bool(b) for b in self._recent], "alarms": self.alarms, "not_applied": self.not_applied}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.applied, self.first_bad = int(state["applied"]), state["first_bad"]
+        self.skip_rows = set(int(i) for i in state["skip_rows"])
+        self.skip_positions = {tuple(p) for p in state["skip_positions"]}
+        self.rows = [dict(r) for r in state["rows"]]
+        self.events = [Event(**dict(e, nonfinite=tuple(e["nonfinite"]))) for e in state["events"]]
+        self._snapshot_applied = state["snapshot_applied"]
+        self._streak.clear()
+        if self.spikes is not None and state["spikes"] is not None:
+            self.spikes.load_state_dict(state["spikes"])
+        self._recent.clear()
+        self._recent.extend(state["recent"])
+        self.alarms, self.not_applied = int(state["alarms"]), int(state["not_applied"])
 
     def _event(self, stats, kind, bad, action, steps_lost=None) -> Event:
         event = Event(stats.get("step", self.step), stats.get("batch", 0), stats.get("epoch", 0), kind,

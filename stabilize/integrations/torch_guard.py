@@ -87,13 +87,18 @@ class TorchGuard:
             many steps that loses).
         loss_fn: ``loss_fn(pred, target)``; with ``batch=(x, y)`` given to
             :meth:`step`, the first bad step is replayed and diagnosed.
+        process_group: with torch.distributed, the group whose ranks decide
+            together (default: the default group). Every decision (skip,
+            back-off, rollback, raise, the clip coefficient) is then the same
+            on every rank; only rank 0 prints.
         **settings: :class:`~stabilize.guard.settings.GuardSettings` (clip_norm,
             clip_value, on_nonfinite, backoff_factor, min_lr, grow_after,
-            max_bad_steps, max_rollbacks, snapshot_every, max_update_ratio, min_loss_scale).
+            max_bad_steps, max_rollbacks, snapshot_every, max_update_ratio, min_loss_scale, distributed,
+            spike, spike_z, spike_warmup, spike_alpha, skip_alarm, skip_alarm_fraction, skip_alarm_window).
     """
 
     def __init__(self, model=None, optimizer=None, *, scaler=None, scheduler=None, verify_updates=False,
-                 restore_rng=True, loss_fn=None, **settings):
+                 restore_rng=True, loss_fn=None, process_group=None, **settings):
         if model is None or optimizer is None:
             raise TypeError("TorchGuard needs the model and its optimizer: TorchGuard(model, optimizer, **settings), "
                             "then guard.step(loss) in the loop")
@@ -101,8 +106,9 @@ class TorchGuard:
         self.settings = GuardSettings(**settings)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
-        self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates)
+        self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
         self.supervisor = Supervisor(self.settings)
+        self._step.limits = self.supervisor.spike_limits
         self._keeps_snapshot = self.supervisor.wants_snapshot or (self.settings.guarded and not self._step.verify)
         self._snapshot = None
         self.state.mark()  # a forward pass from here on can be undone
@@ -150,9 +156,44 @@ class TorchGuard:
             sup.raise_for(decision)
         return stats["committed"] == 1.0
 
+    # -- durable state ---------------------------------------------------------------
+    def save_checkpoint(self, path, **position):
+        """Save the whole training state to ``path`` atomically (:mod:`stabilize.checkpoint`).
+
+        Model parameters and buffers, optimizer, scheduler, loss scaler, the
+        policy's counters and the history, every RNG (torch, numpy, Python),
+        and ``position``: whatever names your place in the data (``epoch=...,
+        batch=...``), returned by :meth:`load_checkpoint`. With several ranks,
+        call it on every rank with a per-rank path (or only on rank 0 for DDP,
+        whose replicas are identical).
+        """
+        from ..checkpoint import save
+        from .torch_state import checkpoint_state
+
+        state = {"torch": checkpoint_state(self.state), "supervisor": self.supervisor.state_dict(),
+                 "position": position}
+        return save(path, state, meta={"kind": "TorchGuard", "steps": self.supervisor.step})
+
+    def load_checkpoint(self, path) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote; returns its ``position``.
+
+        A missing, truncated or corrupted file, or one from another model,
+        raises :class:`~stabilize.checkpoint.CheckpointError` and leaves the
+        live state untouched.
+        """
+        from ..checkpoint import load
+        from .torch_state import load_checkpoint_state
+
+        saved = load(path)
+        load_checkpoint_state(self.state, saved["torch"], f"checkpoint {str(path)!r}")
+        self.supervisor.load_state_dict(saved["supervisor"])
+        self._snapshot = self.state.capture() if self._keeps_snapshot else None
+        if self._snapshot is not None:
+            self.supervisor.snapshot_taken()
+        return dict(saved["position"])
+
     def _weights_finite(self) -> bool:
-        B = self._step.B
-        return bool(B.read(B.stack([B.all_finite([p.detach() for p in self.state.params])], "float64"))[0])
+        return self._step.weights_finite()  # reduced across ranks when distributed
 
     def _diagnose(self, batch, stats):
         x, y = batch

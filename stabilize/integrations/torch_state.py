@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["TorchState", "Snapshot", "UpdateUndo", "optimizer_params"]
+__all__ = ["TorchState", "Snapshot", "UpdateUndo", "optimizer_params", "checkpoint_state", "load_checkpoint_state",
+           "rng_state_dict", "load_rng_state_dict"]
 
 
 def optimizer_params(optimizer) -> list[torch.Tensor]:
@@ -124,6 +125,65 @@ class TorchState:
             self.scaler.load_state_dict(copy.deepcopy(snap.scaler))
         _set_rng_state(snap.rng)
         self.mark()
+
+
+def rng_state_dict() -> dict:
+    """Every RNG a run may draw from: torch (CPU, CUDA), numpy's global one, Python's ``random``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": _rng_state(), "numpy": {"kind": kind, "keys": keys, "pos": int(pos), "has_gauss": int(has_gauss),
+                                             "cached": float(cached)}, "python": random.getstate()}
+
+
+def load_rng_state_dict(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    _set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def checkpoint_state(state: "TorchState") -> dict:
+    """The durable form of a :class:`TorchState`: tensors and plain values only (see :mod:`stabilize.checkpoint`)."""
+    snap = state.capture()
+    return {"params": snap.params, "buffers": snap.buffers, "optimizer": snap.optimizer, "scheduler": snap.scheduler,
+            "scaler": snap.scaler, "rng": rng_state_dict()}
+
+
+def load_checkpoint_state(state: "TorchState", saved: dict, where: str = "checkpoint") -> None:
+    """Put a verified checkpoint back; on any mismatch raise before (or undo after) touching the live state."""
+    from ..checkpoint import CheckpointError
+
+    def shapes(xs):
+        return [tuple(x.shape) for x in xs]
+
+    for name, live in (("params", state.params), ("buffers", state.buffers)):
+        if shapes(saved[name]) != shapes(live):
+            raise CheckpointError(f"{where} holds {len(saved[name])} {name} of shapes {shapes(saved[name])[:4]}..., "
+                                  f"the live model {len(live)} of shapes {shapes(live)[:4]}...: another model")
+    for name, obj in (("scheduler", state.scheduler), ("scaler", state.scaler)):
+        if (saved[name] is None) != (obj is None):
+            raise CheckpointError(f"{where} was saved {'with' if saved[name] is not None else 'without'} a {name}; "
+                                  f"pass the same {name} (or none) to load it")
+    before = state.capture()
+    rng = rng_state_dict()
+    try:
+        state.restore(Snapshot(saved["params"], saved["buffers"], saved["optimizer"], saved["scheduler"],
+                               saved["scaler"], saved["rng"]["torch"], {}))
+        load_rng_state_dict(saved["rng"])
+        state.mark()
+    except Exception as exc:
+        state.restore(before)
+        load_rng_state_dict(rng)
+        raise CheckpointError(f"{where} does not fit this model/optimizer ({type(exc).__name__}: {exc}); "
+                              f"the training state was left as it was") from exc
 
 
 class UpdateUndo:

@@ -15,6 +15,11 @@ With ``max_update_ratio`` or ``verify_updates``, the update itself is
 checked: the pre-step parameters and optimizer state are kept, and an update
 that left non-finite weights, or whose ``‖Δw‖/‖w‖`` exceeds the bound, is
 undone exactly. That costs a copy of the state and a second read per step.
+
+With more than one torch.distributed rank, step 2 packs the local flags and
+squared norms into one vector, all-reduced once before the read
+(:mod:`stabilize.distributed`): every rank then takes the same decision from
+the same numbers, and sharded (FSDP2) gradients give the global norm.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import torch
 from ..guard.settings import GuardSettings
 from ..ops import global_norm
 from ..registry import get_backend
+from ..distributed import combine
 from ..step import update_ratio
+from .torch_distributed import TorchReducer, local
 from .torch_state import TorchState, UpdateUndo
 
 __all__ = ["TorchStep", "check_loss"]
@@ -47,12 +54,17 @@ def check_loss(loss) -> torch.Tensor:
 class TorchStep:
     """One guarded optimizer step over a :class:`TorchState`."""
 
-    def __init__(self, state: TorchState, settings: GuardSettings, *, verify_updates: bool = False):
+    def __init__(self, state: TorchState, settings: GuardSettings, *, verify_updates: bool = False, group=None):
         self.state, self.settings = state, settings
         self.B = get_backend("torch")
+        # More than one rank: flags and norms are all-reduced inside the step's one read.
+        self.reducer = TorchReducer.detect(settings.distributed, group)
         self.verify = verify_updates or settings.max_update_ratio is not None
         self._undo = UpdateUndo(state) if self.verify else None
         self._losses: list[torch.Tensor] = []
+        # ``limits() -> (loss_max, norm_max) | None``: the spike detector's bounds for this step
+        # (the Supervisor's ``spike_limits``), compared on the device inside the one read.
+        self.limits = None
 
     def backward(self, loss) -> None:
         """Backward one (micro-)batch loss, scaled by the ``GradScaler`` if there is one."""
@@ -81,22 +93,34 @@ class TorchStep:
         grads = [p.grad for p in st.params if p.grad is not None]
         with torch.no_grad():
             loss = losses[0].float() if len(losses) == 1 else torch.stack([l.float() for l in losses]).sum()
-            norm = global_norm(grads, backend=self.B) if grads else torch.zeros((), device=loss.device)
-            if s.clip_value is not None and grads:
-                torch._foreach_clamp_min_(grads, -s.clip_value)  # clamping keeps NaN
-                torch._foreach_clamp_max_(grads, s.clip_value)
-                current = global_norm(grads, backend=self.B)
+            if self.reducer is not None:
+                loss, norm, current, loss_ok, grads_ok, buffers_ok = self._reduced(loss, grads)
             else:
-                current = norm
-            loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(norm)
-            buffers_ok = st.buffers_finite()  # BatchNorm statistics the forward pass just wrote
+                norm = global_norm(grads, backend=self.B) if grads else torch.zeros((), device=loss.device)
+                if s.clip_value is not None and grads:
+                    torch._foreach_clamp_min_(grads, -s.clip_value)  # clamping keeps NaN
+                    torch._foreach_clamp_max_(grads, s.clip_value)
+                    current = global_norm(grads, backend=self.B)
+                else:
+                    current = norm
+                loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(norm)
+                buffers_ok = st.buffers_finite()  # BatchNorm statistics the forward pass just wrote
             ok = loss_ok & grads_ok & buffers_ok
+            limits = self.limits() if self.limits is not None else None
+            if limits is not None:  # a finite spike: rank-consistent, since loss and norm are reduced
+                spike = loss_ok & grads_ok & ((loss > limits[0]) | (norm > limits[1]))
+                if s.spike == "skip":
+                    ok = ok & ~spike
+            else:
+                spike = torch.zeros((), dtype=torch.bool, device=loss.device)
             scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones((), device=loss.device)
-            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale, buffers_ok],
+            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale, buffers_ok, spike],
                                               "float64"))
         stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite"), values[:4]))
         ok, current, scale = values[4] == 1.0, values[5], values[6]
-        stats["buffers_finite"] = values[7]
+        stats["buffers_finite"], stats["spike"] = values[7], values[8]
+        if limits is not None:
+            stats["loss_max"], stats["norm_max"] = limits
         base = float(st.optimizer.param_groups[0]["lr"])
         stats.update(weights_finite=1.0, update_ratio=0.0, large_update=0.0, scaler_skip=0.0, loss_scale=scale,
                      lr=float(rate(base)) if rate is not None else base)
@@ -107,10 +131,13 @@ class TorchStep:
         commit = ok or not s.guarded
         if not ok and commit and before_unguarded is not None:
             before_unguarded(stats)
-        if commit and s.clip_norm is not None and grads and math.isfinite(current):
-            coef = float(np.float32(s.clip_norm) / (np.float32(current) + np.float32(1e-6)))
+        bound = s.clip_norm
+        if stats["spike"] == 1.0 and s.spike == "clip":  # ZClip: clip to the running mean + z * std
+            bound = limits[1] if bound is None else min(bound, limits[1])
+        if commit and bound is not None and grads and math.isfinite(current):
+            coef = float(np.float32(bound) / (np.float32(current) + np.float32(1e-6)))
             if coef < 1.0:
-                torch._foreach_mul_(grads, coef)
+                torch._foreach_mul_([local(g) for g in grads], coef)
         if commit:
             commit = self._update(stats, rate)
         elif scaler is not None:
@@ -121,6 +148,29 @@ class TorchStep:
             st.mark()
         stats["committed"] = float(commit)
         return stats
+
+    def _reduced(self, loss, grads):
+        """The distributed path: one all-reduce makes every number below the same on every rank."""
+        s = self.settings
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        pre = TorchReducer.sumsq(grads, loss.device)
+        if s.clip_value is not None and local:
+            torch._foreach_clamp_min_(local, -s.clip_value)  # in place on the local shards; keeps NaN
+            torch._foreach_clamp_max_(local, s.clip_value)
+            cur = TorchReducer.sumsq(grads, loss.device)
+        else:
+            cur = pre
+        buffers_ok = self.state.buffers_finite()
+        vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~buffers_ok, *pre, *cur])
+        return combine(vec, self.reducer.world, torch.sqrt, torch.isfinite)
+
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite (on every rank when distributed): one read."""
+        params = [local(p.detach()) for p in self.state.params]
+        ok = self.B.all_finite(params)
+        if self.reducer is not None:
+            ok = self.reducer.all_true([ok])[0]
+        return bool(self.B.read(self.B.stack([ok], "float64"))[0])
 
     def _update(self, stats, rate) -> bool:
         st, s = self.state, self.settings
@@ -144,8 +194,18 @@ class TorchStep:
             return True
         with torch.no_grad():
             new = [p.detach() for p in st.params]
-            weights_ok = self.B.all_finite(new)
-            ratio = update_ratio(self.B, new, self._undo._params)
+            if self.reducer is None:
+                weights_ok = self.B.all_finite(new)
+                ratio = update_ratio(self.B, new, self._undo._params)
+            else:  # the same check on every rank: one more all-reduce, only when updates are verified
+                weights_ok = self.B.all_finite([local(p) for p in new])
+                dev = new[0].device
+                d_sq = TorchReducer.sumsq(torch._foreach_sub(new, self._undo._params), dev)
+                w_sq = TorchReducer.sumsq(self._undo._params, dev)
+                vec = self.reducer.all_reduce([~weights_ok, *d_sq, *w_sq])
+                w = self.reducer.world
+                weights_ok = vec[0] == 0
+                ratio = torch.sqrt(vec[1] + vec[2] / w) / (torch.sqrt(vec[3] + vec[4] / w) + 1e-12)
             bound = s.max_update_ratio
             large = ~(ratio <= bound) if bound is not None else torch.zeros((), dtype=torch.bool)
             keep = weights_ok & ~large
@@ -161,6 +221,11 @@ class TorchStep:
         bad step leaves the scaler exactly as it was."""
         scaler = self.state.scaler
         saved = None if keep else scaler.state_dict()
+        if keep and self.reducer is not None:
+            # The overflow verdict was taken across ranks: every rank's scaler backs off alike,
+            # even one whose own gradients were finite (else the scales drift apart).
+            for found in scaler._found_inf_per_device(self.state.optimizer).values():
+                found.fill_(1.0)
         scaler.update()
         if saved is not None:
             scaler.load_state_dict(saved)

@@ -104,8 +104,7 @@ class TorchUpdater:
         self.applied = snap.extra["applied"]
 
     def weights_finite(self) -> bool:
-        B = self.B
-        return bool(B.read(B.stack([B.all_finite([p.detach() for p in self.params])], "float64"))[0])
+        return self._step.weights_finite()  # reduced across ranks when distributed
 
     def predict(self, xb) -> np.ndarray:
         with eval_mode(self.model):

@@ -1,0 +1,52 @@
+"""Which framework an object belongs to, asked of ``sys.modules`` only (never an import).
+
+The trainer takes models, optimizers and losses of several frameworks; these
+questions are answered without importing a framework the user has not
+imported themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["framework_of", "keras_convention", "has_state_buffers", "has_batchnorm"]
+
+
+def framework_of(obj) -> str | None:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return "torch"
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(obj, keras.Model):
+        return "tensorflow"
+    return None
+
+
+def keras_convention(loss, framework) -> bool:
+    """Whether a loss callable takes Keras's ``(y_true, y_pred)``: any loss given with a
+    keras model, and Keras loss objects or functions anywhere."""
+    if framework == "tensorflow":
+        return True
+    keras = sys.modules.get("keras")
+    if keras is None:
+        return False
+    return isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras")
+
+
+def has_state_buffers(model) -> bool:
+    torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return any(True for _ in model.buffers())
+    if keras is not None and isinstance(model, keras.Model):
+        return bool(model.non_trainable_variables)
+    return False
+
+
+def has_batchnorm(model) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
+    return False
