@@ -23,6 +23,25 @@ def _relu_keeping_nan(h):
     return tf.where(h > 0, h, tf.where(h <= 0, zero, h))
 
 
+@contextlib.contextmanager
+def _keras_globals_kept():
+    """Build Keras layers without fixing Keras's global dtype policy.
+
+    The first layer built without a policy set (``keras.Input`` always is)
+    makes Keras store ``DTypePolicy(floatx())`` as the global policy, after
+    which ``keras.config.set_floatx`` no longer reaches new layers. Put back
+    what was there. Keras has no public way to unset the policy, hence
+    ``global_state``.
+    """
+    from keras.src.backend.common import global_state
+
+    before = global_state.get_global_attribute("dtype_policy", None)
+    try:
+        yield
+    finally:
+        global_state.set_global_attribute("dtype_policy", before)
+
+
 _ACTIVATIONS = {"relu": _relu_keeping_nan, "tanh": tf.tanh, "sigmoid": tf.sigmoid}
 
 
@@ -31,9 +50,13 @@ class TensorFlowBackend(Backend):
     framework_module = "tensorflow"
 
     def is_tensor(self, x):
-        return isinstance(x, (tf.Tensor, tf.Variable))
+        # tf.is_tensor also knows Keras 3 variables and IndexedSlices (Embedding
+        # gradients), which are neither tf.Tensor nor tf.Variable.
+        return tf.is_tensor(x) or isinstance(x, (tf.Variable, tf.IndexedSlices))
 
     def convert(self, x, dtype=None):
+        if isinstance(x, tf.IndexedSlices):  # a sparse gradient: its dense form, for ops that need one
+            x = tf.convert_to_tensor(x)
         if isinstance(x, (tf.Tensor, tf.Variable)):
             return x if dtype is None or x.dtype.name == dtype else tf.cast(x, dtype)
         return tf.convert_to_tensor(x, dtype=dtype)
@@ -177,15 +200,18 @@ class TensorFlowBackend(Backend):
         import keras
 
         ws = spec.weights(dtype)
-        inputs = keras.Input((spec.sizes[0],), dtype=dtype)
-        h = inputs
-        for i, act in enumerate(spec.activations):
-            layer = keras.layers.Dense(spec.sizes[i + 1], dtype=dtype, name=f"dense_{i}")
-            h = layer(h)
-            layer.set_weights([ws[2 * i], ws[2 * i + 1]])  # kernel (in, out), as in the spec
-            if act != "linear":
-                h = keras.layers.Activation(_ACTIVATIONS[act], dtype=dtype, name=f"{act}_{i}")(h)
-        return keras.Model(inputs, h)
+        with _keras_globals_kept():
+            inputs = keras.Input((spec.sizes[0],), dtype=dtype)
+            h = inputs
+            for i, act in enumerate(spec.activations):
+                # zeros: the spec's weights are set just below, and no RNG is drawn for an init that is thrown away
+                layer = keras.layers.Dense(spec.sizes[i + 1], dtype=dtype, name=f"dense_{i}",
+                                           kernel_initializer="zeros", bias_initializer="zeros")
+                h = layer(h)
+                layer.set_weights([ws[2 * i], ws[2 * i + 1]])  # kernel (in, out), as in the spec
+                if act != "linear":
+                    h = keras.layers.Activation(_ACTIVATIONS[act], dtype=dtype, name=f"{act}_{i}")(h)
+            return keras.Model(inputs, h, dtype=dtype)
 
     def parameter_names(self, model):
         return [getattr(v, "path", None) or v.name for v in model.trainable_variables]
@@ -238,111 +264,3 @@ class TensorFlowBackend(Backend):
         tf.debugging.assert_less(labels, tf.constant(num_classes, tf.int64),
                                  message=f"labels must be < num_classes={num_classes}")
         return tf.one_hot(labels, num_classes, dtype=dtype)
-
-
-def make_guarded_optimizer(inner, *, clip_norm=None, clip_value=None, max_update_ratio=None):
-    """Wrap a Keras optimizer so that a bad update is skipped inside the compiled step.
-
-    The wrapper clips with :func:`stabilize.clip_grads`, then applies the inner
-    optimizer under ``cond``: only when the gradient norm is finite (and, with
-    ``max_update_ratio``, when ``lr·‖g‖/‖w‖`` is within it), as Keras's own
-    ``LossScaleOptimizer`` skips non-finite steps. ``stabilize_stats`` holds the
-    last step's (loss placeholder, norm, 1, grads finite, weights finite, ratio,
-    committed) for the callback.
-    """
-    import keras
-
-    from ..ops import clip_grads, global_norm
-
-    class GuardedOptimizer(keras.optimizers.Optimizer):
-        def __init__(self):
-            super().__init__(learning_rate=0.0, name=f"guarded_{inner.name}")
-            self.inner_optimizer = inner
-
-        def build(self, var_list):
-            self.inner_optimizer.build(var_list)
-            self.stabilize_stats = self.add_variable(shape=(7,), dtype="float64", name="stabilize_stats")
-            self.built = True
-
-        @property
-        def variables(self):
-            return self._variables + self.inner_optimizer.variables
-
-        @property
-        def learning_rate(self):
-            return self.inner_optimizer.learning_rate
-
-        @learning_rate.setter
-        def learning_rate(self, value):
-            if hasattr(self, "inner_optimizer"):
-                self.inner_optimizer.learning_rate = value
-
-        @property
-        def iterations(self):
-            return self.inner_optimizer.iterations
-
-        def apply(self, grads, trainable_variables=None):
-            if not self.built:
-                self.build(trainable_variables)
-            tvs = list(trainable_variables)
-            grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, tvs)]
-            if clip_norm is None and clip_value is None:
-                norm = global_norm(grads)
-            else:
-                grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value)
-            values = [tf.convert_to_tensor(getattr(v, "value", v)) for v in tvs]
-            wnorm = global_norm(values)
-            lr = tf.cast(self.inner_optimizer.learning_rate, norm.dtype)
-            ratio = lr * norm / (tf.cast(wnorm, norm.dtype) + 1e-12)
-            ok = tf.math.is_finite(norm) & tf.math.is_finite(wnorm)
-            if max_update_ratio is not None:
-                ok = ok & (ratio <= max_update_ratio)
-
-            def apply_fn():
-                self.inner_optimizer.apply(grads, tvs)
-                return tf.constant(True)
-
-            tf.cond(ok, apply_fn, lambda: tf.constant(False))
-            as64 = lambda t: tf.cast(t, tf.float64)
-            self.stabilize_stats.assign(tf.stack([
-                tf.constant(0.0, tf.float64), as64(norm), tf.constant(1.0, tf.float64),
-                as64(tf.math.is_finite(norm)), as64(tf.math.is_finite(wnorm)), as64(ratio), as64(ok)]))
-
-    return GuardedOptimizer()
-
-
-def make_keras_step(model, loss_fn, optimizer, params, clip_norm, clip_value, guard=True):
-    """The guarded step for a keras optimizer, compiled with ``tf.function``.
-
-    Gradients are clipped with :func:`stabilize.clip_grads`; the optimizer is
-    applied under ``cond`` only when the loss and the gradient norm are finite
-    (always, with ``guard=False``). Returns the trainer's statistics vector.
-    """
-    from ..ops import clip_grads, global_norm
-
-    variables = list(model.trainable_variables)
-    optimizer.build(variables)
-
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(model(x), y)
-        grads = tape.gradient(loss, params)
-        grads = [tf.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-        if clip_norm is None and clip_value is None:
-            norm = global_norm(grads)
-        else:
-            grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value)
-        loss_ok, grads_ok = tf.math.is_finite(loss), tf.math.is_finite(norm)
-        commit = (loss_ok & grads_ok) if guard else tf.constant(True)
-
-        def apply():
-            optimizer.apply(grads, variables)
-            return tf.constant(True)
-
-        tf.cond(commit, apply, lambda: tf.constant(False))
-        f64 = lambda t: tf.cast(t, tf.float64)
-        return tf.stack([f64(loss), f64(norm), f64(loss_ok), f64(grads_ok), tf.constant(1.0, tf.float64),
-                         tf.constant(0.0, tf.float64), f64(commit)])
-
-    return step

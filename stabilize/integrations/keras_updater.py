@@ -1,81 +1,115 @@
-"""The trainer's updater for a Keras model with a Keras optimizer.
+"""The trainer's Keras path: ``KerasTrainStep`` and the ``KerasUpdater`` that ``StabilityTrainer`` drives.
 
-The step runs compiled (``tf.function``, traced once per input signature):
-forward in training mode, the loss in Keras's ``(y_true, y_pred)`` order,
-gradients, ``clip_grads``, the finite checks, and the optimizer applied under
-``cond`` only when the step is good. Non-trainable variables (BatchNorm's
-moving statistics, seed-generator states) that the forward pass changed are
-put back when it is not.
+The step is compiled once with ``tf.function``: ``model(x, training=True)``,
+the loss called the Keras way ``loss_fn(y_true, y_pred)``, the gradients, and
+the very same guarded ``apply`` and :meth:`StepState.finish` that
+``keras_guard`` runs inside ``model.fit``. Snapshots are host copies of every
+variable (trainable, non-trainable, optimizer) and never share storage.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import keras
 import numpy as np
+from keras import ops
 
+from ..guard.settings import GuardSettings
 from ..guard.supervisor import STAT_FIELDS
+from .keras_guard import check_optimizer
+from .keras_optimizer import GuardedOptimizer, Protected, all_finite, copy_values
 
-__all__ = ["KerasUpdater"]
+__all__ = ["KerasTrainStep", "KerasUpdater"]
+
+
+class KerasTrainStep:
+    """The trainer's Keras step: ``model(x, training=True)``, ``loss_fn(y_true, y_pred)``, guarded apply.
+
+    Args:
+        model: a ``keras.Model``.
+        optimizer: a keras optimizer instance (a ``LossScaleOptimizer`` for mixed precision).
+        loss_fn: called the Keras way, ``loss_fn(y_true, y_pred)``; must return a scalar.
+        settings: the :class:`GuardSettings`.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, settings: GuardSettings):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"KerasTrainStep needs a keras.Model, got {type(model).__name__}")
+        check_optimizer(optimizer, "KerasTrainStep")
+        if isinstance(optimizer, GuardedOptimizer):
+            optimizer = optimizer.inner_optimizer
+        self.model, self.loss_fn, self.settings = model, loss_fn, settings
+        self.variables = list(model.trainable_variables)
+        if not self.variables:
+            raise ValueError("the model has no trainable parameters")
+        if optimizer.built:
+            known = {id(v) for v in getattr(optimizer, "_trainable_variables", [])}
+            if not all(id(v) in known for v in self.variables):
+                raise ValueError("the optimizer was built for other variables than this model's; pass a fresh optimizer")
+        self.guard = GuardedOptimizer(optimizer, settings)
+        self.guard.build(self.variables)
+        self.guard.watch_buffers(model.non_trainable_variables)
+        self.protected = Protected(model.non_trainable_variables if settings.guarded else [])  # ignore: no copies
+        import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
+
+        self._tf = tf
+        self._step = tf.function(self._traced, reduce_retracing=True)
+
+    def _traced(self, x, y):
+        state = self.guard.state
+        state.begin()
+        with self._tf.GradientTape() as tape:
+            pred = self.model(x, training=True)
+            loss = self.loss_fn(y, pred)
+            if self.model.losses:
+                loss = loss + ops.sum(ops.stack([ops.cast(r, loss.dtype) for r in self.model.losses]))
+            if len(loss.shape) != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}; reduce it, e.g. with ops.mean")
+            scaled = self.guard.scale_loss(loss)
+        grads = tape.gradient(scaled, self.variables)
+        self.guard.apply(grads, self.variables)
+        state.finish(self.protected)
+        return ops.convert_to_tensor(state.stats)
+
+    def run(self, x, y, lr_factor: float = 1.0) -> dict:
+        """One guarded step; returns the statistics (``committed`` as the device decided)."""
+        self.guard.state.lr_factor.assign(float(lr_factor))
+        return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+
+    def _all(self):
+        return self.variables + list(self.model.non_trainable_variables) + list(self.guard.variables)
+
+    def capture(self) -> list[np.ndarray]:
+        """A snapshot of every variable (trainable, non-trainable, optimizer), sharing no storage."""
+        return copy_values(self._all())
+
+    def restore(self, snapshot) -> None:
+        for v, saved in zip(self._all(), snapshot):
+            v.assign(saved)
+        self.protected.sync_now()
+
+    def weights_finite(self) -> bool:
+        return bool(ops.convert_to_numpy(all_finite(self.variables)))
+
+    def predict(self, x):
+        """Inference-mode outputs as numpy (a dict or list of them for such models); no state changes."""
+        out = self.model(x, training=False)
+        return keras.tree.map_structure(lambda t: np.asarray(ops.convert_to_numpy(t)), out)
 
 
 class KerasUpdater:
-    """Runs one guarded Keras-optimizer step for the trainer."""
+    """What :class:`~stabilize.StabilityTrainer` drives for a keras model with a keras optimizer.
 
-    def __init__(self, B, model, optimizer, loss_fn, settings):
-        import tensorflow as tf
+    ``loss_fn`` is the trainer's ``loss(pred, target)``; it is handed to the
+    step back in Keras's order. ``applied`` counts committed steps.
+    """
 
-        from ..ops import clip_grads, global_norm
-
-        self.B, self.model, self.optimizer = B, model, optimizer
-        self.params = B.parameters(model)
-        variables = list(model.trainable_variables)
-        optimizer.build(variables)
-        self._factor = tf.Variable(1.0, dtype=tf.float64, trainable=False)
-        lr = optimizer.learning_rate
-        self._schedule = not hasattr(lr, "assign")
-        self._lr_var = None if self._schedule else optimizer._learning_rate
-        self._shadow = [tf.Variable(v.value, trainable=False) for v in model.non_trainable_variables]
-        guard = settings.guarded
-        clip_norm, clip_value = settings.clip_norm, settings.clip_value
-        non_trainable = list(model.non_trainable_variables)
-        shadow = self._shadow
-
-        @tf.function(reduce_retracing=True)
-        def step(x, y, user_lr):
-            with tf.GradientTape() as tape:
-                loss = loss_fn(model(x, training=True), y)
-            grads = tape.gradient(loss, self.params)
-            grads = [tf.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-            if clip_norm is None and clip_value is None:
-                norm = global_norm(grads)
-            else:
-                grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value)
-            loss_ok, grads_ok = tf.math.is_finite(loss), tf.math.is_finite(norm)
-            commit = (loss_ok & grads_ok) if guard else tf.constant(True)
-
-            def apply():
-                if self._lr_var is not None:  # back-off on top of the optimizer's own rate, for this update only
-                    self._lr_var.assign(tf.cast(user_lr * self._factor, self._lr_var.dtype))
-                optimizer.apply(grads, variables)
-                if self._lr_var is not None:
-                    self._lr_var.assign(tf.cast(user_lr, self._lr_var.dtype))
-                for s, v in zip(shadow, non_trainable):
-                    s.assign(v)
-                return tf.constant(True)
-
-            def discard():
-                for s, v in zip(shadow, non_trainable):
-                    v.assign(s)
-                return tf.constant(False)
-
-            tf.cond(commit, apply, discard)
-            f64 = lambda t: tf.cast(t, tf.float64)
-            zero = tf.constant(0.0, tf.float64)
-            return tf.stack([f64(loss), f64(norm), f64(loss_ok), f64(grads_ok), tf.constant(1.0, tf.float64),
-                             zero, zero, zero, f64(commit)])
-
-        self._step = step
+    def __init__(self, B, model, optimizer, loss_fn, settings: GuardSettings):
+        self.B = B
+        self.step = KerasTrainStep(model, optimizer, lambda y_true, y_pred: loss_fn(y_pred, y_true), settings)
+        self.model, self.optimizer = model, optimizer
+        self.params = B.parameters(model)  # the tf.Variables under the Keras variables, for diagnosis and get_weights
         self.applied = 0
 
     def to_tensor(self, arr: np.ndarray, dtype: str | None):
@@ -83,44 +117,33 @@ class KerasUpdater:
         return self.B.convert(arr, dtype)
 
     def base_lr(self) -> float:
-        return float(np.asarray(self.optimizer.learning_rate))
+        """The optimizer's own rate now (a schedule evaluated at its ``iterations``)."""
+        return float(ops.convert_to_numpy(self.optimizer.learning_rate))
 
     @contextlib.contextmanager
     def training(self):
-        for s, v in zip(self._shadow, self.model.non_trainable_variables):
-            s.assign(v)
+        self.step.protected.sync_now()  # the user may have changed the model between fits
         yield
 
     def run(self, xb, yb, rate) -> dict:
-        import tensorflow as tf
-
         base = self.base_lr()
         lr = rate(base)
-        self._factor.assign(lr / base if base else 1.0)
-        user_lr = tf.constant(base if self._lr_var is None else float(self._lr_var.numpy()), tf.float64)
-        stats = dict(zip(STAT_FIELDS, self.B.read(self._step(xb, yb, user_lr))))
+        stats = self.step.run(xb, yb, 1.0 if lr == base or not base else lr / base)
         stats["lr"] = lr
         if stats["committed"] == 1.0:
             self.applied += 1
         return stats
 
     def capture(self):
-        return ([v.numpy().copy() for v in self.model.variables],
-                [v.numpy().copy() for v in self.optimizer.variables], self.applied)
+        return self.step.capture(), self.applied
 
     def restore(self, snap) -> None:
-        weights, opt_vars, applied = snap
-        for v, w in zip(self.model.variables, weights):
-            v.assign(w)
-        for v, w in zip(self.optimizer.variables, opt_vars):
-            v.assign(w)
-        for s, v in zip(self._shadow, self.model.non_trainable_variables):
-            s.assign(v)
-        self.applied = applied
+        values, self.applied = snap
+        self.step.restore(values)
 
     def weights_finite(self) -> bool:
-        B = self.B
-        return bool(B.read(B.stack([B.all_finite(self.params)], "float64"))[0])
+        return self.step.weights_finite()
 
-    def predict(self, xb) -> np.ndarray:
-        return np.asarray(self.B.to_numpy(self.model(xb, training=False)), dtype=np.float64)
+    def predict(self, xb):
+        out = self.step.predict(xb)
+        return np.asarray(out, dtype=np.float64) if isinstance(out, np.ndarray) else out

@@ -1,0 +1,242 @@
+"""``keras_guard``: the guarded optimizer plus a ``model.fit`` callback that runs the policy.
+
+It runs the same device code as the trainer's ``KerasTrainStep`` (:mod:`.keras_optimizer`): the guarded
+optimizer's ``apply`` forms ``committed``, and :meth:`StepState.finish` keeps
+or puts back what the forward pass changed. Both hand the step's statistics
+to the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from ..guard.settings import GuardSettings
+from ..guard.supervisor import STAT_FIELDS, Supervisor
+from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
+
+__all__ = ["keras_guard", "StabilizeGuard", "check_optimizer"]
+
+
+def _factor(sup: Supervisor) -> float:
+    """The back-off factor the device multiplies onto the user's rate (1.0 when not backed off)."""
+    factor = getattr(sup, "lr_factor", None)
+    return float(sup.policy.factor if factor is None else factor)
+
+
+def check_optimizer(optimizer, what: str):
+    if isinstance(optimizer, str):
+        raise TypeError(f"{what} needs a keras optimizer instance, e.g. {what}(keras.optimizers.Adam(1e-3)); "
+                        f"got the string {optimizer!r}")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        hint = " (for a torch optimizer use stabilize.TorchGuard)" if type(optimizer).__module__.startswith("torch") else ""
+        raise TypeError(f"{what} needs a keras optimizer instance, e.g. keras.optimizers.Adam(1e-3){hint}; "
+                        f"got {type(optimizer).__name__}")
+
+
+def _read_stats(state) -> dict:
+    return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(state.stats))))
+
+
+class StabilizeGuard(keras.callbacks.Callback):
+    """Applies the policy between ``model.fit`` steps; ``history`` holds the record.
+
+    On ``set_model`` it wraps the model's ``train_step`` (on this model object
+    only) so that, inside the compiled step, non-trainable variables (BatchNorm
+    statistics, seed-generator states) and the loss tracker and compiled
+    metrics are put back after a step that was not committed: Keras's progress
+    bar and ``History`` show the mean over applied steps.
+    """
+
+    def __init__(self, guarded: GuardedOptimizer, diagnose_data=None, loss_fn=None):
+        super().__init__()
+        self.guarded = guarded
+        self.settings = guarded.settings
+        self.supervisor = Supervisor(self.settings)
+        self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
+        self._epoch = 0
+        self._snapshot = None
+        self._protected = self._outer = self._outer_protected = None
+        self._outer_loss = None
+
+    @property
+    def history(self):
+        return self.supervisor.history()
+
+    # -- wiring ---------------------------------------------------------------------
+    def set_model(self, model):
+        super().set_model(model)
+        if getattr(model, "optimizer", None) is not None:
+            self._install(model)
+
+    def _install(self, model):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"keras_guard's callback needs a keras.Model, got {type(model).__name__}; "
+                            "for a torch model use stabilize.TorchGuard")
+        opt, outer = model.optimizer, None
+        if opt is not self.guarded:
+            if isinstance(opt, keras.optimizers.LossScaleOptimizer) and opt.inner_optimizer is self.guarded:
+                outer = opt  # mixed_float16: Keras wrapped the guard in a LossScaleOptimizer at compile
+            else:
+                raise ValueError("compile the model with the optimizer keras_guard returned: "
+                                 "opt, cb = keras_guard(...); model.compile(optimizer=opt, ...); model.fit(..., callbacks=[cb])")
+        if outer is not None and _scaler(self.guarded.inner_optimizer) is not None:
+            raise ValueError("the model's dtype policy is mixed_float16, so Keras wrapped the guard, which already holds "
+                             "a LossScaleOptimizer, in a second one (the loss would be scaled twice): compile with "
+                             "model.compile(..., auto_scale_loss=False), or give keras_guard the plain optimizer")
+        if model.__dict__.get("_stabilize_guard") is self:
+            return
+        if not opt.built and model.trainable_variables:
+            opt.build(model.trainable_variables)
+        self.guarded.watch_buffers(lambda: model.non_trainable_variables)  # read when apply is traced
+        self._protected = self._outer_protected = None  # made when the step is first traced
+        if outer is not None:
+            self._outer = outer
+            scale_loss = type(outer).scale_loss.__get__(outer)
+
+            def capture(loss):  # the loss for the check: the scaler's own scale_loss never reaches the guard
+                self._outer_loss = loss
+                object.__setattr__(self.guarded, "_captured_loss", loss)
+                return scale_loss(loss)
+
+            object.__setattr__(outer, "scale_loss", capture)
+        train_step = type(model).train_step.__get__(model)
+
+        state = self.guarded.ensure_state()
+
+        def guarded_train_step(data):
+            state.begin(data)
+            logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
+            self._shadow(model, outer)
+            scale = None if outer is None else outer.dynamic_scale
+            state.finish(self._protected, self._outer_protected, loss=self._outer_loss, scale=scale,
+                         min_loss_scale=self.settings.min_loss_scale)
+            if isinstance(logs, dict):  # the metrics as they are now: a skipped step left them as before
+                fresh = model.get_metrics_result()
+                logs = {k: fresh.get(k, v) for k, v in logs.items()}
+            return logs
+
+        object.__setattr__(model, "train_step", guarded_train_step)
+        object.__setattr__(model, "_stabilize_guard", self)
+        object.__setattr__(model, "train_function", None)  # rebuilt by fit around the wrapped step
+
+    def _shadow(self, model, outer):
+        """Shadow copies of what the forward pass may change: non-trainable and metric variables
+        (and an outer loss scaler's). Made while the step is traced, once Keras has built everything."""
+        if not self.settings.guarded:  # "ignore": every update is committed, nothing to put back, no copies
+            self._protected = Protected([])
+            self._outer_protected = None if outer is None else Protected([])
+            return
+        variables = list(model.non_trainable_variables) + list(model.metrics_variables)
+        if self._protected is not None and len(self._protected.variables) == len(variables):
+            return
+        import tensorflow as tf  # variables must be made outside the trace; keras.ops has no init_scope
+
+        with tf.init_scope():
+            self._protected = Protected(variables)
+            self._outer_protected = None if outer is None else Protected(outer._variables)
+
+    # -- the fit loop ---------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._install(self.model)
+        if getattr(self.model, "steps_per_execution", 1) != 1:
+            raise ValueError("keras_guard judges every step between steps: compile with steps_per_execution=1")
+        self._sync_shadows()
+        self.guarded.state.lr_factor.assign(_factor(self.supervisor))
+        if self.settings.guarded and self._snapshot is None:
+            self._take()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._sync_shadows()  # fit has just reset the metrics
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._base_lr = float(ops.convert_to_numpy(self.guarded.learning_rate))  # a schedule, before it advances
+
+    def on_train_batch_end(self, batch, logs=None):
+        sup, state = self.supervisor, self.guarded.state
+        stats = _read_stats(state)
+        stats["lr"] = sup.lr(self._base_lr)
+        if stats["weights_finite"] != 1.0 and self._weights_broken():
+            stats["weights_broken"] = 1.0  # an earlier update broke them, not just a buffer this step put back
+        bad_data = stats["committed"] != 1.0 and int(ops.convert_to_numpy(state.data_ok)) == 0
+        self._decide(sup.observe(stats, epoch=self._epoch, batch=batch, bad_data=bad_data), stats["lr"])
+
+    def on_train_end(self, logs=None):
+        # The last update has no next step to reveal non-finite weights: look once, now.
+        sup = self.supervisor
+        if self.settings.guarded and sup.rows and self._weights_broken():
+            last = dict(sup.rows.pop(), committed=0.0, weights_broken=1.0)  # recorded again, with what it did
+            self._decide(sup.observe(last, epoch=last.get("epoch", self._epoch), batch=last.get("batch", 0)),
+                         last.get("lr", float("nan")))
+
+    def _weights_broken(self) -> bool:
+        return not bool(ops.convert_to_numpy(all_finite(self.model.trainable_variables)))
+
+    def _decide(self, decision, lr):
+        sup = self.supervisor
+        if decision.event is not None and decision.event.kind == "nonfinite":
+            self._maybe_diagnose(lr)
+        if decision.restore and self._snapshot is not None:
+            self._restore()  # a rollback, or weights an earlier update made non-finite
+        elif decision.snapshot or (decision.action == "applied" and self.settings.guarded
+                                   and sup.applied % self.settings.snapshot_every == 0):
+            self._take()
+        elif decision.action == "scaler-skip" and sup.steps_since_snapshot() == 0:
+            self._take()  # the snapshot held every applied step: keep it current (the scaler lowered its scale)
+        self.guarded.state.lr_factor.assign(_factor(sup))
+        if decision.stop:
+            self.model.stop_training = True
+            sup.raise_for(decision)
+
+    # -- state ----------------------------------------------------------------------
+    def _variables(self):
+        m = self.model
+        return list(m.trainable_variables) + list(m.non_trainable_variables) + list(m.optimizer.variables)
+
+    def _take(self):
+        self._snapshot = copy_values(self._variables())
+        self.supervisor.snapshot_taken()
+
+    def _restore(self):
+        for v, saved in zip(self._variables(), self._snapshot):
+            v.assign(saved)
+        self._sync_shadows()
+
+    def _sync_shadows(self):
+        for p in (self._protected, self._outer_protected):
+            if p is not None:
+                p.sync_now()
+
+    def _maybe_diagnose(self, lr):
+        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step ones)."""
+        sup = self.supervisor
+        if sup.diagnosis is not None or self.diagnose_data is None or self.loss_fn is None:
+            return
+        from ..registry import get_backend
+
+        B = get_backend("tensorflow")
+        loss = self.loss_fn
+        if isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras"):
+            loss = lambda pred, target, f=loss: f(target, pred)  # Keras order: (y_true, y_pred)
+        x, y = self.diagnose_data
+        sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
+
+
+def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
+    """Guard Keras ``model.fit``: returns ``(guarded_optimizer, callback)``.
+
+    Example::
+
+        opt, cb = stabilize.keras_guard(keras.optimizers.Adam(1e-3), clip_norm=1.0, on_nonfinite="backoff")
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(X, y, callbacks=[cb])
+        print(cb.history.report())
+
+    ``settings`` are :class:`~stabilize.guard.settings.GuardSettings` fields.
+    ``diagnose_data=(x, y)`` with ``loss_fn`` replays the data through the
+    model at the first bad step and attaches a diagnosis.
+    """
+    check_optimizer(optimizer, "keras_guard")
+    guarded = GuardedOptimizer(optimizer, GuardSettings(**settings))
+    return guarded, StabilizeGuard(guarded, diagnose_data, loss_fn)

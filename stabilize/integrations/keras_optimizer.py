@@ -1,0 +1,387 @@
+"""The guarded Keras step, written once over ``keras.ops``: an optimizer that holds a bad update back.
+
+:class:`GuardedOptimizer` wraps any Keras optimizer (a ``LossScaleOptimizer``
+included). Inside the compiled train step it captures the loss
+(``scale_loss``), checks the loss and the gradients, clips, and runs the inner
+optimizer only when the step is good: the decision ``committed`` is formed
+once, on the device. A skipped step leaves the weights, the optimizer state
+and ``iterations`` (hence the schedule) bit-identical.
+
+What the forward pass changed before ``apply`` (BatchNormalization's moving
+statistics, Dropout's seed-generator state, the loss tracker and compiled
+metrics) is held by :class:`Protected`: shadow copies synced after each
+committed step and put back, on the device, after one that is not
+(:meth:`StepState.finish`). ``keras_guard``'s callback and ``KerasTrainStep``
+both run this same code.
+
+Back-off multiplies the inner optimizer's own rate (a float, a variable set
+by ``LearningRateScheduler``/``ReduceLROnPlateau``, or a
+``LearningRateSchedule``) by ``lr_factor`` only while the update is traced;
+the user's rate is never overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from ..guard.settings import GuardSettings
+from ..guard.supervisor import STAT_FIELDS
+
+__all__ = ["GuardedOptimizer", "Protected", "StepState", "copy_values"]
+
+_F = {name: i for i, name in enumerate(STAT_FIELDS)}
+
+
+def _is_sparse(g) -> bool:
+    return hasattr(g, "indices") and hasattr(g, "dense_shape")  # tf.IndexedSlices (Embedding gradients)
+
+
+def _dedup(g):
+    """An IndexedSlices with duplicate rows summed: what the dense gradient holds, without densifying."""
+    import tensorflow as tf  # IndexedSlices are TensorFlow's own type; keras.ops has no unique()
+
+    rows, where = tf.unique(g.indices)
+    values = tf.math.unsorted_segment_sum(g.values, where, tf.shape(rows)[0])
+    return tf.IndexedSlices(values, rows, g.dense_shape)
+
+
+def _with_values(g, values):
+    import tensorflow as tf  # rebuild the IndexedSlices around new values
+
+    return tf.IndexedSlices(values, g.indices, g.dense_shape)
+
+
+def _acc(dtype) -> str:
+    return "float64" if str(dtype) == "float64" else "float32"
+
+
+def global_norm(grads):
+    """The L2 norm of all gradients together (sparse ones by their summed rows), in float32 or wider."""
+    present = [_dedup(g).values if _is_sparse(g) else g for g in grads if g is not None]
+    if not present:
+        return ops.zeros((), "float32")
+    dt = _acc(present[0].dtype)
+    return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, dt))) for g in present))
+
+
+def all_finite(values):
+    """Whether every element of every tensor is finite (sparse gradients: their values)."""
+    flags = [ops.all(ops.isfinite(g.values if _is_sparse(g) else g)) for g in values if g is not None]
+    return ops.all(ops.stack(flags)) if flags else ops.convert_to_tensor(True)
+
+
+def clip(grads, settings: GuardSettings, norm):
+    """``stabilize.clip_grads``'s formula: clamp by value, then scale by ``min(c/(n+1e-6), 1)``.
+
+    ``norm`` is the (unscaled) norm as given; a non-finite norm leaves the
+    gradients as they are, for the check to see.
+    """
+    if settings.clip_value is not None:
+        v = settings.clip_value
+        clamp = lambda t: ops.where(t > v, ops.cast(v, t.dtype), ops.where(t < -v, ops.cast(-v, t.dtype), t))
+        grads = [None if g is None else _with_values(_dedup(g), clamp(_dedup(g).values)) if _is_sparse(g) else clamp(g)
+                 for g in grads]
+        norm = global_norm(grads) if settings.clip_norm is not None else norm
+    if settings.clip_norm is not None:
+        coef = settings.clip_norm / (norm + 1e-6)
+        coef = ops.where(ops.isfinite(norm) & (coef < 1.0), coef, ops.ones_like(coef))
+        scale = lambda t: t * ops.cast(coef, t.dtype)
+        grads = [None if g is None else _with_values(g, scale(g.values)) if _is_sparse(g) else scale(g) for g in grads]
+    return grads
+
+
+def copy_values(variables) -> list[np.ndarray]:
+    """Host copies of the variables' values that never share storage with them."""
+    return [np.array(ops.convert_to_numpy(v), copy=True) for v in variables]
+
+
+def _initial(v):
+    """A copy of ``v``'s value. A variable Keras makes while the step is first traced (the compiled
+    metrics) cannot be read yet: zeros, a metric's reset state, synced after the first kept step."""
+    try:
+        value = np.asarray(ops.convert_to_numpy(v))
+    except (ValueError, TypeError):
+        value = None
+    if value is not None and value.shape == tuple(v.shape):
+        return np.array(value, copy=True)
+    return "zeros"
+
+
+class Protected:
+    """Variables a forward pass may change before the step is judged, with their shadow copies.
+
+    The shadows hold the values after the last committed step. They are plain
+    variables owned here (not tracked by a model or an optimizer: not saved).
+    """
+
+    def __init__(self, variables):
+        self.variables = list(variables)
+        self.shadows = [keras.Variable(_initial(v), shape=v.shape, dtype=v.dtype, trainable=False, autocast=False,
+                                       name="stabilize_shadow") for v in self.variables]
+
+    def keep_or_restore(self, keep):
+        """In the compiled step: sync the shadows when ``keep``, else put them back (a select, never ``x*ok``)."""
+        if not self.variables:
+            return
+
+        def sync():
+            for v, s in zip(self.variables, self.shadows):
+                s.assign(v)
+
+        def restore():
+            for v, s in zip(self.variables, self.shadows):
+                v.assign(s)
+
+        ops.cond(keep, sync, restore)
+
+    def sync_now(self):
+        """Host side: the shadows take the live values (epoch begin, after a rollback)."""
+        for v, s in zip(self.variables, self.shadows):
+            s.assign(v)
+
+
+class StepState:
+    """The guard's device-side bookkeeping: ``lr_factor``, the last step's ``stats``, whether apply ran."""
+
+    def __init__(self):
+        self.lr_factor = keras.Variable(1.0, dtype="float32", trainable=False, autocast=False, name="stabilize_lr_factor")
+        self.stats = keras.Variable(np.zeros(len(STAT_FIELDS)), dtype="float64", trainable=False, autocast=False,
+                                    name="stabilize_stats")
+        self.called = keras.Variable(0, dtype="int32", trainable=False, autocast=False, name="stabilize_called")
+        self.data_ok = keras.Variable(1, dtype="int32", trainable=False, autocast=False, name="stabilize_data_ok")
+
+    def begin(self, data=None):
+        """Start of the compiled step; with ``data``, note whether its float tensors are finite
+        (policy ``auto`` skips a bad batch without backing off)."""
+        self.called.assign(0)
+        if data is not None:
+            leaves = [t for t in keras.tree.flatten(data) if t is not None and "float" in str(getattr(t, "dtype", ""))]
+            self.data_ok.assign(ops.cast(all_finite(leaves), "int32"))
+
+    def write(self, **values):
+        row = [ops.cast(values[name], "float64") for name in STAT_FIELDS]
+        self.stats.assign(ops.stack(row))
+        self.called.assign(1)
+
+    def finish(self, protected: Protected | None, outer: Protected | None = None, loss=None, scale=None,
+               min_loss_scale: float = 1.0):
+        """End of the compiled step: keep what the forward pass changed, or put it back.
+
+        Kept after a committed step and after a loss scaler's own overflow skip
+        (as without the guard: the forward pass was finite); put back otherwise.
+
+        ``outer`` protects the variables of a ``LossScaleOptimizer`` wrapped
+        *around* the guard (``scale`` is its ``dynamic_scale``). It calls the
+        guard's ``apply`` only when the scaled gradients are finite, so a step
+        where ``apply`` did not run is its overflow skip: a scaler event while
+        the loss is finite and the new scale is at least ``min_loss_scale``,
+        else a failure for the policy (and the scaler's state is put back).
+        """
+        committed = ops.equal(self.stats[_F["committed"]], 1.0)
+        scaler_skip = ops.equal(self.stats[_F["scaler_skip"]], 1.0)
+        if outer is not None:
+            ran = ops.equal(self.called, 1)
+            loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
+            overflow = loss_ok & (ops.cast(scale, "float32") >= min_loss_scale)
+            shown = float("nan") if loss is None else ops.cast(loss, "float32")
+            values = dict(loss=shown, grad_norm=float("nan"), loss_finite=loss_ok, grads_finite=False,
+                          weights_finite=True, update_ratio=0.0, large_update=False, scaler_skip=overflow,
+                          committed=False)
+            fallback = ops.stack([ops.cast(values[name], "float64") for name in STAT_FIELDS])
+            self.stats.assign(ops.where(ran, self.stats, fallback))
+            committed = ran & committed
+            scaler_skip = ops.where(ran, scaler_skip, overflow)
+        # A scaler's own overflow skip keeps what the forward pass did, as the unguarded loop does.
+        keep = committed | scaler_skip
+        if outer is not None:
+            outer.keep_or_restore(keep)
+        if protected is not None:
+            protected.keep_or_restore(keep)
+
+
+def _innermost(optimizer):
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _scaler(optimizer):
+    """The LossScaleOptimizer inside ``optimizer`` (or ``optimizer`` itself), if any."""
+    while optimizer is not None:
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return None
+
+
+@keras.saving.register_keras_serializable(package="stabilize")
+class GuardedOptimizer(keras.optimizers.Optimizer):
+    """A Keras optimizer that applies its inner optimizer's update only when the step is good.
+
+    Example::
+
+        opt = GuardedOptimizer(keras.optimizers.Adam(1e-3), GuardSettings(clip_norm=1.0))
+        model.compile(optimizer=opt, loss="mse")   # saves and reloads with model.save / load_model
+
+    ``keras_guard`` returns one of these with its callback; the callback adds
+    the BatchNorm/metric protection and the policy (back-off, rollback, raise).
+    """
+
+    def __init__(self, inner_optimizer, settings: GuardSettings | dict | None = None, name=None, **kwargs):
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise TypeError(f"pass a keras optimizer instance, e.g. keras.optimizers.Adam(1e-3); got "
+                            f"{type(inner_optimizer).__name__} {inner_optimizer!r}")
+        if isinstance(inner_optimizer, GuardedOptimizer):
+            raise TypeError("this optimizer is already guarded; pass its inner_optimizer")
+        if isinstance(settings, dict):
+            settings = GuardSettings(**settings)
+        super().__init__(learning_rate=0.0, name=name or f"guarded_{inner_optimizer.name}", **kwargs)
+        self.settings = settings or GuardSettings()
+        self.inner_optimizer = inner_optimizer
+        self._state = None
+        self._captured_loss = None
+        object.__setattr__(self, "_buffers", [])
+
+    def watch_buffers(self, variables):
+        """Also hold the update back when one of these (float) non-trainable variables is non-finite
+        at ``apply`` time, e.g. a BatchNorm statistic the forward pass just poisoned."""
+        object.__setattr__(self, "_buffers", variables)  # not tracked: the model owns them; a callable is read at apply
+
+    # -- the optimizer interface, delegated ----------------------------------------
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+        self.ensure_state()
+        self.built = True
+
+    def ensure_state(self) -> "StepState":
+        """The guard's step bookkeeping, made on first need (before the step is traced)."""
+        if self._state is None:
+            object.__setattr__(self, "_state", StepState())  # not tracked: never saved with the model
+        return self._state
+
+    @property
+    def variables(self):
+        return self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        if "inner_optimizer" in self.__dict__:
+            self.inner_optimizer.learning_rate = value
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    @property
+    def state(self) -> StepState:
+        return self._state
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def scale_loss(self, loss):
+        """Keras's train step passes the loss here: keep it for the check, and scale it as the inner optimizer does."""
+        object.__setattr__(self, "_captured_loss", loss)
+        return self.inner_optimizer.scale_loss(loss)
+
+    def get_config(self):
+        return {"name": self.name,
+                "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+                "settings": dataclasses.asdict(self.settings)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+    # -- the guarded update ----------------------------------------------------------
+    @contextlib.contextmanager
+    def _backed_off_lr(self):
+        """While the update is traced, the innermost optimizer's rate reads ``base * lr_factor``
+        (floored at ``min_lr``, as the policy says); the user's own rate object is put back after."""
+        base_opt = _innermost(self.inner_optimizer)
+        orig = base_opt._learning_rate
+        factor, min_lr = self._state.lr_factor, self.settings.min_lr
+
+        def rate():
+            if isinstance(orig, keras.optimizers.schedules.LearningRateSchedule):
+                base = orig(base_opt._iterations)
+            elif isinstance(orig, keras.Variable):
+                base = orig.value
+            else:
+                base = orig() if callable(orig) else orig
+            base = ops.convert_to_tensor(base)
+            f = ops.cast(factor, base.dtype)
+            backed = ops.maximum(base * f, ops.minimum(ops.cast(min_lr, base.dtype), base))
+            return ops.where(f < 1.0, backed, base)
+
+        object.__setattr__(base_opt, "_learning_rate", rate)  # bypass Keras's tracking: a swap, not a new rate
+        try:
+            yield
+        finally:
+            object.__setattr__(base_opt, "_learning_rate", orig)
+
+    def _inner_apply(self, grads, tvs):
+        with self._backed_off_lr():
+            self.inner_optimizer.apply(grads, tvs)
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            self.build(trainable_variables)
+        tvs = list(trainable_variables) if trainable_variables is not None else list(self._trainable_variables)
+        grads = list(grads)
+        s = self.settings
+        loss, self._captured_loss = self._captured_loss, None
+        scaler = _scaler(self.inner_optimizer)
+        scale = None if scaler is None else ops.cast(scaler.dynamic_scale, "float32")
+        loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
+        grads_ok = all_finite(grads)
+        buffers = self._buffers() if callable(self._buffers) else self._buffers
+        buffers_ok = all_finite([b.value for b in buffers if "float" in str(b.dtype)])
+        raw_norm = global_norm(grads)
+        norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
+        if s.clips:
+            grads = clip(grads, s, norm)
+        # With a scaler inside, overflowing gradients go to it: it skips the step and lowers its scale.
+        go = ops.convert_to_tensor(True) if not s.guarded else loss_ok & buffers_ok & (grads_ok | (scaler is not None))
+        pre = None
+        if s.max_update_ratio is not None:  # measure the update actually applied: keep the pre-step values
+            pre = [ops.copy(v.value) for v in tvs + list(self.variables)]
+        ops.cond(go, lambda: self._inner_apply(grads, tvs), lambda: None)
+        applied = go & (grads_ok | (scaler is None))
+        ratio, large = ops.zeros((), "float32"), ops.convert_to_tensor(False)
+        if pre is not None:
+            w0 = pre[: len(tvs)]
+            delta = global_norm([ops.cast(v.value, "float32") - ops.cast(p, "float32") for v, p in zip(tvs, w0)])
+            ratio = delta / (global_norm(w0) + 1e-12)
+            large = ~(ratio <= s.max_update_ratio)
+            weights_ok = buffers_ok & all_finite([v.value for v in tvs])
+            undo = applied & (large | ~weights_ok) if s.guarded else ops.convert_to_tensor(False)
+
+            def put_back():
+                for v, p in zip(tvs + list(self.variables), pre):
+                    v.assign(p)
+
+            ops.cond(undo, put_back, lambda: None)
+            committed = applied & ~undo
+        else:
+            committed = applied & ((loss_ok & buffers_ok) | (not s.guarded))
+            weights_ok = ops.cond(committed, lambda: ops.convert_to_tensor(True),
+                                  lambda: buffers_ok & all_finite([v.value for v in tvs]))
+        scaler_skip = ops.convert_to_tensor(False)
+        if scaler is not None:
+            scaler_skip = loss_ok & ~grads_ok & (ops.cast(scaler.dynamic_scale, "float32") >= s.min_loss_scale)
+        self._state.write(loss=ops.cast(loss, "float32") if loss is not None else float("nan"), grad_norm=norm,
+                          loss_finite=loss_ok, grads_finite=grads_ok, weights_finite=weights_ok, update_ratio=ratio,
+                          large_update=large, scaler_skip=scaler_skip, committed=committed)
