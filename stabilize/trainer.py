@@ -152,9 +152,6 @@ class StabilityTrainer:
             if schedule is not None:
                 raise TypeError("with a keras optimizer, give the schedule as its learning_rate "
                                 "(a keras.optimizers.schedules.LearningRateSchedule)")
-            if self.settings.max_update_ratio is not None:
-                raise ValueError("max_update_ratio is not measured for keras optimizers yet: use a "
-                                 "stabilize.optim spec, or on_nonfinite='backoff' without it")
             from .integrations.keras_updater import KerasUpdater
 
             return KerasUpdater(B, self.model, opt, self.loss_fn, self.settings)
