@@ -97,10 +97,10 @@ def torch_contenders(model_kind, cfg, batches, lr=1e-3):
             _sync(dev)
         return run, t
 
-    def guard_loop():
+    def guard_loop(**options):
         model = make()
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        guard = TorchGuard(model, opt, clip_norm=1.0)
+        guard = TorchGuard(model, opt, clip_norm=1.0, **options)
 
         def run(k):
             for i in range(k):
@@ -116,6 +116,8 @@ def torch_contenders(model_kind, cfg, batches, lr=1e-3):
     if neutral is not None:
         out["torch StabilityTrainer (neutral SGD)"] = neutral[0]
     out["torch TorchGuard in the loop"] = guard_loop()
+    # The price of an exact undo of a native update: a copy of the parameters and optimizer state per step.
+    out["torch TorchGuard(verify_updates=True)"] = guard_loop(verify_updates=True)
     out["torch bare under detect_anomaly"] = loop(anomaly=True)
     baselines = {"torch + clip_grad_norm_": "torch bare loop"}
     return out, {"bare": "torch bare loop", "memory": _torch_memory(native_trainer, neutral), "baselines": baselines}

@@ -9,11 +9,11 @@ the measured figures and the remedy:
   divides 0 by 0 there and turns every row NaN;
 * ``unscaled-inputs``: feature means or standard deviations beyond
   ``scale_limit``, or feature scales differing by orders of magnitude, naming
-  the columns that drive it (seed 000);
-* ``huge-targets``: targets whose squared error, and its gradient, explode (seed 002);
+  the columns that drive it (the unscaled-inputs scenario);
+* ``huge-targets``: targets whose squared error, and its gradient, explode (the huge-targets scenario);
 * ``bad-labels`` and ``label-dtype`` (with ``num_classes=``): class labels out
   of ``0..num_classes-1``, not whole numbers, or stored as floats;
-* ``leakage``: a scaler fitted on more than the training split (seed 000: split
+* ``leakage``: a scaler fitted on more than the training split (the unscaled-inputs scenario: split
   first, then fit on the training split only); ``scaler-mismatch``: a scaler
   not fitted on the training rows given.
 
@@ -330,7 +330,7 @@ def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None =
     ``tf.data.Dataset`` yields them.
 
     Args:
-        X: a numpy array, a pandas DataFrame, a dict of arrays (seed 000's
+        X: a numpy array, a pandas DataFrame, a dict of arrays (the unscaled-inputs scenario's
             ``{'input1', 'input2'}``), a tensor, or a DataLoader / ``tf.data.Dataset``
             of ``(x, y)`` batches (with ``y=None``; the first ``max_batches`` are read).
         y: the targets (an array, a tensor, a pandas Series or DataFrame).

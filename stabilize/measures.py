@@ -170,7 +170,7 @@ def as_table(X, role: str = "input") -> Table:
 
     Args:
         X: a numpy array (any number of dimensions; row ``i`` is ``X[i]``), a
-            pandas DataFrame or Series, a dict of those (seed 000's
+            pandas DataFrame or Series, a dict of those (the unscaled-inputs scenario's
             ``{'input1': ..., 'input2': ...}``), or a torch/TF tensor.
         role: ``"input"`` or ``"target"``, for the messages.
 

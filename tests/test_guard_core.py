@@ -276,3 +276,23 @@ def test_a_step_that_raises_gets_the_diagnosis_as_a_note():
         t.fit(X, labels, batch_size=16)
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "bad-labels" in notes
+
+
+def test_the_high_lr_advice_works_with_a_torch_optimizer():
+    # The diagnosis of high-lr advises StabilityTrainer(on_nonfinite='backoff', max_update_ratio=0.5):
+    # with a torch.optim optimizer it must run (it raised ValueError before).
+    case = stabilize.scenarios.build("high-lr", "diverging")
+    model = stabilize.get_backend("torch").build_mlp(case.model, "float32", "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    t = stabilize.StabilityTrainer(model, "mse", opt, on_nonfinite="backoff", max_update_ratio=0.5, progress=False)
+    h = t.fit(case.x.astype(np.float32), case.y.astype(np.float32), batch_size=32, epochs=10, shuffle=False)
+    assert np.isfinite(h.losses[h.committed]).all() and h.first_nonfinite_step is None
+    assert {e.kind for e in h.events} == {"large-update"} and t.current_lr() < 0.5
+    assert h.losses[-1] < 0.8 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_keras_model_given_to_the_torch_guard_is_a_clear_error():
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    with pytest.raises(TypeError, match="for a keras model use stabilize.keras_guard"):
+        stabilize.TorchGuard(model, torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), 0.1))
