@@ -221,8 +221,8 @@ class StabilityTrainer:
         sup, start = self.supervisor, self.supervisor.step
         sup.skip_rows.clear()  # what a rollback leaves out is named within one fit's data
         sup.skip_positions.clear()
-        keeps = sup.wants_snapshot or (self._native and self.settings.guarded
-                                       and not getattr(self.updater, "verifies", False))
+        sup.keeps_snapshot |= self._native and self.settings.guarded and not getattr(self.updater, "verifies", False)
+        keeps = sup.keeps_snapshot
         if keeps and self._snapshot is None:
             self._take_snapshot()
         total = epochs * math.ceil(len(y) / batch_size) if y is not None else None
@@ -273,6 +273,8 @@ class StabilityTrainer:
             stats["weights_broken"] = 1.0  # an earlier native update broke the weights
         rows = bad_rows(batch.x, batch.y, batch.rows) if bad and batch.rows is not None else batch.rows
         bad_data = bad and not batch_finite(self.backend, xb, yb)
+        if bad and hasattr(updater, "on_any_rank"):  # the same verdict on every rank
+            bad_data = updater.on_any_rank(bad_data)
         decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows,
                                bad_data=bad_data)
         nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
@@ -285,8 +287,8 @@ class StabilityTrainer:
                             spikes=sup.spikes.spikes if sup.spikes is not None else 0)
         if decision.restore:
             self._restore_snapshot()
-        elif keeps and decision.action == "applied" and updater.applied % self.settings.snapshot_every == 0 \
-                and (not self._native or getattr(updater, "verifies", False) or updater.weights_finite()):
+        elif decision.snapshot and (not self._native or getattr(updater, "verifies", False)
+                                    or updater.weights_finite()):
             self._take_snapshot()  # never keep weights a native update broke
         if decision.stop:
             sup.raise_for(decision, sup.history())

@@ -48,7 +48,7 @@ class Decision(NamedTuple):
         action: ``"applied"``, ``"clipped"`` (applied, a spike clipped), ``"skipped"``,
             ``"backed-off"``, ``"rolled-back"``, ``"raise"`` or ``"scaler-skip"``.
         restore: restore the last rollback snapshot now.
-        snapshot: take a rollback snapshot now (after a committed step).
+        snapshot: take a snapshot now (``keeps_snapshot``, every ``snapshot_every`` applied steps).
         stop: raise :class:`~stabilize.NonFiniteError` (``Supervisor.raise_for``).
         event: the event recorded for this step, if any.
     """
@@ -75,6 +75,9 @@ class Supervisor:
         self.skip_positions: set[tuple[int, int]] = set()
         self._streak: list[tuple[Any, Any]] = []  # (position, rows) of the current run of bad steps
         self._snapshot_applied: int | None = None
+        # Whether the adapter holds a snapshot: for ``rollback``, and for a native optimizer whose
+        # update is applied before it can be checked (weights it breaks come back from the snapshot).
+        self.keeps_snapshot = self.wants_snapshot
         self.spikes = SpikeDetector(settings) if settings.spike else None
         self._recent: collections.deque = collections.deque(maxlen=settings.skip_alarm_window)
         self.alarms = 0
@@ -162,7 +165,7 @@ class Supervisor:
                 self.spikes.update(stats["loss"], min(stats["grad_norm"], stats.get("norm_max", math.inf)))
             grew = self.policy.on_good()
             event = self._event(stats, "lr-growth", (), grew) if grew else None
-            snap = self.wants_snapshot and self.applied % self.settings.snapshot_every == 0
+            snap = self.keeps_snapshot and self.applied % self.settings.snapshot_every == 0
             return Decision("clipped" if spike else "applied", snapshot=snap, event=event)
         self._streak.append(((epoch, batch) if position is None else position, rows))
         action = self.policy.on_bad(bad_data)

@@ -53,6 +53,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         self.guarded = guarded
         self.settings = guarded.settings
         self.supervisor = Supervisor(self.settings)
+        self.supervisor.keeps_snapshot = self.settings.guarded  # weights a Keras update broke come back from it
         self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
         self._epoch = 0
         self._snapshot = None
@@ -179,8 +180,7 @@ class StabilizeGuard(keras.callbacks.Callback):
             self._maybe_diagnose(lr)
         if decision.restore and self._snapshot is not None:
             self._restore()  # a rollback, or weights an earlier update made non-finite
-        elif decision.snapshot or (decision.action == "applied" and self.settings.guarded
-                                   and sup.applied % self.settings.snapshot_every == 0):
+        elif decision.snapshot:
             self._take()
         elif decision.action == "scaler-skip" and sup.steps_since_snapshot() == 0:
             self._take()  # the snapshot held every applied step: keep it current (the scaler lowered its scale)

@@ -109,7 +109,8 @@ class TorchGuard:
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
         self.supervisor = Supervisor(self.settings)
         self._step.limits = self.supervisor.spike_limits
-        self._keeps_snapshot = self.supervisor.wants_snapshot or (self.settings.guarded and not self._step.verify)
+        self.supervisor.keeps_snapshot |= self.settings.guarded and not self._step.verify
+        self._keeps_snapshot = self.supervisor.keeps_snapshot
         self._snapshot = None
         self.state.mark()  # a forward pass from here on can be undone
 
@@ -140,15 +141,15 @@ class TorchGuard:
         if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
                 and stats["scaler_skip"] != 1.0 and not self._weights_finite():
             stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
-        bad_data = stats["committed"] != 1.0 and batch is not None and not batch_finite(self._step.B, *batch)
+        bad_data = stats["committed"] != 1.0 and batch is not None and \
+            self._step.on_any_rank(not batch_finite(self._step.B, *batch))
         decision = sup.observe(stats, epoch=0, batch=sup.step, bad_data=bad_data)
         if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
                 and self.loss_fn is not None:
             self._diagnose(batch, stats)
         if decision.restore and self._snapshot is not None:
             self.state.restore(self._snapshot)
-        if self._keeps_snapshot and decision.action == "applied" and sup.applied % self.settings.snapshot_every == 0 \
-                and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
+        if decision.snapshot and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
             self._snapshot = self.state.capture()
             sup.snapshot_taken()
         self._step.zero_grad()

@@ -164,6 +164,14 @@ class TorchStep:
         vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~buffers_ok, *pre, *cur])
         return combine(vec, self.reducer.world, torch.sqrt, torch.isfinite)
 
+    def on_any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank (``flag`` itself without ranks): one all-reduce, made
+        only on a failed step, so that a rank-local fact (bad data) gives every rank the same decision."""
+        if self.reducer is None:
+            return flag
+        device = self.state.params[0].device
+        return not bool(self.reducer.all_true([torch.tensor(not flag, device=device)])[0])
+
     def weights_finite(self) -> bool:
         """Whether every parameter is finite (on every rank when distributed): one read."""
         params = [local(p.detach()) for p in self.state.params]

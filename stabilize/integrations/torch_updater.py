@@ -103,6 +103,9 @@ class TorchUpdater:
         self.state.restore(snap)
         self.applied = snap.extra["applied"]
 
+    def on_any_rank(self, flag: bool) -> bool:
+        return self._step.on_any_rank(flag)
+
     def weights_finite(self) -> bool:
         return self._step.weights_finite()  # reduced across ranks when distributed
 
