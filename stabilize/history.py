@@ -120,7 +120,7 @@ class History:
     def plot(self, path: str, title: str | None = None) -> str:
         """Write a PNG of the loss and gradient-norm curves, events marked (needs matplotlib)."""
         try:
-            import matplotlib
+            import matplotlib  # noqa: F401 - the import tells whether the extra is installed
         except ImportError as exc:
             from .errors import install_hint
 

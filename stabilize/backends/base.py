@@ -192,18 +192,5 @@ class Backend:
     def parameters(self, model) -> list:
         raise NotImplementedError
 
-    def parameter_names(self, model) -> list[str]:
-        raise NotImplementedError
-
-    def trace_layers(self, model, loss_fn, x, y) -> dict:
-        """Replay one forward/backward with every layer's output and gradient kept.
-
-        Returns a dict with ``forward`` [(layer, output)], ``output_grads``
-        [(layer, d loss / d output or None)], ``pred``, ``pred_grad``, ``loss``
-        and ``param_grads`` [(name, grad or None)]. Used only when a step has
-        already failed: nothing is hooked during normal training.
-        """
-        raise NotImplementedError
-
     def __repr__(self) -> str:
         return f"<stabilize backend {self.name!r}>"

@@ -213,46 +213,6 @@ class TensorFlowBackend(Backend):
                     h = keras.layers.Activation(_ACTIVATIONS[act], dtype=dtype, name=f"{act}_{i}")(h)
             return keras.Model(inputs, h, dtype=dtype)
 
-    def parameter_names(self, model):
-        return [getattr(v, "path", None) or v.name for v in model.trainable_variables]
-
-    def trace_layers(self, model, loss_fn, x, y):
-        """Run a chain model (Sequential, or a functional chain such as the MLP spec)
-        layer by layer under one tape, then take the gradients of the loss w.r.t.
-        each layer's output, the prediction and the parameters. Other models are
-        traced as one layer."""
-        import keras
-
-        layers = [layer for layer in getattr(model, "layers", []) if not isinstance(layer, keras.layers.InputLayer)]
-        params = self.parameters(model)
-        with tf.GradientTape(persistent=True) as tape:
-            outputs = []
-            h = x
-            try:
-                for layer in layers:
-                    h = layer(h)
-                    outputs.append((layer.name, h))
-                chain = bool(layers)
-            except Exception:  # not a chain: fall back to the model as one layer
-                chain = False
-            pred = model(x)
-            if not chain or not bool(tf.reduce_all((h == pred) | (tf.math.is_nan(h) & tf.math.is_nan(pred)))):
-                outputs = [(model.name, pred)]
-            else:
-                pred = h
-            loss = loss_fn(pred, y)
-        grads = tape.gradient(loss, [o for _, o in outputs] + [pred] + params)
-        del tape
-        n = len(outputs)
-        return {
-            "forward": outputs,
-            "output_grads": [(name, g) for (name, _), g in zip(outputs, grads[:n])],
-            "pred": pred,
-            "pred_grad": grads[n],
-            "loss": loss,
-            "param_grads": list(zip(self.parameter_names(model), grads[n + 1 :])),
-        }
-
     def parameters(self, model):
         # Keras 3 wraps each tf.Variable; the step assigns and differentiates the tf.Variable itself.
         return [getattr(v, "value", v) for v in model.trainable_variables]

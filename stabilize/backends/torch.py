@@ -215,45 +215,6 @@ class TorchBackend(Backend):
     def parameters(self, model):
         return [p for p in model.parameters() if p.requires_grad]
 
-    def parameter_names(self, model):
-        return [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def trace_layers(self, model, loss_fn, x, y):
-        """Forward with a hook on every leaf module, then the gradients of the loss
-        w.r.t. each module's output, the prediction and the parameters. Hooks exist
-        only during this call; ``.grad`` of the parameters is not touched."""
-        outputs: list[tuple[str, torch.Tensor]] = []
-
-        def hook(name):
-            def record(module, inputs, output):
-                if isinstance(output, torch.Tensor):
-                    outputs.append((name, output))
-
-            return record
-
-        leaves = [(n or type(m).__name__, m) for n, m in model.named_modules() if not list(m.children())]
-        handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
-        try:
-            with torch.enable_grad():
-                pred = model(x)
-                loss = loss_fn(pred, y)
-                params = self.parameters(model)
-                targets = [o for _, o in outputs if o.requires_grad] + [pred] + params
-                grads = torch.autograd.grad(loss, targets, allow_unused=True) if loss.requires_grad else [None] * len(targets)
-        finally:
-            for h in handles:
-                h.remove()
-        n_out = len([o for _, o in outputs if o.requires_grad])
-        out_grads = dict(zip([n for n, o in outputs if o.requires_grad], grads[:n_out]))
-        return {
-            "forward": [(n, o.detach()) for n, o in outputs],
-            "output_grads": [(n, out_grads.get(n)) for n, _ in outputs],
-            "pred": pred.detach(),
-            "pred_grad": grads[n_out],
-            "loss": loss.detach(),
-            "param_grads": list(zip(self.parameter_names(model), grads[n_out + 1 :])),
-        }
-
     def one_hot(self, labels, num_classes, dtype):
         # torch raises on out-of-range labels itself.
         return torch.nn.functional.one_hot(labels.long(), num_classes).to(_DTYPES[dtype])
