@@ -3,23 +3,19 @@
 Findings, each with a ``kind``, where it is (dataset rows and column names),
 the measured figures and the remedy:
 
-* ``nonfinite``: NaN/Inf cells in the inputs or the targets, by row and column
-  (seeds 002, 003);
-* ``constant-columns``: columns holding one value in every row; min-max scaling
-  divides 0 by 0 there and turns every row NaN;
-* ``unscaled-inputs``: feature means or standard deviations beyond
-  ``scale_limit``, or feature scales differing by orders of magnitude, naming
-  the columns that drive it (the unscaled-inputs scenario);
-* ``huge-targets``: targets whose squared error, and its gradient, explode (the huge-targets scenario);
+* ``nonfinite``: NaN/Inf cells in the inputs or the targets, by row and column;
+* ``constant-columns``: one value in every row (min-max scaling divides 0 by 0);
+* ``unscaled-inputs``: feature means or standard deviations beyond ``scale_limit``,
+  or scales differing by orders of magnitude, naming the columns that drive it;
+* ``huge-targets``: targets whose squared error, and its gradient, explode;
 * ``bad-labels`` and ``label-dtype`` (with ``num_classes=``): class labels out
   of ``0..num_classes-1``, not whole numbers, or stored as floats;
-* ``leakage``: a scaler fitted on more than the training split (the unscaled-inputs scenario: split
-  first, then fit on the training split only); ``scaler-mismatch``: a scaler
-  not fitted on the training rows given.
+* ``leakage``: a scaler fitted on more than the training split (split first,
+  then fit on the training split only); ``scaler-mismatch``: a scaler not
+  fitted on the training rows given.
 
-Integer, boolean and categorical columns (ids, token ids, category codes) are
-not scale-checked; the report lists them in a note. How the data are read into
-rows and columns is in :mod:`stabilize.measures`.
+Integer, boolean and categorical columns (ids, token ids, codes) are not scale-checked
+(a note lists them). How data are read into rows and columns: :mod:`stabilize.measures`.
 """
 
 from __future__ import annotations
