@@ -30,8 +30,7 @@ from .measures import Table, as_table, column_stats, is_batches, nonfinite_cells
 
 __all__ = ["Finding", "AuditReport", "audit"]
 
-SHOWN = 5  # columns named in a finding's text before "and N more"
-ROWS_SHOWN = 20  # rows listed in a finding's figures
+SHOWN, ROWS_SHOWN = 5, 20  # columns named in a finding's text (then "and N more"); rows listed in its figures
 
 
 @dataclass(frozen=True)
