@@ -105,9 +105,10 @@ class StabilityTrainer:
         self.dtype = self.backend.dtype(self.params[0])
         self.supervisor = Supervisor(self.settings)
         if self.settings.spike is not None:  # the device compares each step with the detector's limits
-            if not hasattr(self.updater, "_step"):
-                raise ValueError("spike= is wired for torch models with a torch.optim optimizer so far")
-            self.updater._step.limits = self.supervisor.spike_limits
+            holder = self.updater if hasattr(self.updater, "limits") else getattr(self.updater, "_step", None)
+            if holder is None or not hasattr(holder, "limits"):
+                raise ValueError("spike= is wired for stabilize.optim specs and torch.optim optimizers so far")
+            holder.limits = self.supervisor.spike_limits
         self.policy = self.supervisor.policy
         self._snapshot = None
         self._native = not isinstance(optimizer, OptimizerSpec)
