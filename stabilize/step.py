@@ -57,7 +57,7 @@ def make_step(
     whose failure the scenarios reproduce. ``loss_max`` and ``norm_max`` are
     the spike detector's limits (backend scalars, ``inf`` while not watched or
     warming up): a finite loss or gradient norm above them is a spike, decided
-    here on the device. ``spike="skip"`` holds the update back; ``"clip"``
+    here on the device. ``spike="skip"`` (and ``"rewind"``) holds the update back; ``"clip"``
     scales the gradients down to ``norm_max`` (ZClip) before the update.
     """
     paths, _ = flatten_state(state_template)
@@ -83,7 +83,7 @@ def make_step(
             grads_ok = B.isfinite(norm)
             weights_ok = B.all_finite(new_params)
             ok = loss_ok & grads_ok & weights_ok
-            if spike == "skip":
+            if spike in ("skip", "rewind"):  # a rewind holds the spiking update back, then restores
                 ok = ok & ~is_spike
             if max_update_ratio is not None:  # the update actually applied: after clipping
                 ratio = update_ratio(B, new_params, params)

@@ -238,6 +238,8 @@ class StabilityTrainer:
                                          drop_last=drop_last):
                         if max_steps is not None and sup.step - start >= max_steps:
                             return sup.history(start)
+                        if sup.leaves_out(epoch=epoch, batch=batch.position):  # after a spike rewind
+                            continue
                         if self._step(batch, epoch, bar, keeps) and stop_on_nonfinite:
                             return sup.history(start)
                 if self._native and sup.step > start and not self.updater.weights_finite():
