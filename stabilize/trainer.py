@@ -353,10 +353,16 @@ class StabilityTrainer:
         rollback left out, and every RNG. ``fit`` again with the same ``seed`` after loading continues
         exactly as an uninterrupted run would."""
         from .checkpoint import save
+        from .eventlog import EventLog, beside
 
-        return save(path, {"torch": self._torch_state("save")(self.updater.state),
-                           "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
-                    meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
+        written = save(path, {"torch": self._torch_state("save")(self.updater.state),
+                              "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
+                       meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
+        if self.supervisor.event_log is None:  # the JSON-lines event log starts beside the first checkpoint
+            self.supervisor.event_log = log = EventLog(beside(path))
+            for event in self.supervisor.events:
+                log.append(event)
+        return written
 
     def load_checkpoint(self, path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; a bad file raises ``CheckpointError`` and changes nothing."""

@@ -69,6 +69,9 @@ class GuardSettings:
             ``snapshot_every`` applied steps, then leave out the next
             ``spike_skip_batches`` batches, each recorded as an event).
         spike_skip_batches: the batches a rewind leaves out.
+        events_path: a JSON-lines file every event is appended to
+            (:mod:`stabilize.eventlog`); a trainer without one starts one
+            beside its first checkpoint.
         spike_z: the z-score above which a value is a spike.
         spike_warmup: accepted steps before anything is flagged.
         spike_alpha: the weight of a new value in the running mean and variance.
@@ -94,6 +97,7 @@ class GuardSettings:
     spike_warmup: int = 20
     spike_alpha: float = 0.02
     spike_skip_batches: int = 10
+    events_path: str | None = None
     skip_alarm: str = "warn"
     skip_alarm_fraction: float = 0.5
     skip_alarm_window: int = 50

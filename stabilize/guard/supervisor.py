@@ -25,6 +25,7 @@ from ..errors import NonFiniteError, SkipAlarmError
 from ..history import Event, History
 from .policies import Policy
 from .settings import GuardSettings
+from ..eventlog import EventLog
 from .spikes import SpikeDetector
 
 __all__ = ["STAT_FIELDS", "Decision", "Supervisor"]
@@ -83,6 +84,7 @@ class Supervisor:
         self.alarms = 0
         self.not_applied = 0  # steps not applied, for the progress line
         self.leave_out = 0  # batches a spike rewind still leaves out (spike="rewind")
+        self.event_log = EventLog(settings.events_path) if settings.events_path else None
 
     # -- what the adapter asks --------------------------------------------------
     @property
@@ -205,7 +207,7 @@ class Supervisor:
             return False
         self.leave_out -= 1
         nan = float("nan")
-        self.events.append(Event(self.step, batch, epoch, "left-out", (), "skipped", nan, nan, nan))
+        self._record(Event(self.step, batch, epoch, "left-out", (), "skipped", nan, nan, nan))
         return True
 
     def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None, optimizer=None):
@@ -285,5 +287,10 @@ class Supervisor:
         event = Event(stats.get("step", self.step), stats.get("batch", 0), stats.get("epoch", 0), kind,
                       tuple(bad), action, stats.get("lr", float("nan")), stats["loss"], stats["grad_norm"],
                       steps_lost=steps_lost)
-        self.events.append(event)
+        self._record(event)
         return event
+
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        if self.event_log is not None:
+            self.event_log.append(event)
