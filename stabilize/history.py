@@ -41,8 +41,9 @@ class Event:
     steps_lost: int | None = None
 
     def __str__(self) -> str:
-        what = ", ".join(self.nonfinite) or ("above the spike limit" if self.kind == "spike"
-                                             else "update ratio over the bound")
+        what = ", ".join(self.nonfinite) or {"spike": "above the spike limit",
+                                             "left-out": "a batch after a spike rewind"}.get(
+                                                 self.kind, "update ratio over the bound")
         return (
             f"step {self.step} (epoch {self.epoch}, batch {self.batch_index}): {self.kind} [{what}]; "
             f"loss={self.loss:.6g} grad_norm={self.grad_norm:.6g} lr={self.lr:.3g} -> {self.action}"

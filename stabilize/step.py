@@ -49,15 +49,20 @@ def make_step(
     clip_value: float | None = None,
     max_update_ratio: float | None = None,
     guard: bool = True,
+    spike: str | None = None,
 ):
-    """Build ``step(x, y, lr) -> stats`` (see ``STAT_FIELDS``) for one backend.
+    """Build ``step(x, y, lr, loss_max, norm_max) -> stats`` (``STAT_FIELDS`` + ``spike``) for one backend.
 
     ``guard=False`` commits every update whatever it holds: the plain loop
-    whose failure the scenarios reproduce.
+    whose failure the scenarios reproduce. ``loss_max`` and ``norm_max`` are
+    the spike detector's limits (backend scalars, ``inf`` while not watched or
+    warming up): a finite loss or gradient norm above them is a spike, decided
+    here on the device. ``spike="skip"`` (and ``"rewind"``) holds the update back; ``"clip"``
+    scales the gradients down to ``norm_max`` (ZClip) before the update.
     """
     paths, _ = flatten_state(state_template)
 
-    def step(x, y, lr):
+    def step(x, y, lr, loss_max, norm_max):
         loss, grads = B.value_and_grad(lambda: loss_fn(forward(x), y), params)
         with B.no_grad():
             grads = [B.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
@@ -65,12 +70,21 @@ def make_step(
                 norm = global_norm(grads, backend=B)
             else:
                 grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value, backend=B)
+            # ``norm`` is the pre-clip norm: the spike verdict compares it, as torch's step does.
+            is_spike = B.isfinite(loss) & B.isfinite(norm) & ((loss > loss_max) | (norm > norm_max))
+            if spike == "clip":  # ZClip: the norm after any clip_norm/clip_value, scaled down to norm_max
+                current = norm if clip_norm is None and clip_value is None else global_norm(grads, backend=B)
+                over = is_spike & (current > norm_max)
+                coef = B.where(over, norm_max / (current + 1e-6), B.full_like(current, 1.0))
+                grads = [g * coef for g in grads]
             state = unflatten_state(state_template, paths, state_vars)
             new_params, new_state = optimizer.update(B, params, grads, state, lr)
             loss_ok = B.isfinite(loss)
             grads_ok = B.isfinite(norm)
             weights_ok = B.all_finite(new_params)
             ok = loss_ok & grads_ok & weights_ok
+            if spike in ("skip", "rewind"):  # a rewind holds the spiking update back, then restores
+                ok = ok & ~is_spike
             if max_update_ratio is not None:  # the update actually applied: after clipping
                 ratio = update_ratio(B, new_params, params)
                 small = ratio <= max_update_ratio
@@ -85,6 +99,7 @@ def make_step(
             for var, n in zip(state_vars, new_values):
                 B.assign(var, B.where(commit, n, var))
             no_scaler = B.full_like(norm, 0.0)
-            return B.stack([loss, norm, loss_ok, grads_ok, weights_ok, ratio, large, no_scaler, commit], "float64")
+            return B.stack([loss, norm, loss_ok, grads_ok, weights_ok, ratio, large, no_scaler, commit, is_spike],
+                           "float64")
 
     return B.compile(step)

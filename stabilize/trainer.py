@@ -105,9 +105,10 @@ class StabilityTrainer:
         self.dtype = self.backend.dtype(self.params[0])
         self.supervisor = Supervisor(self.settings)
         if self.settings.spike is not None:  # the device compares each step with the detector's limits
-            if not hasattr(self.updater, "_step"):
-                raise ValueError("spike= is wired for torch models with a torch.optim optimizer so far")
-            self.updater._step.limits = self.supervisor.spike_limits
+            holder = self.updater if hasattr(self.updater, "limits") else getattr(self.updater, "_step", None)
+            if holder is None or not hasattr(holder, "limits"):
+                raise ValueError("spike= is wired for stabilize.optim specs and torch.optim optimizers so far")
+            holder.limits = self.supervisor.spike_limits
         self.policy = self.supervisor.policy
         self._snapshot = None
         self._native = not isinstance(optimizer, OptimizerSpec)
@@ -237,6 +238,8 @@ class StabilityTrainer:
                                          drop_last=drop_last):
                         if max_steps is not None and sup.step - start >= max_steps:
                             return sup.history(start)
+                        if sup.leaves_out(epoch=epoch, batch=batch.position):  # after a spike rewind
+                            continue
                         if self._step(batch, epoch, bar, keeps) and stop_on_nonfinite:
                             return sup.history(start)
                 if self._native and sup.step > start and not self.updater.weights_finite():
@@ -350,10 +353,16 @@ class StabilityTrainer:
         rollback left out, and every RNG. ``fit`` again with the same ``seed`` after loading continues
         exactly as an uninterrupted run would."""
         from .checkpoint import save
+        from .eventlog import EventLog, beside
 
-        return save(path, {"torch": self._torch_state("save")(self.updater.state),
-                           "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
-                    meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
+        written = save(path, {"torch": self._torch_state("save")(self.updater.state),
+                              "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
+                       meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
+        if self.supervisor.event_log is None:  # the JSON-lines event log starts beside the first checkpoint
+            self.supervisor.event_log = log = EventLog(beside(path))
+            for event in self.supervisor.events:
+                log.append(event)
+        return written
 
     def load_checkpoint(self, path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; a bad file raises ``CheckpointError`` and changes nothing."""

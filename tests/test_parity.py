@@ -56,7 +56,8 @@ def test_each_variant_shows_what_it_claims_on_each_backend(name, variant, dtype)
 
 def test_catalogue_has_every_scenario_and_variant_of_the_map():
     assert scenarios.names() == ["unscaled-inputs", "log-zero", "high-lr", "huge-targets", "dirty-data",
-                                 "masked-loss", "numpy-net"]
+                                 "masked-loss", "numpy-net", "loss-spike"]
+    assert scenarios.variants("loss-spike") == ["diverging", "fixed"]
     assert scenarios.variants("unscaled-inputs") == ["diverging", "fixed", "leaky"]
     assert scenarios.variants("log-zero") == ["diverging", "clipped", "fixed"]
     assert scenarios.variants("high-lr") == ["diverging", "fixed", "backoff"]
@@ -135,6 +136,9 @@ def test_diagnosis_names_the_scenario_on_every_diverging_variant(name, dtype):
             # Any of its causes, as long as the evidence names them: scale, targets, rate.
             assert d.cause in ("unscaled-inputs", "huge-targets", "high-lr", "exploding-gradients")
             assert {"input feature std max", "target RMS", "learning rate"} <= set(d.evidence)
+        elif name == "loss-spike":
+            # No rule names a past spike: what the replay sees at the overflow is the blow-up it caused.
+            assert d.cause in ("high-lr", "huge-targets", "exploding-gradients"), (backend, d)
         else:
             assert d.cause == name, (backend, d)
 
@@ -165,3 +169,20 @@ def test_diagnosis_evidence_figures():
 
 def ev_true(evidence, key):
     return evidence.get(key) is True
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_loss_spike_is_finite_then_diverges_and_the_detector_skips_exactly_the_burst(dtype):
+    from stabilize.scenarios.catalogue import SPIKE_ROWS
+
+    burst = {SPIKE_ROWS.start // 32 + 32 * e + k for e in range(4) for k in range(2)}  # batches 24, 25 per epoch
+    for backend, traj in _report("loss-spike", "diverging", dtype).trajectories.items():
+        first = traj.first_nonfinite_step
+        assert first is not None and first > 25, (backend, first)  # the burst (steps 24, 25) was finite
+        assert np.all(np.isfinite(traj.losses[:25])) and traj.losses[24] > 1e3 * np.median(traj.losses[10:24])
+        assert not [e for e in traj.events if e.kind == "spike"]  # no detector: no spike was caught
+    for backend, traj in _report("loss-spike", "fixed", dtype).trajectories.items():
+        spiked = {e.step for e in traj.events if e.kind == "spike"}
+        assert spiked == burst and all(e.action == "skipped" for e in traj.events), (backend, spiked)
+        assert traj.history.spikes == 8 and not traj.history.committed[sorted(burst)].any()
+        assert traj.final_loss < 0.1

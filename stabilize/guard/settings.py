@@ -16,7 +16,7 @@ from ..validate import check_count, check_positive_finite
 __all__ = ["POLICIES", "SPIKE_ACTIONS", "ALARMS", "GuardSettings"]
 
 POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto")
-SPIKE_ACTIONS = (None, "clip", "skip")
+SPIKE_ACTIONS = (None, "clip", "skip", "rewind")
 ALARMS = ("warn", "raise", "off")
 
 
@@ -64,7 +64,14 @@ class GuardSettings:
             (independent replicas only: DDP replicas would drift apart).
         spike: what to do about a finite loss or gradient-norm spike
             (:mod:`~stabilize.guard.spikes`): None (not watched), ``"clip"``
-            (ZClip: clip the norm to ``mean + spike_z * std``) or ``"skip"``.
+            (ZClip: clip the norm to ``mean + spike_z * std``), ``"skip"`` or
+            ``"rewind"`` (PaLM: restore the last rollback snapshot, taken every
+            ``snapshot_every`` applied steps, then leave out the next
+            ``spike_skip_batches`` batches, each recorded as an event).
+        spike_skip_batches: the batches a rewind leaves out.
+        events_path: a JSON-lines file every event is appended to
+            (:mod:`stabilize.eventlog`); a trainer without one starts one
+            beside its first checkpoint.
         spike_z: the z-score above which a value is a spike.
         spike_warmup: accepted steps before anything is flagged.
         spike_alpha: the weight of a new value in the running mean and variance.
@@ -89,6 +96,8 @@ class GuardSettings:
     spike_z: float = 6.0
     spike_warmup: int = 20
     spike_alpha: float = 0.02
+    spike_skip_batches: int = 10
+    events_path: str | None = None
     skip_alarm: str = "warn"
     skip_alarm_fraction: float = 0.5
     skip_alarm_window: int = 50
@@ -117,6 +126,7 @@ class GuardSettings:
             "spike_z": check_positive_finite("spike_z", self.spike_z, "6.0"),
             "spike_warmup": check_count("spike_warmup", self.spike_warmup, 2),
             "spike_alpha": _number("spike_alpha", self.spike_alpha, high=1.0),
+            "spike_skip_batches": check_count("spike_skip_batches", self.spike_skip_batches, 0),
             "skip_alarm_fraction": _number("skip_alarm_fraction", self.skip_alarm_fraction, high=1.0),
             "skip_alarm_window": check_count("skip_alarm_window", self.skip_alarm_window, 1),
         }

@@ -25,6 +25,7 @@ from ..errors import NonFiniteError, SkipAlarmError
 from ..history import Event, History
 from .policies import Policy
 from .settings import GuardSettings
+from ..eventlog import EventLog
 from .spikes import SpikeDetector
 
 __all__ = ["STAT_FIELDS", "Decision", "Supervisor"]
@@ -82,6 +83,8 @@ class Supervisor:
         self._recent: collections.deque = collections.deque(maxlen=settings.skip_alarm_window)
         self.alarms = 0
         self.not_applied = 0  # steps not applied, for the progress line
+        self.leave_out = 0  # batches a spike rewind still leaves out (spike="rewind")
+        self.event_log = EventLog(settings.events_path) if settings.events_path else None
 
     # -- what the adapter asks --------------------------------------------------
     @property
@@ -95,8 +98,8 @@ class Supervisor:
 
     @property
     def wants_snapshot(self) -> bool:
-        """Whether the policy can use a rollback snapshot (only ``rollback`` holds one)."""
-        return self.settings.on_nonfinite == "rollback"
+        """Whether a rollback snapshot is used (``on_nonfinite="rollback"`` or ``spike="rewind"``)."""
+        return self.settings.on_nonfinite == "rollback" or self.settings.spike == "rewind"
 
     def snapshot_taken(self) -> None:
         self._snapshot_applied = self.applied
@@ -154,6 +157,10 @@ class Supervisor:
         spike = stats.get("spike", 0.0) == 1.0 and not bad
         if spike and not committed and not large:  # spike="skip": held back on the device
             self.spikes.spikes += 1
+            if self.settings.spike == "rewind":  # PaLM: back to the last snapshot, then leave batches out
+                self.leave_out = self.settings.spike_skip_batches
+                event = self._event(stats, "spike", (), "rewound", steps_lost=self.steps_since_snapshot())
+                return Decision("rolled-back", restore=True, event=event)
             return Decision("skipped", event=self._event(stats, "spike", (), "skipped"))
         if committed and not bad and not large:
             self._streak.clear()
@@ -193,6 +200,15 @@ class Supervisor:
             self._streak.clear()
             return Decision(action, restore=True, event=event)
         return Decision(action, stop=action == "raise", event=event)
+
+    def leaves_out(self, *, epoch: int = 0, batch: int = 0) -> bool:
+        """Whether the adapter must leave this batch out (a rewind's next batches); recorded as an event."""
+        if self.leave_out <= 0:
+            return False
+        self.leave_out -= 1
+        nan = float("nan")
+        self._record(Event(self.step, batch, epoch, "left-out", (), "skipped", nan, nan, nan))
+        return True
 
     def diagnose(self, B, model, loss_fn, x, y, params, *, pending: dict | None = None, optimizer=None):
         """Replay the last failed step from the current weights and keep the diagnosis.
@@ -248,7 +264,8 @@ class Supervisor:
                 "skip_positions": sorted(self.skip_positions), "rows": rows,
                 "events": [dataclasses.asdict(e) for e in self.events], "snapshot_applied": self._snapshot_applied,
                 "spikes": self.spikes.state_dict() if self.spikes is not None else None,
-                "recent": [bool(b) for b in self._recent], "alarms": self.alarms, "not_applied": self.not_applied}
+                "recent": [bool(b) for b in self._recent], "alarms": self.alarms, "not_applied": self.not_applied,
+                "leave_out": self.leave_out}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -264,10 +281,16 @@ class Supervisor:
         self._recent.clear()
         self._recent.extend(state["recent"])
         self.alarms, self.not_applied = int(state["alarms"]), int(state["not_applied"])
+        self.leave_out = int(state.get("leave_out", 0))
 
     def _event(self, stats, kind, bad, action, steps_lost=None) -> Event:
         event = Event(stats.get("step", self.step), stats.get("batch", 0), stats.get("epoch", 0), kind,
                       tuple(bad), action, stats.get("lr", float("nan")), stats["loss"], stats["grad_norm"],
                       steps_lost=steps_lost)
-        self.events.append(event)
+        self._record(event)
         return event
+
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        if self.event_log is not None:
+            self.event_log.append(event)

@@ -29,9 +29,15 @@ class NeutralUpdater:
         _, values = flatten_state(template)
         self.state_vars = [B.variable(v) for v in values]
         self._lr_var = B.variable(B.state_scalar(optimizer.lr, params[0]))
+        # The spike detector's limits, set before each step (``limits() -> (loss_max, norm_max) | None``,
+        # the Supervisor's ``spike_limits``); the step compares on the device.
+        self.limits = None
+        self._loss_max = B.variable(B.state_scalar(float("inf"), params[0]))
+        self._norm_max = B.variable(B.state_scalar(float("inf"), params[0]))
         self._step = make_step(B, forward or model, loss_fn, params, optimizer, template, self.state_vars,
                                clip_norm=settings.clip_norm, clip_value=settings.clip_value,
-                               max_update_ratio=settings.max_update_ratio, guard=settings.guarded)
+                               max_update_ratio=settings.max_update_ratio, guard=settings.guarded,
+                               spike=settings.spike)
 
     def to_tensor(self, arr: np.ndarray, dtype: str | None):
         """A batch as a backend tensor, on the device the parameters live on."""
@@ -49,8 +55,15 @@ class NeutralUpdater:
         B = self.B
         lr = rate(self.base_lr())
         B.assign(self._lr_var, B.state_scalar(lr, self.params[0]))
-        stats = dict(zip(STAT_FIELDS, B.read(self._step(xb, yb, self._lr_var))))
+        limits = self.limits() if self.limits is not None else None
+        if limits is not None:
+            B.assign(self._loss_max, B.state_scalar(limits[0], self.params[0]))
+            B.assign(self._norm_max, B.state_scalar(limits[1], self.params[0]))
+        values = B.read(self._step(xb, yb, self._lr_var, self._loss_max, self._norm_max))
+        stats = dict(zip(STAT_FIELDS + ("spike",), values))
         stats["lr"] = lr
+        if limits is not None:
+            stats["loss_max"], stats["norm_max"] = limits
         if stats["committed"] == 1.0:
             self.applied += 1
         return stats

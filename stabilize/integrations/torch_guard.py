@@ -104,6 +104,9 @@ class TorchGuard:
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
         self.settings = GuardSettings(**settings)
+        if self.settings.spike == "rewind":  # the guard does not own the data loop
+            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
+                             "use spike='skip' or 'clip' with TorchGuard")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)

@@ -109,7 +109,7 @@ class TorchStep:
             limits = self.limits() if self.limits is not None else None
             if limits is not None:  # a finite spike: rank-consistent, since loss and norm are reduced
                 spike = loss_ok & grads_ok & ((loss > limits[0]) | (norm > limits[1]))
-                if s.spike == "skip":
+                if s.spike in ("skip", "rewind"):
                     ok = ok & ~spike
             else:
                 spike = torch.zeros((), dtype=torch.bool, device=loss.device)

@@ -1,4 +1,4 @@
-"""The seven built-in scenarios, each with its variants.
+"""The eight built-in scenarios, each with its variants.
 
 Every number below was chosen so that the diverging variant really diverges in
 float64 *and* float32 on every backend, and the fixed ones converge below their
@@ -215,6 +215,27 @@ def _numpy_net(variant: str) -> Case:
                 note="He init, inputs and outputs standardised, output gradient clipped to [-1, 1], lr=0.01")
 
 
+# -- loss-spike (issue 11, section 3) -------------------------------------------------
+SPIKE_ROWS = slice(768, 832)  # batches 24 and 25 of each epoch (1024 rows, batch 32, no shuffling)
+SPIKE_FACTOR = 30.0
+
+
+def _loss_spike(variant: str) -> Case:
+    X, y = data.regression(n=1024)
+    y = y.copy()
+    y[SPIKE_ROWS] *= SPIKE_FACTOR  # a burst of corrupt (mis-scaled) targets: the loss spikes, still finite
+    model = MLP((4, 32, 32, 1), seed=0)
+    opt = SGD(lr=0.01, momentum=0.9)
+    if variant == "diverging":
+        return Case(model, L.naive_mse, opt, X, y, "diverge", epochs=4, shuffle=False,
+                    note=f"targets x{SPIKE_FACTOR:g} in batches 24-25: the loss jumps 1e4-fold (finite), "
+                         "momentum carries the kick, and the run overflows a few steps later")
+    return Case(model, L.naive_mse, opt, X, y, "finite", epochs=4, shuffle=False, bound=0.1,
+                trainer_kwargs={"spike": "skip", "spike_warmup": 10},
+                note="the same data and rate; the spike detector (z-score on loss and gradient norm, "
+                     "decided on the device) skips each spiking batch, with a 'spike' event")
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -233,5 +254,7 @@ SCENARIOS: dict[str, Scenario] = {
                  {v: (lambda v=v: _masked_loss(v)) for v in ("diverging", "fixed", "guarded")}),
         Scenario("numpy-net", ("004_da81e5293ef0dddf.txt",), "a hand-written network: bad init, no scaling, no clipping",
                  {v: (lambda v=v: _numpy_net(v)) for v in ("diverging", "fixed")}),
+        Scenario("loss-spike", (), "a burst of mis-scaled targets: a finite loss spike, then divergence",
+                 {v: (lambda v=v: _loss_spike(v)) for v in ("diverging", "fixed")}),
     ]
 }
