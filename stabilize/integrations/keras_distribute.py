@@ -71,10 +71,12 @@ def reduce_step(rc, grads, loss_ok, buffers_ok, data_ok, loss):
     return out, dict(zip(SLOTS, (reduced[-1][i] for i in range(len(SLOTS)))))
 
 
-def cond_apply(rc, go, fn, grads, tvs, optimizer):
+def cond_apply(rc, go, fn, grads, tvs, optimizer, around=contextlib.nullcontext):
     """Run ``fn(grads, tvs)`` on every replica when ``go``, else nothing: the ``cond`` is taken in the
     cross-replica context, where the inner optimizer's own ``merge_call`` may sit inside its branch.
-    ``optimizer``'s own gradient all-reduce is off meanwhile: ``grads`` are already summed."""
+    ``optimizer``'s own gradient all-reduce is off meanwhile: ``grads`` are already summed. ``around()``
+    (e.g. the backed-off rate) is entered here once, not in each replica's thread: the replicas share the
+    optimizer object, so a swap made and undone per thread would race."""
     present = [(g, v) for g, v in zip(grads, tvs) if g is not None]
     grads, tvs = [g for g, _ in present], [v for _, v in present]
 
@@ -82,7 +84,7 @@ def cond_apply(rc, go, fn, grads, tvs, optimizer):
         flag = distribution.experimental_local_results(go)[0]  # the same on every replica: reduced
 
         def run():  # one thread here (cross-replica), so the patch is set and undone once
-            with no_second_reduce(optimizer):
+            with no_second_reduce(optimizer), around():
                 distribution.extended.call_for_each_replica(fn, args=(grads, tvs))
 
         ops.cond(flag, run, lambda: None)

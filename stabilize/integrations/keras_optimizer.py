@@ -372,7 +372,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if s.max_update_ratio is not None:  # measure the update actually applied: keep the pre-step values
             pre = [ops.copy(v.value) for v in tvs + list(self.variables)]
         if rc is not None:
-            dist.cond_apply(rc, go, self._inner_apply, grads, tvs, self.inner_optimizer)
+            dist.cond_apply(rc, go, self.inner_optimizer.apply, grads, tvs, self.inner_optimizer, self._backed_off_lr)
         else:
             ops.cond(go, lambda: self._inner_apply(grads, tvs), lambda: None)
         applied = go & (grads_ok | (scaler is None))

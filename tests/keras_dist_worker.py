@@ -1,0 +1,80 @@
+"""Child process for tests/test_keras_distributed.py: keras_guard under MirroredStrategy on 2 logical CPUs.
+
+Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM]  (FAULT: none, nan_input, inf_loss; POLICY: an on_nonfinite
+value or "unguarded"). Prints one JSON line: per step, per variable, whether the replicas agree and the values.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf  # noqa: E402
+
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+import stabilize  # noqa: E402
+
+fault, policy = sys.argv[1], sys.argv[2]
+clip = None if len(sys.argv) < 4 or sys.argv[3] == "none" else float(sys.argv[3])
+rng = np.random.RandomState(0)
+X = rng.randn(24, 4).astype("float32")
+Y = np.stack([X @ np.array([1.0, -2.0, 0.5, 1.0], "float32"), np.zeros(24, "float32")], 1)
+# batch 1 (rows 8..15) is split 4/4 over the two replicas: the fault sits in replica 1's half only
+if fault == "nan_input":
+    X[13, 2] = np.nan
+elif fault == "inf_loss":
+    Y[13, 1] = 1.0  # the loss below turns inf for this row; its gradients stay finite
+
+
+def loss(y, p):
+    mse = ops.mean(ops.square(y[:, :1] - p), axis=-1)
+    return mse + ops.stop_gradient(ops.where(y[:, 1] > 0, float("inf"), 0.0))
+
+
+def replicas(v):
+    return [np.asarray(x.numpy()) for x in v.value.values]
+
+
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+    inner = keras.optimizers.Adam(1e-2)
+    if policy == "unguarded":
+        opt, callbacks = inner, []
+    else:
+        opt, cb = stabilize.keras_guard(inner, on_nonfinite=policy, clip_norm=clip)
+        callbacks = [cb]
+    model.compile(optimizer=opt, loss=loss)
+
+
+class Record(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        vs = list(model.trainable_variables) + list(inner.variables)
+        per = [replicas(v) for v in vs]
+        self.steps.append({"agree": all(all(np.array_equal(r[0], x) for x in r[1:]) for r in per),
+                           "values": [r[0].tolist() for r in per],
+                           "lr_factor": None if policy == "unguarded" else float(opt.state.lr_factor.numpy())})
+
+
+rec = Record()
+result = {"error": None}
+try:
+    model.fit(X, Y, batch_size=8, epochs=1, shuffle=False, callbacks=callbacks + [rec], verbose=0)
+except stabilize.NonFiniteError as exc:
+    result["error"] = type(exc).__name__
+result["steps"] = rec.steps
+if policy != "unguarded":
+    result["committed"] = [r["committed"] for r in cb.supervisor.rows]
+    result["lr"] = [r["lr"] for r in cb.supervisor.rows]
+print("RESULT " + json.dumps(result))
