@@ -345,23 +345,31 @@ class StabilityTrainer:
 
     # -- durable state ------------------------------------------------------------------
     def save_checkpoint(self, path):
-        """Save the whole training state to ``path`` atomically (torch models; :mod:`stabilize.checkpoint`):
+        """Save the whole training state to ``path`` atomically (torch, or keras with a keras optimizer;
+        :mod:`stabilize.checkpoint`):
         parameters, buffers, optimizer, scheduler, loss scaler, policy counters, history, the rows a
         rollback left out, and every RNG. ``fit`` again with the same ``seed`` after loading continues
         exactly as an uninterrupted run would."""
         from .checkpoint import save
 
-        return save(path, {"torch": self._torch_state("save")(self.updater.state),
-                           "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
+        if hasattr(self.updater, "checkpoint_state"):  # keras model + keras optimizer (integrations.keras_updater)
+            framework = {"keras": self.updater.checkpoint_state()}
+        else:
+            framework = {"torch": self._torch_state("save")(self.updater.state)}
+        return save(path, {**framework, "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
                     meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
 
     def load_checkpoint(self, path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; a bad file raises ``CheckpointError`` and changes nothing."""
         from .checkpoint import load
 
-        loader = self._torch_state("load")
+        keras_path = hasattr(self.updater, "load_checkpoint_state")
+        loader = None if keras_path else self._torch_state("load")
         saved = load(path)
-        loader(self.updater.state, saved["torch"], f"checkpoint {str(path)!r}")
+        if keras_path:  # checks the policy state too before it assigns anything
+            self.updater.load_checkpoint_state(saved, f"checkpoint {str(path)!r}")
+        else:
+            loader(self.updater.state, saved["torch"], f"checkpoint {str(path)!r}")
         self.supervisor.load_state_dict(saved["supervisor"])
         self.updater.applied = int(saved["applied"])
         self._snapshot = None  # the next fit takes a fresh rollback snapshot

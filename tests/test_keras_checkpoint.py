@@ -99,3 +99,39 @@ def test_a_corrupt_or_foreign_checkpoint_changes_nothing(tmp_path):
         assert sup(c2) == sup_before
     c2.load_checkpoint(path, model=m2)  # the good one still loads
     assert_same(values(m2, o2), values(m, o))
+
+
+def test_trainer_keras_path_resumes_bitwise(tmp_path):
+    rng = np.random.RandomState(1)
+    X = rng.randn(64, 3).astype("float32")
+    y = X.sum(1, keepdims=True).astype("float32")
+    X[5, 1] = np.nan
+
+    def make(seed):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, activation="tanh"),
+                                  keras.layers.Dropout(0.2), keras.layers.Dense(1)])
+        opt = keras.optimizers.Adam(1e-2)
+        t = stabilize.StabilityTrainer(model, "mse", opt, on_nonfinite="rollback", max_bad_steps=1,
+                                       snapshot_every=2, progress=False, diagnose=False)
+        return t, model, opt
+
+    straight, sm, so = make(0)
+    straight.fit(X, y, epochs=1, batch_size=16, seed=3)
+    straight.fit(X, y, epochs=1, batch_size=16, seed=4)
+    half, _, _ = make(0)
+    half.fit(X, y, epochs=1, batch_size=16, seed=3)
+    path = half.save_checkpoint(tmp_path / "t.ckpt")
+    resumed, rm, ro = make(7)  # fresh objects, another initialization
+    before = values(rm, ro)
+    with pytest.raises(CheckpointError):  # a keras_guard checkpoint is not a trainer's: nothing changes
+        m, o, c = build(0)
+        fit(m, c, *[a[:8] for a in data()])
+        resumed.load_checkpoint(c.save_checkpoint(tmp_path / "guard.ckpt"))
+    assert_same(values(rm, ro), before)
+    resumed.load_checkpoint(path)
+    resumed.fit(X, y, epochs=1, batch_size=16, seed=4)
+    assert_same(values(rm, ro), values(sm, so))
+    assert np.array_equal(resumed.history.losses, straight.history.losses, equal_nan=True)
+    assert [str(e) for e in resumed.history.events] == [str(e) for e in straight.history.events]
+    assert resumed.applied_steps == straight.applied_steps
