@@ -1,6 +1,6 @@
 """Child process for tests/test_keras_distributed.py: keras_guard under MirroredStrategy on 2 logical CPUs.
 
-Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM]  (FAULT: none, nan_input, inf_loss; POLICY: an on_nonfinite
+Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM]  (FAULT: none, nan_input, inf_loss, nan_grad; POLICY: an on_nonfinite
 value or "unguarded"). Prints one JSON line: per step, per variable, whether the replicas agree and the values.
 """
 
@@ -9,16 +9,16 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from keras import ops  # noqa: E402
+import keras
+import numpy as np
+from keras import ops
 
-import stabilize  # noqa: E402
+import stabilize
 
 fault, policy = sys.argv[1], sys.argv[2]
 clip = None if len(sys.argv) < 4 or sys.argv[3] == "none" else float(sys.argv[3])
@@ -30,11 +30,16 @@ if fault == "nan_input":
     X[13, 2] = np.nan
 elif fault == "inf_loss":
     Y[13, 1] = 1.0  # the loss below turns inf for this row; its gradients stay finite
+elif fault == "nan_grad":
+    Y[13, 1] = 2.0  # the loss below stays finite for this row; its gradient is NaN (inf * 0 in sqrt's)
 
 
 def loss(y, p):
     mse = ops.mean(ops.square(y[:, :1] - p), axis=-1)
-    return mse + ops.stop_gradient(ops.where(y[:, 1] > 0, float("inf"), 0.0))
+    inf_loss = ops.stop_gradient(ops.where(ops.equal(y[:, 1], 1.0), float("inf"), 0.0))
+    off = 1.0 - ops.cast(ops.equal(y[:, 1], 2.0), "float32")  # 0 on the marked row: d sqrt(0*p)/dp = NaN there
+    nan_grad = ops.sqrt(ops.abs(p[:, 0]) * 0.0 + off) - off
+    return mse + inf_loss + nan_grad
 
 
 def replicas(v):

@@ -7,8 +7,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-import stabilize  # noqa: E402
-from stabilize.checkpoint import CheckpointError, load  # noqa: E402
+import stabilize
+from stabilize.checkpoint import CheckpointError, load
 
 BS, N = 8, 3
 
@@ -125,7 +125,7 @@ def test_trainer_keras_path_resumes_bitwise(tmp_path):
     resumed, rm, ro = make(7)  # fresh objects, another initialization
     before = values(rm, ro)
     with pytest.raises(CheckpointError):  # a keras_guard checkpoint is not a trainer's: nothing changes
-        m, o, c = build(0)
+        m, _o, c = build(0)
         fit(m, c, *[a[:8] for a in data()])
         resumed.load_checkpoint(c.save_checkpoint(tmp_path / "guard.ckpt"))
     assert_same(values(rm, ro), before)

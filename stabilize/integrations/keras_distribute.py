@@ -33,7 +33,7 @@ import contextlib
 
 from keras import ops
 
-__all__ = ["SLOTS", "replica_context", "reduce_step", "cond_apply", "no_second_reduce"]
+__all__ = ["SLOTS", "cond_apply", "no_second_reduce", "reduce_step", "replica_context"]
 
 SLOTS = ("loss_bad", "buffers_bad", "data_bad", "loss")
 
@@ -51,14 +51,19 @@ def replica_context():
     return rc
 
 
-def reduce_step(rc, grads, loss_ok, buffers_ok, data_ok, loss):
-    """One all-reduce (SUM) of the gradients and the step's flag vector.
+def reduce_step(rc, state, settings, grads, loss_ok, buffers_ok, loss):
+    """One all-reduce (SUM) of the gradients and the step's flag vector (:data:`SLOTS`).
 
-    Returns ``(grads, flags)``: the summed gradients (``None`` kept in place)
-    and a dict of :data:`SLOTS` after the sum, identical on every replica.
+    Returns ``(grads, loss_ok, buffers_ok, loss)`` as every replica sees them
+    after the sum: the summed gradients (``None`` kept in place), the flags
+    true only when no replica's was false, and the batch's loss. The
+    reduced "bad data" flag goes to ``state.data_ok`` (policy ``auto``).
     """
     import tensorflow as tf
 
+    if settings.max_update_ratio is not None:
+        raise NotImplementedError("max_update_ratio is not supported under a tf.distribute strategy yet")
+    data_ok = ops.convert_to_tensor(True) if state.data_ok_local is None else ops.equal(state.data_ok_local, 1)
     present = [g for g in grads if g is not None]
     # the all-reduce packs its tensors together, so the vector takes the gradients' dtype (float32 or wider)
     dt = "float64" if present and str(present[0].dtype) == "float64" else "float32"
@@ -67,8 +72,11 @@ def reduce_step(rc, grads, loss_ok, buffers_ok, data_ok, loss):
     vec = ops.stack([bad(loss_ok), bad(buffers_ok), bad(data_ok), shown])
     reduced = rc.all_reduce(tf.distribute.ReduceOp.SUM, present + [vec])
     it = iter(reduced[:-1])
-    out = [None if g is None else next(it) for g in grads]
-    return out, dict(zip(SLOTS, (reduced[-1][i] for i in range(len(SLOTS)))))
+    grads = [None if g is None else next(it) for g in grads]
+    flags = dict(zip(SLOTS, (reduced[-1][i] for i in range(len(SLOTS)))))
+    state.data_ok.assign(ops.cast(ops.equal(flags["data_bad"], 0.0), "int32"))
+    loss = None if loss is None else ops.cast(flags["loss"], "float32")
+    return grads, ops.equal(flags["loss_bad"], 0.0), ops.equal(flags["buffers_bad"], 0.0), loss
 
 
 def cond_apply(rc, go, fn, grads, tvs, optimizer, around=contextlib.nullcontext):

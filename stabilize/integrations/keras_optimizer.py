@@ -353,14 +353,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         buffers_ok = all_finite([b.value for b in buffers if "float" in str(b.dtype)])
         rc = dist.replica_context()
         if rc is not None:  # tf.distribute: one reduction, then every replica judges the same numbers
-            if s.max_update_ratio is not None:
-                raise NotImplementedError("max_update_ratio is not supported under a tf.distribute strategy yet")
-            local_data = self._state.data_ok_local
-            data_ok = ops.convert_to_tensor(True) if local_data is None else ops.equal(local_data, 1)
-            grads, flags = dist.reduce_step(rc, grads, loss_ok, buffers_ok, data_ok, loss)
-            loss_ok, buffers_ok = ops.equal(flags["loss_bad"], 0.0), ops.equal(flags["buffers_bad"], 0.0)
-            loss = None if loss is None else ops.cast(flags["loss"], "float32")
-            self._state.data_ok.assign(ops.cast(ops.equal(flags["data_bad"], 0.0), "int32"))
+            grads, loss_ok, buffers_ok, loss = dist.reduce_step(rc, self._state, s, grads, loss_ok, buffers_ok, loss)
         grads_ok = all_finite(grads)
         raw_norm = global_norm(grads)
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)

@@ -36,8 +36,14 @@ import random
 import numpy as np
 from keras import ops
 
-__all__ = ["variables_state", "load_variables_state", "rng_state", "load_rng_state", "model_variables",
-           "optimizer_variables"]
+__all__ = [
+    "load_rng_state",
+    "load_variables_state",
+    "model_variables",
+    "optimizer_variables",
+    "rng_state",
+    "variables_state",
+]
 
 
 def model_variables(model) -> list:
