@@ -1,6 +1,6 @@
 """Child process for tests/test_keras_distributed.py: keras_guard under MirroredStrategy on 2 logical CPUs.
 
-Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM]  (FAULT: none, nan_input, inf_loss, nan_grad; POLICY: an on_nonfinite
+Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM [CHECKPOINT_PATH]]  (FAULT: none, nan_input, inf_loss, nan_grad; POLICY: an on_nonfinite
 value or "unguarded"). Prints one JSON line: per step, per variable, whether the replicas agree and the values.
 """
 
@@ -54,7 +54,8 @@ with strategy.scope():
     if policy == "unguarded":
         opt, callbacks = inner, []
     else:
-        opt, cb = stabilize.keras_guard(inner, on_nonfinite=policy, clip_norm=clip)
+        # rollback: back to the snapshot taken at train begin after one bad step
+        opt, cb = stabilize.keras_guard(inner, on_nonfinite=policy, clip_norm=clip, max_bad_steps=1)
         callbacks = [cb]
     model.compile(optimizer=opt, loss=loss)
 
@@ -73,13 +74,30 @@ class Record(keras.callbacks.Callback):
 
 
 rec = Record()
-result = {"error": None}
+result = {"error": None, "initial": [np.asarray(v.numpy()).tolist() for v in model.trainable_variables]}
 try:
     model.fit(X, Y, batch_size=8, epochs=1, shuffle=False, callbacks=callbacks + [rec], verbose=0)
 except stabilize.NonFiniteError as exc:
     result["error"] = type(exc).__name__
+    per = [replicas(v) for v in list(model.trainable_variables) + list(inner.variables)]
+    result["after_raise"] = {"agree": all(all(np.array_equal(r[0], x) for x in r[1:]) for r in per),
+                             "values": [r[0].tolist() for r in per]}
 result["steps"] = rec.steps
 if policy != "unguarded":
     result["committed"] = [r["committed"] for r in cb.supervisor.rows]
     result["lr"] = [r["lr"] for r in cb.supervisor.rows]
+if policy != "unguarded" and result["error"] is None and len(sys.argv) > 4:  # a checkpoint under the strategy
+    path = cb.save_checkpoint(sys.argv[4], batch=len(rec.steps))
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        model2 = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+        inner2 = keras.optimizers.Adam(1e-2)
+        opt2, cb2 = stabilize.keras_guard(inner2, on_nonfinite=policy, clip_norm=clip, max_bad_steps=1)
+        model2.compile(optimizer=opt2, loss=loss)
+    differed = not np.array_equal(model2.trainable_variables[0].numpy(), model.trainable_variables[0].numpy())
+    position = cb2.load_checkpoint(path, model=model2)
+    mine = [replicas(v) for v in list(model.trainable_variables) + list(inner.variables)]
+    theirs = [replicas(v) for v in list(model2.trainable_variables) + list(inner2.variables)]
+    result["loaded"] = {"position": position, "differed": differed, "equal": all(all(np.array_equal(a[0], x) for x in b)
+                                                           for a, b in zip(mine, theirs)) and len(mine) == len(theirs)}
 print("RESULT " + json.dumps(result))

@@ -22,9 +22,9 @@ WORKER = Path(__file__).with_name("keras_dist_worker.py")
 ROOT = WORKER.parent.parent
 
 
-def run(fault, policy, clip="none"):
+def run(fault, policy, clip="none", checkpoint=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-    out = subprocess.run([sys.executable, str(WORKER), fault, policy, clip], capture_output=True, text=True, check=False,
+    out = subprocess.run([sys.executable, str(WORKER), fault, policy, clip] + ([str(checkpoint)] if checkpoint else []), capture_output=True, text=True, check=False,
                          timeout=240, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"worker failed (rc {out.returncode}):\n{out.stderr[-3000:]}"
@@ -35,8 +35,8 @@ def same(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)) and len(a) == len(b)
 
 
-@pytest.mark.parametrize("fault", ["nan_input", "inf_loss"])
-@pytest.mark.parametrize("policy", ["skip", "backoff"])
+@pytest.mark.parametrize("fault", ["nan_input", "inf_loss", "nan_grad"])
+@pytest.mark.parametrize("policy", ["skip", "backoff", "rollback"])
 def test_fault_on_one_replica_is_skipped_on_every_replica(fault, policy):
     r = run(fault, policy, clip="0.5")
     assert r["error"] is None
@@ -44,20 +44,26 @@ def test_fault_on_one_replica_is_skipped_on_every_replica(fault, policy):
     assert len(steps) == 3
     assert all(s["agree"] for s in steps), "the replicas' weights or optimizer state differ"
     assert r["committed"] == [1.0, 0.0, 1.0]
-    # step 1 (the faulty batch) applied nothing anywhere: weights, moments and iterations as after step 0
-    assert same(steps[1]["values"], steps[0]["values"])
+    if policy == "rollback":  # max_bad_steps=1: every replica back to the snapshot taken at train begin
+        n = len(r["initial"])
+        assert same(steps[1]["values"][:n], r["initial"]) and not same(steps[0]["values"][:n], r["initial"])
+        assert steps[1]["values"][n] == 0  # iterations, restored with the optimizer's state
+    else:  # step 1 (the faulty batch) applied nothing anywhere: weights, moments and iterations as after step 0
+        assert same(steps[1]["values"], steps[0]["values"])
     assert not same(steps[2]["values"], steps[1]["values"])
-    if policy == "backoff":
+    if policy in ("backoff", "rollback"):  # a rollback lowers the rate too
         assert steps[1]["lr_factor"] < 1.0 and r["lr"][2] < r["lr"][0]
     else:
         assert steps[1]["lr_factor"] == 1.0 and r["lr"][2] == r["lr"][0]
 
 
-def test_raise_is_collective():
-    r = run("nan_input", "raise")
+@pytest.mark.parametrize("fault", ["inf_loss", "nan_grad"])
+def test_raise_is_collective(fault):
+    r = run(fault, "raise")
     assert r["error"] == "NonFiniteError"
     assert r["committed"] == [1.0, 0.0]
-    assert all(s["agree"] for s in r["steps"])
+    assert all(s["agree"] for s in r["steps"]) and r["after_raise"]["agree"]
+    assert same(r["after_raise"]["values"], r["steps"][0]["values"])  # the bad step applied nowhere
 
 
 def test_clean_run_equals_unguarded_mirrored_fit_bitwise():
@@ -73,3 +79,10 @@ def test_clip_coefficient_is_global():
     r = run("none", "skip", clip="0.01")
     assert all(s["agree"] for s in r["steps"]) and r["committed"] == [1.0, 1.0, 1.0]
     assert not same(r["steps"][0]["values"], run("none", "unguarded")["steps"][0]["values"])
+
+
+def test_checkpoint_under_the_strategy_loads_into_every_replica(tmp_path):
+    """Saved after a skipped step (backoff), loaded into a fresh model in the strategy's scope: every
+    replica of every variable (weights, moments, iterations) equals the saved run's."""
+    r = run("nan_input", "backoff", "0.5", checkpoint=tmp_path / "d.ckpt")
+    assert r["loaded"] == {"position": {"batch": 3}, "differed": True, "equal": True}

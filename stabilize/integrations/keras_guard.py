@@ -8,6 +8,8 @@ to the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -250,7 +252,9 @@ class StabilizeGuard(keras.callbacks.Callback):
 
     def _need_model(self, model):
         if model is not None and model is not self.model:
-            self.set_model(model)
+            strategy = getattr(model, "distribute_strategy", None)  # tf.distribute: variables made in its scope
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                self.set_model(model)
         if self.model is None or getattr(self.model, "optimizer", None) is None:
             raise ValueError("pass the model compiled with this guard's optimizer: cb.load_checkpoint(path, model=model)")
         return self.model

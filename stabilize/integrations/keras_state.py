@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -59,7 +60,9 @@ def model_variables(model) -> list:
 def optimizer_variables(optimizer, model) -> list:
     """The optimizer's variables (iterations, slots, loss scale), building it on ``model`` if it never ran."""
     if not optimizer.built and model.trainable_variables:
-        optimizer.build(model.trainable_variables)
+        strategy = getattr(model, "distribute_strategy", None)  # tf.distribute: its variables are made in its scope
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            optimizer.build(model.trainable_variables)
     return list(optimizer.variables)
 
 
