@@ -1,7 +1,7 @@
 """Child process for tests/test_keras_distributed.py: keras_guard under MirroredStrategy on 2 logical CPUs.
 
 Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM [CHECKPOINT_PATH]]  (FAULT: none, nan_input, inf_loss, nan_grad; POLICY: an on_nonfinite
-value or "unguarded"). Prints one JSON line: per step, per variable, whether the replicas agree and the values.
+value or "unguarded"). With WORKER_BATCHNORM=1 the model has a BatchNormalization layer. Prints one JSON line: per step, per variable, whether the replicas agree and the values.
 """
 
 import json
@@ -49,7 +49,8 @@ def replicas(v):
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+    bn = [keras.layers.BatchNormalization()] if os.environ.get("WORKER_BATCHNORM") else []
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"), *bn, keras.layers.Dense(1)])
     inner = keras.optimizers.Adam(1e-2)
     if policy == "unguarded":
         opt, callbacks = inner, []
@@ -70,6 +71,8 @@ class Record(keras.callbacks.Callback):
         per = [replicas(v) for v in vs]
         self.steps.append({"agree": all(all(np.array_equal(r[0], x) for x in r[1:]) for r in per),
                            "values": [r[0].tolist() for r in per],
+                           # per replica: Keras keeps BatchNorm statistics per replica (no sync) under Mirrored
+                           "buffers": [[x.tolist() for x in replicas(v)] for v in model.non_trainable_variables],
                            "lr_factor": None if policy == "unguarded" else float(opt.state.lr_factor.numpy())})
 
 

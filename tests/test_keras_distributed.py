@@ -22,8 +22,11 @@ WORKER = Path(__file__).with_name("keras_dist_worker.py")
 ROOT = WORKER.parent.parent
 
 
-def run(fault, policy, clip="none", checkpoint=None):
+def run(fault, policy, clip="none", checkpoint=None, batchnorm=False):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    env.pop("WORKER_BATCHNORM", None)
+    if batchnorm:
+        env["WORKER_BATCHNORM"] = "1"
     out = subprocess.run([sys.executable, str(WORKER), fault, policy, clip] + ([str(checkpoint)] if checkpoint else []), capture_output=True, text=True, check=False,
                          timeout=240, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -86,3 +89,14 @@ def test_checkpoint_under_the_strategy_loads_into_every_replica(tmp_path):
     replica of every variable (weights, moments, iterations) equals the saved run's."""
     r = run("nan_input", "backoff", "0.5", checkpoint=tmp_path / "d.ckpt")
     assert r["loaded"] == {"position": {"batch": 3}, "differed": True, "equal": True}
+
+
+def test_batchnorm_statistics_are_put_back_on_each_replica():
+    """A NaN in replica 1's shard poisons only that replica's BatchNorm statistics in the forward pass
+    (Keras keeps them per replica); the skipped step puts each replica's own statistics back."""
+    r = run("nan_input", "skip", batchnorm=True)
+    steps = r["steps"]
+    assert r["committed"] == [1.0, 0.0, 1.0] and all(s["agree"] for s in steps)
+    assert steps[0]["buffers"] and steps[1]["buffers"] == steps[0]["buffers"]
+    assert steps[2]["buffers"] != steps[1]["buffers"]
+    assert all(np.isfinite(np.asarray(x)).all() for s in steps for v in s["buffers"] for x in v)
