@@ -1,7 +1,7 @@
 """Child process for tests/test_keras_distributed.py: keras_guard under MirroredStrategy on 2 logical CPUs.
 
 Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM [CHECKPOINT_PATH]]  (FAULT: none, nan_input, inf_loss, nan_grad; POLICY: an on_nonfinite
-value or "unguarded"). With WORKER_BATCHNORM=1 the model has a BatchNormalization layer. Prints one JSON line: per step, per variable, whether the replicas agree and the values.
+value or "unguarded"). With WORKER_BATCHNORM=1 the model has a BatchNormalization layer; WORKER_REPLICAS=1 runs one replica. Prints one JSON line: per step, per variable, whether the replicas agree and the values.
 """
 
 import json
@@ -46,7 +46,7 @@ def replicas(v):
     return [np.asarray(x.numpy()) for x in v.value.values]
 
 
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"][: int(os.environ.get("WORKER_REPLICAS", "2"))])
 with strategy.scope():
     keras.utils.set_random_seed(0)
     bn = [keras.layers.BatchNormalization()] if os.environ.get("WORKER_BATCHNORM") else []

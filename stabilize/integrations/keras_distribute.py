@@ -23,8 +23,8 @@ inside the compiled step:
    with the inner optimizer's own gradient all-reduce switched off while it
    is traced (:func:`no_second_reduce`): the gradients are already summed.
 
-Without a strategy (or with one replica) nothing here is used and the step
-is exactly the single-device one.
+Without a strategy nothing here is used and the step is exactly the
+single-device one.
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ SLOTS = ("loss_bad", "buffers_bad", "data_bad", "loss")
 
 
 def replica_context():
-    """The ``tf.distribute`` replica context when the step runs on more than one replica, else None."""
+    """The ``tf.distribute`` replica context when the step runs under a strategy (one replica included:
+    its ``merge_call`` cannot sit in a replica-context ``cond`` either), else None."""
     import sys
 
     tf = sys.modules.get("tensorflow")
     if tf is None:
         return None
     rc = tf.distribute.get_replica_context()
-    if rc is None or rc.num_replicas_in_sync <= 1 or not tf.distribute.has_strategy():
+    if rc is None or not tf.distribute.has_strategy():
         return None
     return rc
 
