@@ -114,11 +114,11 @@ def _pack(tensors: list) -> tuple[str, bytes]:
     if any(_is_torch(t) for t in tensors):
         torch = sys.modules["torch"]
         kinds = ["numpy" if isinstance(t, np.ndarray) else "torch" for t in tensors]
-        as_torch = [torch.from_numpy(np.ascontiguousarray(t)) if k == "numpy" else t.detach().cpu()
+        as_torch = [torch.from_numpy(np.require(t, requirements="C")) if k == "numpy" else t.detach().cpu()
                     for t, k in zip(tensors, kinds)]
         torch.save({"tensors": as_torch, "kinds": kinds}, buf)
         return "torch", buf.getvalue()
-    np.savez(buf, *[np.ascontiguousarray(t) for t in tensors])
+    np.savez(buf, *[np.require(t, requirements="C") for t in tensors])
     return "npz", buf.getvalue()
 
 

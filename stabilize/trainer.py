@@ -53,17 +53,13 @@ class StabilityTrainer:
             step), or ``schedule(applied_steps) -> factor`` for a stabilize.optim spec.
             Back-off multiplies the rate the schedule gives; a skipped step does
             not advance it.
-        scaler: a ``torch.amp.GradScaler`` for mixed precision (torch).
-        verify_updates: torch: check each applied update and undo it exactly if it
-            broke the weights (a copy of the state per step; see ``TorchGuard``).
+        scaler, verify_updates: torch: a ``GradScaler``; check each applied update and undo
+            a bad one exactly (a copy of the state per step; see ``TorchGuard``).
         progress: show a tqdm bar (default: only on a terminal).
         diagnose: on the first non-finite step, replay it and attach a
             :class:`~stabilize.diagnose.Diagnosis` to the history (costs nothing until a step fails).
-        **settings: :class:`~stabilize.guard.settings.GuardSettings`: ``clip_norm``,
-            ``clip_value``, ``on_nonfinite`` (``"skip"``, ``"backoff"``, ``"rollback"``,
-            ``"raise"``, ``"ignore"``), ``backoff_factor``, ``min_lr``, ``grow_after``,
-            ``max_bad_steps``, ``max_rollbacks``, ``snapshot_every``, ``max_update_ratio``,
-            ``min_loss_scale``.
+        **settings: :class:`~stabilize.guard.settings.GuardSettings` (``clip_norm``,
+            ``on_nonfinite``, the back-off, rollback, update-bound, spike and alarm settings).
 
     Example:
         >>> import numpy as np
@@ -348,16 +344,16 @@ class StabilityTrainer:
 
     # -- durable state ------------------------------------------------------------------
     def save_checkpoint(self, path):
-        """Save the whole training state to ``path`` atomically (torch models; :mod:`stabilize.checkpoint`):
-        parameters, buffers, optimizer, scheduler, loss scaler, policy counters, history, the rows a
-        rollback left out, and every RNG. ``fit`` again with the same ``seed`` after loading continues
-        exactly as an uninterrupted run would."""
+        """Save the whole training state to ``path`` atomically (:mod:`stabilize.checkpoint`; torch, or
+        keras with a keras optimizer): parameters, buffers, optimizer, scheduler, loss scaler, policy
+        counters, history, the rows a rollback left out, and every RNG. ``fit`` again with the same
+        ``seed`` after loading continues exactly as an uninterrupted run would."""
         from .checkpoint import save
         from .eventlog import EventLog, beside
 
-        written = save(path, {"torch": self._torch_state("save")(self.updater.state),
-                              "supervisor": self.supervisor.state_dict(), "applied": self.updater.applied},
-                       meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
+        state = {**self._updater_checkpoints().checkpoint_state(), "supervisor": self.supervisor.state_dict(),
+                 "applied": self.updater.applied}
+        written = save(path, state, meta={"kind": "StabilityTrainer", "steps": self.supervisor.step})
         if self.supervisor.event_log is None:  # the JSON-lines event log starts beside the first checkpoint
             self.supervisor.event_log = log = EventLog(beside(path))
             for event in self.supervisor.events:
@@ -366,22 +362,25 @@ class StabilityTrainer:
 
     def load_checkpoint(self, path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; a bad file raises ``CheckpointError`` and changes nothing."""
-        from .checkpoint import load
+        from .checkpoint import CheckpointError, load
 
-        loader = self._torch_state("load")
+        updater, where = self._updater_checkpoints(), f"checkpoint {str(path)!r}"
         saved = load(path)
-        loader(self.updater.state, saved["torch"], f"checkpoint {str(path)!r}")
+        try:  # the counters are checked on a scratch supervisor before any live state changes
+            Supervisor(self.settings).load_state_dict(saved["supervisor"])
+            int(saved["applied"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where} is not a checkpoint of a StabilityTrainer ({exc!r})") from exc
+        updater.load_checkpoint_state(saved, where)  # verified before anything changes
         self.supervisor.load_state_dict(saved["supervisor"])
         self.updater.applied = int(saved["applied"])
         self._snapshot = None  # the next fit takes a fresh rollback snapshot
 
-    def _torch_state(self, what):
-        if not hasattr(self.updater, "state") or self.backend.name != "torch":
-            raise NotImplementedError("checkpoints of StabilityTrainer are written for torch models with a "
-                                      "torch.optim optimizer so far; for others, save the model with its framework")
-        from .integrations import torch_state
-
-        return torch_state.checkpoint_state if what == "save" else torch_state.load_checkpoint_state
+    def _updater_checkpoints(self):
+        if not hasattr(self.updater, "checkpoint_state"):
+            raise NotImplementedError("checkpoints of StabilityTrainer are written for torch.optim and keras "
+                                      "optimizers; for a stabilize.optim spec, save the model with its framework")
+        return self.updater
 
     # -- after training -------------------------------------------------------------
     @property

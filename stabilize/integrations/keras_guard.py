@@ -8,6 +8,8 @@ to the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -207,6 +209,60 @@ class StabilizeGuard(keras.callbacks.Callback):
         for p in (self._protected, self._outer_protected):
             if p is not None:
                 p.sync_now()
+
+    # -- checkpoints ----------------------------------------------------------------
+    def save_checkpoint(self, path, **position):
+        """Save the whole training state to ``path`` atomically (:mod:`stabilize.checkpoint`, npz + JSON):
+        the model's variables (non-trainable and seed states included), the optimizer's (``iterations``,
+        loss scale), the policy's counters and history, numpy/Python/Keras RNG, and ``position`` (whatever
+        names your place in the data), returned by :meth:`load_checkpoint`."""
+        from ..checkpoint import save
+        from .keras_state import rng_state, variables_state
+
+        model = self._need_model(None)
+        state = {"keras": variables_state(self._groups(model)), "supervisor": self.supervisor.state_dict(),
+                 "rng": rng_state(), "position": position}
+        return save(path, state, meta={"kind": "keras_guard", "steps": self.supervisor.step})
+
+    def load_checkpoint(self, path, model=None) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote into ``model`` (compiled with this guard's optimizer;
+        default: the model this callback was last used with); returns the saved ``position``.
+
+        A missing, truncated or corrupted file, or one of another model, raises
+        :class:`~stabilize.checkpoint.CheckpointError` and changes nothing.
+        """
+        from ..checkpoint import CheckpointError, load
+        from .keras_state import load_rng_state, load_variables_state
+
+        model = self._need_model(model)
+        saved = load(path)
+        where = f"checkpoint {str(path)!r}"
+        try:
+            Supervisor(self.settings).load_state_dict(saved["supervisor"])  # checked before anything changes
+            position = dict(saved["position"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: its policy state or position cannot be read ({exc!r})") from exc
+        load_variables_state(self._groups(model), saved["keras"], where)
+        self.supervisor.load_state_dict(saved["supervisor"])
+        load_rng_state(saved["rng"])
+        self.guarded.state.lr_factor.assign(_factor(self.supervisor))
+        self._snapshot = None  # the next fit takes a fresh rollback snapshot
+        self._sync_shadows()
+        return position
+
+    def _need_model(self, model):
+        if model is not None and model is not self.model:
+            strategy = getattr(model, "distribute_strategy", None)  # tf.distribute: variables made in its scope
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                self.set_model(model)
+        if self.model is None or getattr(self.model, "optimizer", None) is None:
+            raise ValueError("pass the model compiled with this guard's optimizer: cb.load_checkpoint(path, model=model)")
+        return self.model
+
+    def _groups(self, model) -> dict:
+        from .keras_state import model_variables, optimizer_variables
+
+        return {"model": model_variables(model), "optimizer": optimizer_variables(model.optimizer, model)}
 
     def _maybe_diagnose(self, lr):
         """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step ones)."""

@@ -31,6 +31,7 @@ from keras import ops
 
 from ..guard.settings import GuardSettings
 from ..guard.supervisor import STAT_FIELDS
+from . import keras_distribute as dist
 
 __all__ = ["GuardedOptimizer", "Protected", "StepState", "copy_values"]
 
@@ -154,6 +155,7 @@ class StepState:
                                     name="stabilize_stats")
         self.called = keras.Variable(0, dtype="int32", trainable=False, autocast=False, name="stabilize_called")
         self.data_ok = keras.Variable(1, dtype="int32", trainable=False, autocast=False, name="stabilize_data_ok")
+        self.data_ok_local = None
 
     def begin(self, data=None):
         """Start of the compiled step; with ``data``, note whether its float tensors are finite
@@ -161,7 +163,8 @@ class StepState:
         self.called.assign(0)
         if data is not None:
             leaves = [t for t in keras.tree.flatten(data) if t is not None and "float" in str(getattr(t, "dtype", ""))]
-            self.data_ok.assign(ops.cast(all_finite(leaves), "int32"))
+            self.data_ok_local = ops.cast(all_finite(leaves), "int32")  # this replica's; apply reduces it
+            self.data_ok.assign(self.data_ok_local)
 
     def write(self, **values):
         row = [ops.cast(values[name], "float64") for name in STAT_FIELDS]
@@ -346,9 +349,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         scaler = _scaler(self.inner_optimizer)
         scale = None if scaler is None else ops.cast(scaler.dynamic_scale, "float32")
         loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
-        grads_ok = all_finite(grads)
         buffers = self._buffers() if callable(self._buffers) else self._buffers
         buffers_ok = all_finite([b.value for b in buffers if "float" in str(b.dtype)])
+        rc = dist.replica_context()
+        if rc is not None:  # tf.distribute: one reduction, then every replica judges the same numbers
+            grads, loss_ok, buffers_ok, loss = dist.reduce_step(rc, self._state, s, grads, loss_ok, buffers_ok, loss)
+        grads_ok = all_finite(grads)
         raw_norm = global_norm(grads)
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
         if s.clips:
@@ -358,7 +364,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         pre = None
         if s.max_update_ratio is not None:  # measure the update actually applied: keep the pre-step values
             pre = [ops.copy(v.value) for v in tvs + list(self.variables)]
-        ops.cond(go, lambda: self._inner_apply(grads, tvs), lambda: None)
+        if rc is not None:
+            dist.cond_apply(rc, go, self.inner_optimizer.apply, grads, tvs, self.inner_optimizer, self._backed_off_lr)
+        else:
+            ops.cond(go, lambda: self._inner_apply(grads, tvs), lambda: None)
         applied = go & (grads_ok | (scaler is None))
         ratio, large = ops.zeros((), "float32"), ops.convert_to_tensor(False)
         if pre is not None:

@@ -144,6 +144,34 @@ class KerasUpdater:
     def weights_finite(self) -> bool:
         return self.step.weights_finite()
 
+    # -- checkpoints (StabilityTrainer.save_checkpoint / load_checkpoint) ------------
+    def _groups(self) -> dict:
+        from .keras_state import model_variables, optimizer_variables
+
+        return {"model": model_variables(self.model), "optimizer": optimizer_variables(self.optimizer, self.model)}
+
+    def checkpoint_state(self) -> dict:
+        """Model and optimizer variables and the numpy/Python/Keras RNG, as arrays and plain values."""
+        from .keras_state import rng_state, variables_state
+
+        return {"variables": variables_state(self._groups()), "rng": rng_state()}
+
+    def load_checkpoint_state(self, saved: dict, where: str = "checkpoint") -> None:
+        """Put a verified checkpoint (the trainer's whole dict) back; a mismatch raises before anything changes."""
+        from ..checkpoint import CheckpointError
+        from ..guard.supervisor import Supervisor
+        from .keras_state import load_rng_state, load_variables_state
+
+        try:
+            state = saved["keras"]
+            Supervisor(self.step.settings).load_state_dict(saved["supervisor"])
+            int(saved["applied"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where} is not a checkpoint of a keras StabilityTrainer ({exc!r})") from exc
+        load_variables_state(self._groups(), state["variables"], where)
+        load_rng_state(state["rng"])
+        self.step.protected.sync_now()
+
     def predict(self, xb):
         out = self.step.predict(xb)
         return np.asarray(out, dtype=np.float64) if isinstance(out, np.ndarray) else out

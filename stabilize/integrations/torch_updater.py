@@ -103,6 +103,21 @@ class TorchUpdater:
         self.state.restore(snap)
         self.applied = snap.extra["applied"]
 
+    def checkpoint_state(self) -> dict:
+        """The torch training state as tensors and plain values (:func:`torch_state.checkpoint_state`)."""
+        from .torch_state import checkpoint_state
+
+        return {"torch": checkpoint_state(self.state)}
+
+    def load_checkpoint_state(self, saved: dict, where: str = "checkpoint") -> None:
+        """Put a verified checkpoint (the trainer's whole dict) back; a mismatch raises before anything changes."""
+        from ..checkpoint import CheckpointError
+        from .torch_state import load_checkpoint_state
+
+        if "torch" not in saved:
+            raise CheckpointError(f"{where} is not a checkpoint of a torch StabilityTrainer (it holds {sorted(saved)})")
+        load_checkpoint_state(self.state, saved["torch"], where)
+
     def on_any_rank(self, flag: bool) -> bool:
         return self._step.on_any_rank(flag)
 
