@@ -55,9 +55,8 @@ class StabilityTrainer:
             not advance it.
         scaler, verify_updates: torch: a ``GradScaler``; check each applied update and undo
             a bad one exactly (a copy of the state per step; see ``TorchGuard``).
-        progress: show a tqdm bar (default: only on a terminal).
-        diagnose: on the first non-finite step, replay it and attach a
-            :class:`~stabilize.diagnose.Diagnosis` to the history (costs nothing until a step fails).
+        progress: show a tqdm bar (default: only on a terminal). diagnose: replay the first failed
+            step and attach a :class:`~stabilize.diagnose.Diagnosis` (nothing is traced until then).
         **settings: :class:`~stabilize.guard.settings.GuardSettings` (``clip_norm``,
             ``on_nonfinite``, the back-off, rollback, update-bound, spike and alarm settings).
 
@@ -169,13 +168,8 @@ class StabilityTrainer:
         """The optimizer state of a stabilize.optim spec, as backend variables (empty for native optimizers)."""
         return getattr(self.updater, "state_vars", [])
 
-    @property
-    def skipped_rows(self) -> set[int]:
-        return self.supervisor.skip_rows
-
-    @property
-    def skipped_positions(self) -> set:
-        return self.supervisor.skip_positions
+    skipped_rows = property(lambda self: self.supervisor.skip_rows, doc="rows a rollback left out in this fit")
+    skipped_positions = property(lambda self: self.supervisor.skip_positions, doc="(epoch, batch) left out")
 
     def current_lr(self) -> float:
         """The rate the next step will use: the schedule's, backed off."""
