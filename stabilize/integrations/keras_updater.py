@@ -151,10 +151,11 @@ class KerasUpdater:
         return {"model": model_variables(self.model), "optimizer": optimizer_variables(self.optimizer, self.model)}
 
     def checkpoint_state(self) -> dict:
-        """Model and optimizer variables and the numpy/Python/Keras RNG, as arrays and plain values."""
+        """``{"keras": ...}``: model and optimizer variables and the numpy/Python/Keras RNG, as arrays
+        and plain values."""
         from .keras_state import rng_state, variables_state
 
-        return {"variables": variables_state(self._groups()), "rng": rng_state()}
+        return {"keras": {"variables": variables_state(self._groups()), "rng": rng_state()}}
 
     def load_checkpoint_state(self, saved: dict, where: str = "checkpoint") -> None:
         """Put a verified checkpoint (the trainer's whole dict) back; a mismatch raises before anything changes."""
