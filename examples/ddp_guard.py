@@ -42,6 +42,8 @@ def main(steps: int = 12, fault_step: int = 5) -> None:
             print(event)
         same = all(torch.equal(gathered[0], g) for g in gathered[1:])
         print(f"ranks: {dist.get_world_size()}, parameters bit-identical across ranks: {same}, lr now {guard.lr:.3g}")
+    del guard, opt, model  # DDP's reducer holds the process group: release it first
+    dist.barrier()
     dist.destroy_process_group()
 
 

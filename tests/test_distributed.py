@@ -140,9 +140,16 @@ def test_sharded_fsdp2_nan_in_one_shard_skips_everywhere(ranks):
 def test_ddp_example_runs_under_torchrun(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_free_port()), str(ROOT / "examples" / "ddp_guard.py")], capture_output=True, text=True,
-                         env=env, timeout=240, cwd=tmp_path)
+    def launch():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(_free_port()), str(ROOT / "examples" / "ddp_guard.py")], capture_output=True,
+                              text=True, env=env, timeout=240, cwd=tmp_path)
+
+    out = launch()
+    if out.returncode != 0 and "terminate called without an active exception" in out.stderr:
+        # gloo's threads intermittently abort the interpreter's teardown after the run is over (seen
+        # about once in twenty runs on a loaded CPU, never during the run): launch once more
+        out = launch()
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     # rank 0 alone prints: one event line and one summary line, each once
