@@ -14,7 +14,7 @@ import numpy as np
 
 from .validate import check_count, check_nonempty
 
-__all__ = ["Batch", "batches", "check_arrays", "rows_of", "bad_rows", "batch_finite"]
+__all__ = ["Batch", "batches", "check_arrays", "rows_of", "nonfinite_rows", "batch_finite"]
 
 
 class Batch(NamedTuple):
@@ -68,16 +68,15 @@ def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions,
         yield Batch(i, xb, y_arr[idx], idx)
 
 
-def bad_rows(xb, yb, idx) -> np.ndarray:
-    """The rows of a batch whose inputs or targets are non-finite; all of them if none is
-    (the failure is then not in single rows, and the whole batch is implicated)."""
-    mask = np.zeros(len(idx), dtype=bool)
+def nonfinite_rows(xb, yb) -> np.ndarray:
+    """A mask of the batch's rows whose inputs or targets hold a non-finite value (host arrays)."""
     parts = list(xb.values()) if isinstance(xb, dict) else [xb]
+    mask = np.zeros(len(np.asarray(yb)), dtype=bool)
     for part in parts + [yb]:
         a = np.asarray(part)
         if a.dtype.kind in "fc" and a.ndim:
             mask |= ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
-    return idx[mask] if mask.any() else idx
+    return mask
 
 
 def batch_finite(B, *trees) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 from . import logs, ops
 from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm
 from .frameworks import has_state_buffers as _has_state_buffers, keras_convention as _keras_convention
-from .data import Batch, bad_rows, batch_finite, batches, check_arrays, rows_of
+from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
 from .guard.settings import GuardSettings
 from .guard.supervisor import Supervisor
 from .history import History
@@ -245,34 +245,34 @@ class StabilityTrainer:
         sup, updater = self.supervisor, self.updater
         pending = self.diagnose and sup.diagnosis is None and not self.settings.guarded
         xb, yb = self._convert(batch.x), self._convert(batch.y)
+        hook = pre = None
         if pending and getattr(updater, "diagnoses_before_commit", False):
             # ``ignore`` with torch.optim: the bad step is diagnosed before its update is applied
             hook = lambda stats: self._diagnose(xb, yb, None, dict(stats, batch=batch.position))  # noqa: E731
-            try:
-                stats = updater.run(xb, yb, sup.lr, hook)
-            except Exception as exc:
-                self._explain(exc, xb, yb, batch)
-                raise
-            pre = None
-        else:  # the other updaters commit on the device: keep the pre-step state while no diagnosis is made
-            pre = updater.capture() if pending else None
-            try:
-                stats = updater.run(xb, yb, sup.lr)
-            except Exception as exc:  # the user's forward or loss raised (labels out of range, a shape)
-                self._explain(exc, xb, yb, batch)
-                raise
+        elif pending:  # the other updaters commit on the device: keep the pre-step state until a diagnosis
+            pre = updater.capture()
+        try:
+            stats = updater.run(xb, yb, sup.lr, hook) if hook is not None else updater.run(xb, yb, sup.lr)
+        except Exception as exc:  # the user's forward or loss raised (labels out of range, a shape)
+            self._explain(exc, xb, yb, batch)
+            raise
         bad = stats["committed"] != 1.0 or stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0
         if bad and self._native and stats.get("scaler_skip") != 1.0 and not updater.weights_finite():
             stats["weights_broken"] = 1.0  # an earlier native update broke the weights
-        rows = bad_rows(batch.x, batch.y, batch.rows) if bad and batch.rows is not None else batch.rows
-        bad_data = bad and not batch_finite(self.backend, xb, yb)
+        rows, bad_data = batch.rows, False
+        if bad and batch.rows is not None:  # array data: the offending rows, read on the host
+            faulty = nonfinite_rows(batch.x, batch.y)
+            bad_data = bool(faulty.any())
+            rows = batch.rows[faulty] if bad_data else batch.rows  # no row at fault: the whole batch
+        elif bad:
+            bad_data = not batch_finite(self.backend, xb, yb)
         if bad and hasattr(updater, "on_any_rank"):  # the same verdict on every rank
             bad_data = updater.on_any_rank(bad_data)
         decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows,
                                bad_data=bad_data)
         nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
         if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose \
-                and not (pending and pre is None):
+                and hook is None:
             self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)

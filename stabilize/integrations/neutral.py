@@ -42,9 +42,9 @@ class NeutralUpdater:
     def to_tensor(self, arr: np.ndarray, dtype: str | None):
         """A batch as a backend tensor, on the device the parameters live on."""
         if self.B.name == "torch":  # the parameters' device, resolved once (no config read per batch)
-            import torch
+            from .torch_updater import device_tensor
 
-            return torch.as_tensor(arr, dtype=getattr(torch, dtype) if dtype else None, device=self.params[0].device)
+            return device_tensor(arr, dtype, self.params[0].device)
         return self.B.convert(arr, dtype)
 
     def base_lr(self) -> float:

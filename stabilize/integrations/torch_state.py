@@ -189,15 +189,16 @@ def load_checkpoint_state(state: "TorchState", saved: dict, where: str = "checkp
 class UpdateUndo:
     """The parameters and the optimizer's tensor state before one update, for an exact undo.
 
-    Storage is allocated once and refilled with ``_foreach_copy_``: one copy of
-    the parameters and the optimizer state per step, the price of checking the
-    update actually applied (``max_update_ratio``, ``verify_updates``).
+    The parameters' storage is allocated once and refilled with ``_foreach_copy_``;
+    the optimizer state is cloned per step. One copy of both per step is the price
+    of checking the update actually applied (``max_update_ratio``, ``verify_updates``).
     """
 
     def __init__(self, state: TorchState):
         self.state = state
         self._params: list[torch.Tensor] | None = None
-        self._opt: list[tuple[dict, str, Any]] = []
+        self._opt: list[tuple[torch.Tensor, str, Any]] = []
+        self._had_state: set[int] = set()
 
     def save(self) -> None:
         st = self.state

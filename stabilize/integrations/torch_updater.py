@@ -17,7 +17,12 @@ from .torch_guard import check_model_and_optimizer
 from .torch_state import TorchState
 from .torch_step import TorchStep
 
-__all__ = ["TorchUpdater", "train_mode", "eval_mode", "is_scheduler"]
+__all__ = ["TorchUpdater", "train_mode", "eval_mode", "is_scheduler", "device_tensor"]
+
+
+def device_tensor(arr: np.ndarray, dtype: str | None, device) -> torch.Tensor:
+    """``arr`` as a tensor of ``dtype`` (None: numpy's) on ``device``."""
+    return torch.as_tensor(arr, dtype=getattr(torch, dtype) if dtype else None, device=device)
 
 
 def is_scheduler(obj) -> bool:
@@ -73,7 +78,7 @@ class TorchUpdater:
 
     def to_tensor(self, arr: np.ndarray, dtype: str | None):
         """A batch as a tensor on the model's device (resolved once, never from the config per step)."""
-        return torch.as_tensor(arr, dtype=getattr(torch, dtype) if dtype else None, device=self._device)
+        return device_tensor(arr, dtype, self._device)
 
     def base_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
