@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..backends.torch import tensor_norms
 from ..distributed import combine
 
 __all__ = ["TorchReducer", "local", "is_sharded"]
@@ -47,12 +48,12 @@ class TorchReducer:
     @staticmethod
     def sumsq(tensors, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sharded, replicated) sums of squares in float64, from per-tensor norms taken in one pass."""
-        shard, repl = [], []
-        for t in tensors:
-            n = torch.linalg.vector_norm(local(t), 2, dtype=torch.float32).double()
-            (shard if is_sharded(t) else repl).append(n * n)
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        return (torch.stack(shard).sum() if shard else zero), (torch.stack(repl).sum() if repl else zero)
+        out = []
+        for group in ([local(t) for t in tensors if is_sharded(t)], [t for t in tensors if not is_sharded(t)]):
+            norms = tensor_norms(group, 2.0, torch.float32).double() if group else None
+            out.append(torch.dot(norms, norms) if norms is not None else zero)
+        return out[0], out[1]
 
     def all_reduce(self, values) -> torch.Tensor:
         vec = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values])

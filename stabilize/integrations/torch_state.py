@@ -91,6 +91,10 @@ class TorchState:
         if self._marked_rng is not None:
             _set_rng_state(self._marked_rng)
 
+    @property
+    def has_float_buffers(self) -> bool:
+        return any(b.is_floating_point() and b.numel() for b in self.buffers)
+
     def buffers_finite(self) -> torch.Tensor:
         floats = [b for b in self.buffers if b.is_floating_point() and b.numel()]
         if not floats:

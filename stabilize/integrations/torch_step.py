@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..guard.settings import GuardSettings
-from ..ops import global_norm
+from ..backends.torch import tensor_norms
 from ..registry import get_backend
 from ..distributed import combine
 from ..step import update_ratio
@@ -38,6 +38,11 @@ from .torch_distributed import TorchReducer, local
 from .torch_state import TorchState, UpdateUndo
 
 __all__ = ["TorchStep", "check_loss"]
+
+
+def _clamp(grads, bound) -> None:
+    torch._foreach_clamp_min_(grads, -bound)  # clamping keeps NaN
+    torch._foreach_clamp_max_(grads, bound)
 
 
 def check_loss(loss) -> torch.Tensor:
@@ -92,47 +97,29 @@ class TorchStep:
             scaler.unscale_(st.optimizer)
         grads = [p.grad for p in st.params if p.grad is not None]
         with torch.no_grad():
-            loss = losses[0].float() if len(losses) == 1 else torch.stack([l.float() for l in losses]).sum()
-            if self.reducer is not None:
-                loss, norm, current, loss_ok, grads_ok, buffers_ok = self._reduced(loss, grads)
-            else:
-                norm = global_norm(grads, backend=self.B) if grads else torch.zeros((), device=loss.device)
-                if s.clip_value is not None and grads:
-                    torch._foreach_clamp_min_(grads, -s.clip_value)  # clamping keeps NaN
-                    torch._foreach_clamp_max_(grads, s.clip_value)
-                    current = global_norm(grads, backend=self.B)
-                else:
-                    current = norm
-                loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(norm)
-                buffers_ok = st.buffers_finite()  # BatchNorm statistics the forward pass just wrote
-            ok = loss_ok & grads_ok & buffers_ok
-            limits = self.limits() if self.limits is not None else None
-            if limits is not None:  # a finite spike: rank-consistent, since loss and norm are reduced
-                spike = loss_ok & grads_ok & ((loss > limits[0]) | (norm > limits[1]))
-                if s.spike in ("skip", "rewind"):
-                    ok = ok & ~spike
-            else:
-                spike = torch.zeros((), dtype=torch.bool, device=loss.device)
-            scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones((), device=loss.device)
-            values = self.B.read(self.B.stack([loss, norm, loss_ok, grads_ok, ok, current, scale, buffers_ok, spike],
-                                              "float64"))
-        stats = dict(zip(("loss", "grad_norm", "loss_finite", "grads_finite"), values[:4]))
-        ok, current, scale = values[4] == 1.0, values[5], values[6]
-        stats["buffers_finite"], stats["spike"] = values[7], values[8]
+            loss = losses[0] if len(losses) == 1 else torch.stack([l.float() for l in losses]).sum()
+            values = self._measure(loss, grads)
+        loss_v, norm, current, loss_ok, buffers_ok, scale = values
+        grads_ok = math.isfinite(norm)
+        loss_ok = loss_ok and math.isfinite(loss_v)
+        limits = self.limits() if self.limits is not None else None
+        spike = limits is not None and loss_ok and grads_ok and (loss_v > limits[0] or norm > limits[1])
+        ok = loss_ok and grads_ok and buffers_ok and not (spike and s.spike in ("skip", "rewind"))
+        stats = {"loss": loss_v, "grad_norm": norm, "loss_finite": float(loss_ok), "grads_finite": float(grads_ok),
+                 "buffers_finite": float(buffers_ok), "spike": float(spike)}
         if limits is not None:
             stats["loss_max"], stats["norm_max"] = limits
         base = float(st.optimizer.param_groups[0]["lr"])
         stats.update(weights_finite=1.0, update_ratio=0.0, large_update=0.0, scaler_skip=0.0, loss_scale=scale,
                      lr=float(rate(base)) if rate is not None else base)
         # A scaler's own overflow: finite loss, non-finite gradients, scale still above the floor.
-        if scaler is not None and not ok and stats["loss_finite"] == 1.0 and values[7] == 1.0 \
-                and scale >= s.min_loss_scale:
+        if scaler is not None and not ok and loss_ok and buffers_ok and scale >= s.min_loss_scale:
             stats["scaler_skip"] = 1.0
         commit = ok or not s.guarded
         if not ok and commit and before_unguarded is not None:
             before_unguarded(stats)
         bound = s.clip_norm
-        if stats["spike"] == 1.0 and s.spike == "clip":  # ZClip: clip to the running mean + z * std
+        if spike and s.spike == "clip":  # ZClip: clip to the running mean + z * std
             bound = limits[1] if bound is None else min(bound, limits[1])
         if commit and bound is not None and grads and math.isfinite(current):
             coef = float(np.float32(bound) / (np.float32(current) + np.float32(1e-6)))
@@ -149,20 +136,47 @@ class TorchStep:
         stats["committed"] = float(commit)
         return stats
 
-    def _reduced(self, loss, grads):
-        """The distributed path: one all-reduce makes every number below the same on every rank."""
-        s = self.settings
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        pre = TorchReducer.sumsq(grads, loss.device)
-        if s.clip_value is not None and local:
-            torch._foreach_clamp_min_(local, -s.clip_value)  # in place on the local shards; keeps NaN
-            torch._foreach_clamp_max_(local, s.clip_value)
-            cur = TorchReducer.sumsq(grads, loss.device)
-        else:
-            cur = pre
-        buffers_ok = self.state.buffers_finite()
-        vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~buffers_ok, *pre, *cur])
-        return combine(vec, self.reducer.world, torch.sqrt, torch.isfinite)
+    def _measure(self, loss, grads) -> tuple:
+        """The step's numbers in one read from the device: ``(loss, norm, current, loss_ok,
+        buffers_ok, scale)``. ``norm`` is the global L2 norm of the gradients (``current``: after
+        ``clip_value``), per-tensor norms in one pass combined in float64 (:func:`tensor_norms`);
+        it is non-finite exactly when a gradient is. With ranks, one all-reduce comes first."""
+        s, st = self.settings, self.state
+        scaled = st.scaler is not None and st.scaler.is_enabled()
+        clamp = s.clip_value is not None and grads
+        dev = loss.device
+        if self.reducer is not None:  # every number below is then the same on every rank
+            pre = cur = TorchReducer.sumsq(grads, dev)
+            if clamp:
+                _clamp([local(g) for g in grads], s.clip_value)  # the local shards, in place
+                cur = TorchReducer.sumsq(grads, dev)
+            vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~st.buffers_finite(), *pre, *cur])
+            loss, norm, current, loss_ok, _, buffers_ok = combine(vec, self.reducer.world, torch.sqrt, torch.isfinite)
+            parts = [loss, norm, current, loss_ok, buffers_ok]
+        else:  # the flags are read from the numbers themselves: fewer kernels, the same verdict
+            norm = current = self._norm(grads, dev)
+            if clamp:
+                _clamp(grads, s.clip_value)
+                current = self._norm(grads, dev)
+            parts = [loss, norm, current] if clamp else [loss, norm]
+            if st.has_float_buffers:
+                parts.append(st.buffers_finite())  # BatchNorm statistics the forward pass just wrote
+        if scaled:
+            parts.append(st.scaler._get_scale_async())
+        out = self.B.read(torch.stack([p.detach().to(torch.float64).reshape(()) for p in parts]))
+        scale = out.pop() if scaled else 1.0
+        if self.reducer is not None:
+            return out[0], out[1], out[2], out[3] == 1.0, out[4] == 1.0, scale
+        current = out[2] if clamp else out[1]
+        buffers_ok = out[-1] == 1.0 if st.has_float_buffers else True
+        return out[0], out[1], current, True, buffers_ok, scale
+
+    @staticmethod
+    def _norm(grads, device) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        return torch.linalg.vector_norm(tensor_norms(grads, 2.0, acc).to(torch.float64))
 
     def on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank (``flag`` itself without ranks): one all-reduce, made
