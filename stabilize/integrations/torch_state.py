@@ -152,14 +152,20 @@ def load_rng_state_dict(state: dict) -> None:
 
 def checkpoint_state(state: "TorchState") -> dict:
     """The durable form of a :class:`TorchState`: tensors and plain values only (see :mod:`stabilize.checkpoint`)."""
+    from .torch_shards import to_local_state
+
     snap = state.capture()
-    return {"params": snap.params, "buffers": snap.buffers, "optimizer": snap.optimizer, "scheduler": snap.scheduler,
-            "scaler": snap.scaler, "rng": rng_state_dict()}
+    # FSDP2: sharded entries as this rank's local shard, plain tensors (see torch_shards)
+    return to_local_state({"params": snap.params, "buffers": snap.buffers, "optimizer": snap.optimizer,
+                           "scheduler": snap.scheduler, "scaler": snap.scaler, "rng": rng_state_dict()})
 
 
 def load_checkpoint_state(state: "TorchState", saved: dict, where: str = "checkpoint") -> None:
     """Put a verified checkpoint back; on any mismatch raise before (or undo after) touching the live state."""
     from ..checkpoint import CheckpointError
+    from .torch_shards import from_local_state
+
+    saved = from_local_state(saved, state.params, state.buffers, where)  # FSDP2 shards back to DTensors
 
     def shapes(xs):
         return [tuple(x.shape) for x in xs]
