@@ -163,3 +163,25 @@ def test_replay_setting_is_checked():
     load_backend("torch")
     with pytest.raises(ValueError, match="replay must be one of"):
         StabilityTrainer(MLP((2, 1)), "mse", SGD(lr=0.1), backend="torch", replay="yes")
+
+
+def test_keras_replay_is_reproducible_on_nan_data_and_keeps_nothing():
+    load_backend("tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                              keras.layers.Dropout(0.3), keras.layers.Dense(1)])
+    t = StabilityTrainer(model, "mse", keras.optimizers.Adam(0.01), progress=False, **ROLLBACK)
+    x, y = _data(nan_at=4)
+    h = t.fit(x.astype("float32"), y.astype("float32"), epochs=1, batch_size=8, shuffle=False)
+    (event,) = h.events
+    assert (event.step, event.action, event.replay) == (4, "rolled-back", "reproducible")
+    # a clean replay commits (Adam, BatchNorm, Dropout's seed), then every variable is given back
+    xb, yb = t._convert(x[:8].astype("float32")), t._convert(y[:8].astype("float32"))
+    variables = list(model.variables) + list(t.updater.step.guard.variables)
+    before = [np.array(v.numpy()) for v in variables]
+    stats, weights_ok = replay_step(t.updater, xb, yb, t.supervisor.replay_lr)
+    assert stats["committed"] == 1.0 and verdict(stats, weights_ok) == "transient"
+    for v, b in zip(variables, before):
+        np.testing.assert_array_equal(np.asarray(v.numpy()), b)
