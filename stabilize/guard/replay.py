@@ -18,6 +18,9 @@ failing step is replayed once:
   ``restore()`` puts back parameters, buffers, optimizer, scheduler, loss
   scaler, RNG and the applied-step count, bit for bit, whatever the replay did.
 
+A rollback forced by weights that an earlier native update already broke is
+not replayed (its pre-step state is gone): its event keeps ``replay=None``.
+
 A clean replay (finite, below the spike limits, weights finite) means
 ``"transient"``; anything else ``"reproducible"``. The verdict goes into the
 event (``Event.replay``), its text in the report, and the JSON-lines log.
@@ -96,9 +99,10 @@ def replay_failed_step(updater, supervisor, xb, yb) -> str | None:
             logger.warning("stabilize: replaying step %d failed (%s: %s); no verdict", supervisor.step - 1,
                            type(exc).__name__, exc)
     finally:
-        event = supervisor.replayed(result)
+        supervisor.replayed(result)
     if result is not None and is_main():
         cause = "a transient fault (hardware or nondeterminism)" if result == "transient" else \
             "reproducible (the data or the model)"
-        logger.warning("stabilize: step %d replayed from the same state, batch and RNG: %s", event.step, cause)
+        logger.warning("stabilize: step %d replayed from the same state, batch and RNG: %s", supervisor.step - 1,
+                       cause)
     return result
