@@ -2,14 +2,15 @@
 
 The trainer takes models, optimizers and losses of several frameworks; these
 questions are answered without importing a framework the user has not
-imported themselves.
+imported themselves. :func:`resolve_loss` turns the trainer's ``loss=`` into
+one ``loss(pred, target)``.
 """
 
 from __future__ import annotations
 
 import sys
 
-__all__ = ["framework_of", "keras_convention", "has_state_buffers", "has_batchnorm"]
+__all__ = ["framework_of", "keras_convention", "has_state_buffers", "has_batchnorm", "resolve_loss"]
 
 
 def framework_of(obj) -> str | None:
@@ -50,3 +51,20 @@ def has_batchnorm(model) -> bool:
     if keras is not None and isinstance(model, keras.Model):
         return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
     return False
+
+
+def resolve_loss(loss, framework: str | None):
+    """The trainer's ``loss(pred, target)``: a name of :mod:`stabilize.ops`' safe losses, or a callable
+    (a Keras-convention one, ``loss(y_true, y_pred)``, is called with its arguments swapped)."""
+    from . import ops
+
+    named = {"mse": ops.safe_mse, "cross_entropy": ops.safe_cross_entropy}
+    if isinstance(loss, str):
+        if loss in named:
+            return named[loss]
+        raise ValueError(f"loss must be a callable or one of {sorted(named)}, got {loss!r}")
+    if not callable(loss):
+        raise TypeError(f"loss must be a callable or one of {sorted(named)}, got {type(loss).__name__}")
+    if keras_convention(loss, framework):
+        return lambda pred, target: loss(target, pred)  # Keras order: (y_true, y_pred)
+    return loss

@@ -27,6 +27,10 @@ class Event:
         loss: the step's loss.
         grad_norm: the step's gradient norm.
         steps_lost: for a restore to an older snapshot, the applied steps it undid.
+        replay: for a rewind or a rollback, what replaying the failing step from the same
+            pre-step state, batch and RNG showed (:mod:`stabilize.guard.replay`):
+            ``"transient"`` (the replay was clean: hardware or nondeterminism),
+            ``"reproducible"`` (the data or the model), or None (not replayed).
     """
 
     step: int
@@ -39,6 +43,7 @@ class Event:
     loss: float
     grad_norm: float
     steps_lost: int | None = None
+    replay: str | None = None
 
     def __str__(self) -> str:
         what = ", ".join(self.nonfinite) or {"spike": "above the spike limit",
@@ -48,6 +53,7 @@ class Event:
             f"step {self.step} (epoch {self.epoch}, batch {self.batch_index}): {self.kind} [{what}]; "
             f"loss={self.loss:.6g} grad_norm={self.grad_norm:.6g} lr={self.lr:.3g} -> {self.action}"
             + (f" ({self.steps_lost} applied steps lost)" if self.steps_lost else "")
+            + (f"; replay: {self.replay}" if self.replay else "")
         )
 
 

@@ -17,10 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import logs, ops
-from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm
-from .frameworks import has_state_buffers as _has_state_buffers, keras_convention as _keras_convention
+from . import logs
+from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm, resolve_loss
+from .frameworks import has_state_buffers as _has_state_buffers
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
+from .guard.replay import replay_failed_step
 from .guard.settings import GuardSettings
 from .guard.supervisor import Supervisor
 from .history import History
@@ -31,8 +32,6 @@ from .registry import get_backend
 __all__ = ["StabilityTrainer"]
 
 logger = logging.getLogger("stabilize")
-
-_LOSSES = {"mse": ops.safe_mse, "cross_entropy": ops.safe_cross_entropy}
 
 
 class StabilityTrainer:
@@ -93,12 +92,12 @@ class StabilityTrainer:
                 raise ValueError(f"a {framework} model cannot run on backend {backend!r}; drop backend=")
             self.backend = get_backend(framework)
             self.model = model
-        self.loss_fn = self._loss(loss, framework)
+        self.loss_fn = resolve_loss(loss, framework)
         self.optimizer = optimizer
         self.updater = self._updater(framework, schedule, scaler, verify_updates)
         self.params = self.updater.params
         self.dtype = self.backend.dtype(self.params[0])
-        self.supervisor = Supervisor(self.settings)
+        self.supervisor = Supervisor(self.settings, replays=True)  # see _step: decision.replay
         if self.settings.spike is not None:  # the device compares each step with the detector's limits
             holder = self.updater if hasattr(self.updater, "limits") else getattr(self.updater, "_step", None)
             if holder is None or not hasattr(holder, "limits"):
@@ -109,18 +108,6 @@ class StabilityTrainer:
         self._native = not isinstance(optimizer, OptimizerSpec)
 
     # -- setup ----------------------------------------------------------------
-    @staticmethod
-    def _loss(loss, framework):
-        if isinstance(loss, str):
-            if loss in _LOSSES:
-                return _LOSSES[loss]
-            raise ValueError(f"loss must be a callable or one of {sorted(_LOSSES)}, got {loss!r}")
-        if not callable(loss):
-            raise TypeError(f"loss must be a callable or one of {sorted(_LOSSES)}, got {type(loss).__name__}")
-        if _keras_convention(loss, framework):
-            return lambda pred, target: loss(target, pred)  # Keras order: (y_true, y_pred)
-        return loss
-
     def _updater(self, framework, schedule, scaler, verify_updates):
         B, opt = self.backend, self.optimizer
         if isinstance(opt, OptimizerSpec):
@@ -279,6 +266,8 @@ class StabilityTrainer:
             bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}", skipped=sup.not_applied,
                             spikes=sup.spikes.spikes if sup.spikes is not None else 0)
         if decision.restore:
+            if decision.replay:  # transient or reproducible: the step once more, nothing kept
+                replay_failed_step(updater, sup, xb, yb)
             self._restore_snapshot()
         elif decision.snapshot and (not self._native or getattr(updater, "verifies", False)
                                     or updater.weights_finite()):

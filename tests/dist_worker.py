@@ -119,6 +119,58 @@ def run_fsdp(rank, fault):
             "params_equal": _gathered_equal(after)}
 
 
+def run_fsdp_checkpoint(rank, workdir, n=3):
+    """FSDP2 per-rank checkpoints: n steps, save each rank's shard, load into fresh objects, n steps
+    == 2n steps straight, bit for bit, on every rank's shards, optimizer state and RNG."""
+    import stabilize
+    import stabilize.checkpoint
+    from torch.distributed.fsdp import fully_shard
+
+    def build():
+        torch.manual_seed(0)  # the same initial weights on both ranks, before sharding
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+        fully_shard(net)
+        opt = torch.optim.Adam(net.parameters(), lr=0.01)
+        return net, opt, stabilize.TorchGuard(net, opt, on_nonfinite="skip", clip_norm=1.0)
+
+    def train(net, guard, batches):
+        for x, y in batches:
+            guard.step(torch.nn.functional.mse_loss(net(x), y))
+
+    def local_state(net, opt):
+        tensors = [p.to_local().detach().clone() for p in net.parameters()]
+        tensors += [v.to_local() if hasattr(v, "to_local") else v for v in _opt_tensors(opt)]
+        return tensors + [torch.get_rng_state()]
+
+    gen = torch.Generator().manual_seed(100 + rank)  # rank-local data
+    data = [(torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)) for _ in range(2 * n)]
+    net, opt, guard = build()
+    train(net, guard, data)
+    straight = local_state(net, opt)
+    net, opt, guard = build()
+    train(net, guard, data[:n])
+    path = os.path.join(workdir, f"fsdp.rank{rank}.ckpt")  # one file per rank: its own shard
+    guard.save_checkpoint(path, batch=n)
+    del net, opt, guard
+    net, opt, guard = build()  # fresh objects
+    position = guard.load_checkpoint(path)
+    train(net, guard, data[position["batch"]:])
+    resumed = local_state(net, opt)
+    sharded = all(type(p).__name__ == "DTensor" for p in net.parameters())
+    torch.manual_seed(0)  # a model that is not sharded refuses the shard file, and is left as it was
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+    before = [p.detach().clone() for p in plain.parameters()]
+    try:
+        stabilize.TorchGuard(plain, torch.optim.Adam(plain.parameters(), lr=0.01)).load_checkpoint(path)
+        refused = None
+    except stabilize.checkpoint.CheckpointError as exc:
+        refused = str(exc)
+    return {"equal": len(straight) == len(resumed) and all(torch.equal(a, b) for a, b in zip(straight, resumed)),
+            "count": len(resumed), "sharded": sharded, "steps": guard.supervisor.step,
+            "applied": int(guard.history.committed.sum()), "position": position, "refused": refused,
+            "untouched": all(torch.equal(a, b) for a, b in zip(before, plain.parameters()))}
+
+
 def main():
     rank, world, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     names = sys.argv[5:]
@@ -129,6 +181,8 @@ def main():
         kind, *rest = name.split(":")
         if kind == "ddp":
             results[name] = run_ddp(rest[0], rest[1], rank, *(rest[2:] or ["auto"]))
+        elif kind == "fsdp_ckpt":
+            results[name] = run_fsdp_checkpoint(rank, os.path.dirname(os.path.abspath(path)))
         elif kind == "fsdp":
             results[name] = run_fsdp(rank, rest[0] == "nan_grad")
         dist.barrier()

@@ -25,7 +25,7 @@ FAULT_STEP, STEPS = 3, 8
 EXPECTED = {"skip": "skipped", "backoff": "backed-off", "rollback": "rolled-back", "raise": "raised"}
 DDP = [f"ddp:{f}:{p}" for f in FAULTS for p in POLICIES]
 CONTROL = "ddp:inf_loss:skip:off"
-FSDP = ["fsdp:none", "fsdp:nan_grad"]
+FSDP = ["fsdp:none", "fsdp:nan_grad", "fsdp_ckpt"]
 SPIKES = ["ddp:spike:spike_skip", "ddp:spike:spike_clip"]
 
 pytestmark = pytest.mark.slow
@@ -135,6 +135,16 @@ def test_sharded_fsdp2_nan_in_one_shard_skips_everywhere(ranks):
     for r in ranks:
         res = r["fsdp:nan_grad"]
         assert res["applied"] is False and res["unchanged"] is True and res["params_equal"] is True
+
+
+def test_sharded_fsdp2_per_rank_checkpoints_resume_bit_identically(ranks):
+    """N steps, each rank saves its own shard, fresh objects load it, N steps == 2N steps straight."""
+    for r in ranks:
+        res = r["fsdp_ckpt"]
+        assert res["sharded"] is True and res["position"] == {"batch": 3}
+        assert res["equal"] is True and res["count"] == 4 + 4 * 3 + 1  # shards, Adam's (exp_avg, exp_avg_sq, step), RNG
+        assert res["steps"] == 6 and res["applied"] == 6
+        assert "not sharded" in res["refused"] and res["untouched"] is True
 
 
 def test_ddp_example_runs_under_torchrun(tmp_path):

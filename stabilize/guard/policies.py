@@ -51,12 +51,14 @@ class Policy:
         """The back-off factor ``backoff_factor**k`` (1.0 when not backed off)."""
         return self.settings.backoff_factor**self.backoffs
 
-    def lr(self, base: float) -> float:
+    def lr(self, base: float, backoffs: int | None = None) -> float:
         """The rate to use when the schedule gives ``base``: ``max(base * factor, min_lr)``,
-        except that a schedule already below ``min_lr`` is left as it is."""
-        if not self.backoffs:
+        except that a schedule already below ``min_lr`` is left as it is. ``backoffs``: the
+        exponent to use instead of the current one (a replay runs at the rate its step had)."""
+        k = self.backoffs if backoffs is None else backoffs
+        if not k:
             return base
-        return max(base * self.factor, min(self.settings.min_lr, base))
+        return max(base * self.settings.backoff_factor**k, min(self.settings.min_lr, base))
 
     def on_good(self) -> str | None:
         """A committed step; returns ``"grew-lr"`` when a back-off is undone."""

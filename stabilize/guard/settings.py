@@ -13,11 +13,12 @@ from dataclasses import dataclass, fields
 
 from ..validate import check_count, check_positive_finite
 
-__all__ = ["POLICIES", "SPIKE_ACTIONS", "ALARMS", "GuardSettings"]
+__all__ = ["POLICIES", "SPIKE_ACTIONS", "ALARMS", "REPLAYS", "GuardSettings"]
 
 POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto")
 SPIKE_ACTIONS = (None, "clip", "skip", "rewind")
 ALARMS = ("warn", "raise", "off")
+REPLAYS = ("on", "off")
 
 
 def _number(name, value, *, allow_none=False, low=0.0, low_open=True, high=math.inf, high_open=False, finite=True):
@@ -69,6 +70,14 @@ class GuardSettings:
             ``snapshot_every`` applied steps, then leave out the next
             ``spike_skip_batches`` batches, each recorded as an event).
         spike_skip_batches: the batches a rewind leaves out.
+        spike_lr_factor: after a rewind, the rate is multiplied by this, in (0, 1]
+            (PaLM lowers the rate for a while after a rewind; 1.0: unchanged) ...
+        spike_lr_steps: ... for this many applied steps, then the schedule's own rate returns.
+        replay: ``"on"`` (default) or ``"off"``: before a rewind or a rollback restores the
+            snapshot, the trainer replays the failing step once from the same pre-step
+            state, batch and RNG, without applying it (:mod:`~stabilize.guard.replay`):
+            the event says whether the fault was ``"transient"`` or ``"reproducible"``.
+            It costs one step and one copy of the state, only on those rare steps.
         events_path: a JSON-lines file every event is appended to
             (:mod:`stabilize.eventlog`); a trainer without one starts one
             beside its first checkpoint.
@@ -97,6 +106,9 @@ class GuardSettings:
     spike_warmup: int = 20
     spike_alpha: float = 0.02
     spike_skip_batches: int = 10
+    spike_lr_factor: float = 1.0
+    spike_lr_steps: int = 0
+    replay: str = "on"
     events_path: str | None = None
     skip_alarm: str = "warn"
     skip_alarm_fraction: float = 0.5
@@ -109,6 +121,8 @@ class GuardSettings:
             raise ValueError(f"distributed must be 'auto' or 'off', got {self.distributed!r}")
         if self.spike not in SPIKE_ACTIONS:
             raise ValueError(f"spike must be one of {SPIKE_ACTIONS}, got {self.spike!r}")
+        if self.replay not in REPLAYS:
+            raise ValueError(f"replay must be one of {REPLAYS}, got {self.replay!r}")
         if self.skip_alarm not in ALARMS:
             raise ValueError(f"skip_alarm must be one of {ALARMS}, got {self.skip_alarm!r}")
         optional = lambda check, name, *args: None if getattr(self, name) is None else check(name, getattr(self, name), *args)  # noqa: E731
@@ -127,11 +141,19 @@ class GuardSettings:
             "spike_warmup": check_count("spike_warmup", self.spike_warmup, 2),
             "spike_alpha": _number("spike_alpha", self.spike_alpha, high=1.0),
             "spike_skip_batches": check_count("spike_skip_batches", self.spike_skip_batches, 0),
+            "spike_lr_factor": _number("spike_lr_factor", self.spike_lr_factor, high=1.0),
+            "spike_lr_steps": check_count("spike_lr_steps", self.spike_lr_steps, 0),
             "skip_alarm_fraction": _number("skip_alarm_fraction", self.skip_alarm_fraction, high=1.0),
             "skip_alarm_window": check_count("skip_alarm_window", self.skip_alarm_window, 1),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        if self.spike_lr_steps and self.spike != "rewind":
+            raise ValueError(f"spike_lr_steps={self.spike_lr_steps} lowers the rate after a spike rewind, but spike="
+                             f"{self.spike!r}: pass spike='rewind' or leave spike_lr_steps=0")
+        if self.spike_lr_factor != 1.0 and not self.spike_lr_steps:
+            raise ValueError(f"spike_lr_factor={self.spike_lr_factor} is applied for spike_lr_steps applied steps "
+                             f"after a rewind, and spike_lr_steps is 0: pass e.g. spike_lr_steps=100")
 
     @property
     def guarded(self) -> bool:

@@ -10,6 +10,13 @@ are what the adapter passes.
 
 A loss scaler's own overflow skip (``scaler_skip``) is recorded as a
 ``"scaler"`` event and is not a training failure: the policy never hears of it.
+
+After a spike rewind, the rate is multiplied by ``spike_lr_factor`` for the
+next ``spike_lr_steps`` applied steps (PaLM, Chowdhery et al. 2022, sec. 5.1).
+An adapter that replays a failing step before restoring a snapshot
+(``replays``; :mod:`~stabilize.guard.replay`) gets ``Decision.replay``, and the
+event reaches the JSON-lines log only once :meth:`Supervisor.replayed` has added
+the verdict.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class Decision(NamedTuple):
         snapshot: take a snapshot now (``keeps_snapshot``, every ``snapshot_every`` applied steps).
         stop: raise :class:`~stabilize.NonFiniteError` (``Supervisor.raise_for``).
         event: the event recorded for this step, if any.
+        replay: replay the step before restoring, then call :meth:`Supervisor.replayed`.
     """
 
     action: str
@@ -59,12 +67,15 @@ class Decision(NamedTuple):
     snapshot: bool = False
     stop: bool = False
     event: Event | None = None
+    replay: bool = False
 
 
 class Supervisor:
     """Policy, rows, events and rollback bookkeeping of one guarded run."""
 
-    def __init__(self, settings: GuardSettings):
+    def __init__(self, settings: GuardSettings, *, replays: bool = False):
+        """``replays``: the adapter replays a failing step before a restore (the trainer does;
+        :mod:`~stabilize.guard.replay`), when ``settings.replay`` is ``"on"``."""
         self.settings = settings
         self.policy = Policy(settings)
         self.rows: list[dict] = []  # every step's statistics, global step = index
@@ -84,6 +95,10 @@ class Supervisor:
         self.alarms = 0
         self.not_applied = 0  # steps not applied, for the progress line
         self.leave_out = 0  # batches a spike rewind still leaves out (spike="rewind")
+        self.lowered = 0  # applied steps still run at spike_lr_factor after a rewind
+        self.replays = replays and settings.replay == "on"
+        self._pending: Event | None = None  # an event held back from the log until its replay's verdict
+        self._ran_with = (0, 0)  # (back-offs, lowered) when the last observed step ran: its rate
         self.event_log = EventLog(settings.events_path) if settings.events_path else None
 
     # -- what the adapter asks --------------------------------------------------
@@ -93,8 +108,16 @@ class Supervisor:
         return len(self.rows)
 
     def lr(self, base: float) -> float:
-        """The rate for the next step when the user's schedule gives ``base``."""
-        return self.policy.lr(base)
+        """The rate for the next step when the user's schedule gives ``base`` (backed off, and
+        lowered by ``spike_lr_factor`` for ``spike_lr_steps`` applied steps after a rewind)."""
+        rate = self.policy.lr(base)
+        return rate * self.settings.spike_lr_factor if self.lowered > 0 else rate
+
+    def replay_lr(self, base: float) -> float:
+        """The rate the last observed step ran with (its replay must use it, not the next one's)."""
+        backoffs, lowered = self._ran_with
+        rate = self.policy.lr(base, backoffs)
+        return rate * self.settings.spike_lr_factor if lowered > 0 else rate
 
     @property
     def wants_snapshot(self) -> bool:
@@ -123,6 +146,7 @@ class Supervisor:
         ``position`` names the batch for a rollback to leave out (default
         ``(epoch, batch)``); ``rows`` are its sample indices when known.
         """
+        self._ran_with = (self.policy.backoffs, self.lowered)
         decision = self._decide(stats, epoch, batch, position, rows, bad_data)
         held = decision.action not in ("applied", "clipped")
         self.not_applied += held
@@ -159,12 +183,15 @@ class Supervisor:
             self.spikes.spikes += 1
             if self.settings.spike == "rewind":  # PaLM: back to the last snapshot, then leave batches out
                 self.leave_out = self.settings.spike_skip_batches
-                event = self._event(stats, "spike", (), "rewound", steps_lost=self.steps_since_snapshot())
-                return Decision("rolled-back", restore=True, event=event)
+                self.lowered = self.settings.spike_lr_steps
+                event = self._event(stats, "spike", (), "rewound", steps_lost=self.steps_since_snapshot(),
+                                    log=not self.replays)
+                return Decision("rolled-back", restore=True, event=event, replay=self.replays)
             return Decision("skipped", event=self._event(stats, "spike", (), "skipped"))
         if committed and not bad and not large:
             self._streak.clear()
             self.applied += 1
+            self.lowered = max(self.lowered - 1, 0)
             if self.spikes is not None:
                 if spike:  # spike="clip": applied with the norm clipped to the limit (ZClip)
                     self.spikes.spikes += 1
@@ -190,7 +217,8 @@ class Supervisor:
         kind = "nonfinite" if bad else "large-update"
         if bad_data:
             stats["bad_data"] = 1.0
-        event = self._event(stats, kind, bad, "raised" if action == "raise" else action)
+        replay = self.replays and action == "rolled-back"
+        event = self._event(stats, kind, bad, "raised" if action == "raise" else action, log=not replay)
         if action == "rolled-back":
             for pos, idx in self._streak:
                 if idx is None:
@@ -198,8 +226,21 @@ class Supervisor:
                 else:
                     self.skip_rows.update(int(i) for i in idx)
             self._streak.clear()
-            return Decision(action, restore=True, event=event)
+            return Decision(action, restore=True, event=event, replay=replay)
         return Decision(action, stop=action == "raise", event=event)
+
+    def replayed(self, verdict: str | None) -> Event | None:
+        """Add a replay's verdict (``"transient"``, ``"reproducible"``, None: no verdict) to the
+        event held back by a ``Decision.replay``, and log it; returns the event as recorded."""
+        event, self._pending = self._pending, None
+        if event is None:
+            return None
+        if verdict is not None:
+            index = next(i for i in range(len(self.events) - 1, -1, -1) if self.events[i] is event)
+            event = self.events[index] = dataclasses.replace(event, replay=verdict)
+        if self.event_log is not None:
+            self.event_log.append(event)
+        return event
 
     def leaves_out(self, *, epoch: int = 0, batch: int = 0) -> bool:
         """Whether the adapter must leave this batch out (a rewind's next batches); recorded as an event."""
@@ -265,7 +306,7 @@ class Supervisor:
                 "events": [dataclasses.asdict(e) for e in self.events], "snapshot_applied": self._snapshot_applied,
                 "spikes": self.spikes.state_dict() if self.spikes is not None else None,
                 "recent": [bool(b) for b in self._recent], "alarms": self.alarms, "not_applied": self.not_applied,
-                "leave_out": self.leave_out}
+                "leave_out": self.leave_out, "lowered": self.lowered}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -282,15 +323,19 @@ class Supervisor:
         self._recent.extend(state["recent"])
         self.alarms, self.not_applied = int(state["alarms"]), int(state["not_applied"])
         self.leave_out = int(state.get("leave_out", 0))
+        self.lowered = int(state.get("lowered", 0))
+        self._pending = None
 
-    def _event(self, stats, kind, bad, action, steps_lost=None) -> Event:
+    def _event(self, stats, kind, bad, action, steps_lost=None, log=True) -> Event:
         event = Event(stats.get("step", self.step), stats.get("batch", 0), stats.get("epoch", 0), kind,
                       tuple(bad), action, stats.get("lr", float("nan")), stats["loss"], stats["grad_norm"],
                       steps_lost=steps_lost)
-        self._record(event)
+        self._record(event, log)
         return event
 
-    def _record(self, event: Event) -> None:
+    def _record(self, event: Event, log: bool = True) -> None:
         self.events.append(event)
-        if self.event_log is not None:
+        if not log:  # logged by ``replayed``, with the verdict
+            self._pending = event
+        elif self.event_log is not None:
             self.event_log.append(event)

@@ -16,6 +16,18 @@ counts, a ``GradScaler`` moves its scale. :class:`TorchState` knows all of it:
 * :class:`UpdateUndo`: the parameters and optimizer state before one update,
   in preallocated storage, so that an update found bad afterwards (non-finite
   weights, an update too large) is undone exactly.
+* :func:`checkpoint_state` / :func:`load_checkpoint_state`: the durable form.
+  Under FSDP2 (``fully_shard``) the parameters and the optimizer state built
+  from them are ``DTensor`` objects; a checkpoint stores each as this rank's **local
+  shard**, a plain tensor, and lists which entries were sharded
+  (:func:`to_local_state`). Three reasons: ``torch.load(weights_only=True)``
+  reads a pickled ``DTensor`` only once ``torch.distributed.tensor`` is
+  imported, and only on torch versions that allow-list it (not 2.4/2.5); a
+  pickled ``DTensor`` carries the ``DeviceMesh`` of the run that wrote it; and
+  each rank saves and loads its own shard (one file per rank) anyway. On load
+  (:func:`from_local_state`) each listed entry is wrapped back with
+  ``DTensor.from_local`` on the live parameter's mesh and placements, after the
+  local shapes are checked: resuming needs the same world size and layout.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = ["TorchState", "Snapshot", "UpdateUndo", "optimizer_params", "checkpoint_state", "load_checkpoint_state",
-           "rng_state_dict", "load_rng_state_dict"]
+           "rng_state_dict", "load_rng_state_dict", "is_dtensor", "to_local_state", "from_local_state"]
 
 
 def optimizer_params(optimizer) -> list[torch.Tensor]:
@@ -157,13 +169,15 @@ def load_rng_state_dict(state: dict) -> None:
 def checkpoint_state(state: "TorchState") -> dict:
     """The durable form of a :class:`TorchState`: tensors and plain values only (see :mod:`stabilize.checkpoint`)."""
     snap = state.capture()
-    return {"params": snap.params, "buffers": snap.buffers, "optimizer": snap.optimizer, "scheduler": snap.scheduler,
-            "scaler": snap.scaler, "rng": rng_state_dict()}
+    # FSDP2: sharded entries as this rank's local shard, plain tensors (see the module docstring)
+    return to_local_state({"params": snap.params, "buffers": snap.buffers, "optimizer": snap.optimizer,
+                           "scheduler": snap.scheduler, "scaler": snap.scaler, "rng": rng_state_dict()})
 
 
 def load_checkpoint_state(state: "TorchState", saved: dict, where: str = "checkpoint") -> None:
     """Put a verified checkpoint back; on any mismatch raise before (or undo after) touching the live state."""
     from ..checkpoint import CheckpointError
+    saved = from_local_state(saved, state.params, state.buffers, where)  # FSDP2 shards back to DTensors
 
     def shapes(xs):
         return [tuple(x.shape) for x in xs]
@@ -188,6 +202,82 @@ def load_checkpoint_state(state: "TorchState", saved: dict, where: str = "checkp
         load_rng_state_dict(rng)
         raise CheckpointError(f"{where} does not fit this model/optimizer ({type(exc).__name__}: {exc}); "
                               f"the training state was left as it was") from exc
+
+
+# -- FSDP2 shards in a checkpoint (see the module docstring) --------------------------------------
+
+def is_dtensor(t) -> bool:
+    """A ``DTensor`` (checked by its interface: torch.distributed.tensor is never imported here)."""
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
+def _local(t):
+    return t.to_local().detach().clone() if is_dtensor(t) else t
+
+
+def to_local_state(state: dict) -> dict:
+    """``state`` (``params``, ``buffers``, an optimizer ``state_dict``) with every DTensor replaced by
+    its local shard, and ``sharded`` listing where they were: indices, and ``[param_index, key]``.
+
+    Example (nothing sharded: the state passes through, with an empty list):
+        >>> import torch
+        >>> state = {"params": [torch.zeros(2)], "buffers": [], "optimizer": {"state": {}, "param_groups": []}}
+        >>> to_local_state(state)["sharded"]
+        {'params': [], 'buffers': [], 'optimizer': []}
+    """
+    sharded = {name: [i for i, t in enumerate(state[name]) if is_dtensor(t)] for name in ("params", "buffers")}
+    opt = state["optimizer"]
+    sharded["optimizer"] = [[int(i), key] for i, entry in opt["state"].items()
+                            for key, value in entry.items() if is_dtensor(value)]
+    out = dict(state, params=[_local(t) for t in state["params"]], buffers=[_local(t) for t in state["buffers"]],
+               sharded=sharded)
+    out["optimizer"] = dict(opt, state={i: {k: _local(v) for k, v in entry.items()}
+                                        for i, entry in opt["state"].items()})
+    return out
+
+
+def _wrap(saved, live, where: str, what: str):
+    """``saved`` (a local shard) as a DTensor laid out like ``live``; raises CheckpointError on a shape
+    mismatch."""
+    from ..checkpoint import CheckpointError
+
+    if not is_dtensor(live):
+        raise CheckpointError(f"{where} holds a sharded (FSDP) {what}, and the live one is not sharded: "
+                              f"apply the same fully_shard to the model before loading")
+    local = live.to_local()
+    if tuple(saved.shape) != tuple(local.shape):
+        raise CheckpointError(f"{where} holds a shard of shape {tuple(saved.shape)} for {what}; this rank's "
+                              f"shard is {tuple(local.shape)}: it was saved with another world size or "
+                              f"sharding (load each rank's own file on the same world size)")
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(saved.to(device=local.device, dtype=local.dtype), live.device_mesh, live.placements,
+                              shape=live.shape, stride=live.stride(), run_check=False)
+
+
+def from_local_state(saved: dict, params: list, buffers: list, where: str = "checkpoint") -> dict:
+    """Undo :func:`to_local_state` against the live ``params`` and ``buffers`` (a state saved
+    without ``sharded`` is returned as it is)."""
+    sharded = saved.get("sharded")
+    if not sharded or not any(sharded.values()):
+        return saved
+    from ..checkpoint import CheckpointError
+
+    out = dict(saved, params=list(saved["params"]), buffers=list(saved["buffers"]))
+    for name, live in (("params", params), ("buffers", buffers)):
+        for i in sharded[name]:
+            if i >= len(live) or i >= len(out[name]):
+                raise CheckpointError(f"{where} lists sharded {name} entry {i}, and there are only {len(live)}")
+            out[name][i] = _wrap(out[name][i], live[i], where, f"{name}[{i}]")
+    opt = saved["optimizer"]
+    state = {i: dict(entry) for i, entry in opt["state"].items()}
+    for i, key in sharded["optimizer"]:
+        entry = state.get(i, state.get(str(i)))
+        if entry is None or i >= len(params):
+            raise CheckpointError(f"{where} lists optimizer state {key!r} of parameter {i}, which it does not hold")
+        entry[key] = _wrap(entry[key], params[i], where, f"the optimizer's {key!r} of parameter {i}")
+    out["optimizer"] = dict(opt, state=state)
+    return out
 
 
 class UpdateUndo:
