@@ -23,6 +23,7 @@ from .frameworks import has_state_buffers as _has_state_buffers
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
 from .guard.replay import replay_failed_step
 from .guard.settings import GuardSettings
+from .guard.snapshots import SnapshotStore
 from .guard.supervisor import Supervisor
 from .history import History
 from .models import MLP
@@ -104,7 +105,9 @@ class StabilityTrainer:
                 raise ValueError("spike= is wired for stabilize.optim specs and torch.optim optimizers so far")
             holder.limits = self.supervisor.spike_limits
         self.policy = self.supervisor.policy
-        self._snapshot = None
+        # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
+        self._snapshots = SnapshotStore(self.settings, self.updater.capture, self.updater.restore,
+                                        getattr(self.updater, "rebuild", None))
         self._native = not isinstance(optimizer, OptimizerSpec)
 
     # -- setup ----------------------------------------------------------------
@@ -199,9 +202,8 @@ class StabilityTrainer:
         sup, start = self.supervisor, self.supervisor.step
         sup.skip_rows.clear()  # what a rollback leaves out is named within one fit's data
         sup.skip_positions.clear()
-        sup.keeps_snapshot |= self._native and self.settings.guarded and not getattr(self.updater, "verifies", False)
         keeps = sup.keeps_snapshot
-        if keeps and self._snapshot is None:
+        if keeps and not self._snapshots.held:
             self._take_snapshot()
         total = epochs * math.ceil(len(y) / batch_size) if y is not None else None
         if max_steps is not None:
@@ -301,12 +303,16 @@ class StabilityTrainer:
             sup.raise_for(decision)
 
     def _take_snapshot(self):
-        self._snapshot = self.updater.capture()
+        self._snapshots.take()
         self.supervisor.snapshot_taken()
 
     def _restore_snapshot(self):
-        if self._snapshot is not None:
-            self.updater.restore(self._snapshot)
+        self._snapshots.restore()
+
+    def held_bytes(self) -> int:
+        """Bytes the guard holds in memory across steps: the rollback snapshot (only under
+        ``rollback`` or ``spike="rewind"``), plus an update's undo copy with ``verify_updates``."""
+        return self._snapshots.held_bytes() + getattr(self.updater, "held_bytes", lambda: 0)()
 
     def _diagnose(self, xb, yb, pre, pending=None):
         """Replay the failing step from its pre-step state (see :mod:`stabilize.diagnose`)."""
@@ -357,7 +363,7 @@ class StabilityTrainer:
         updater.load_checkpoint_state(saved, where)  # verified before anything changes
         self.supervisor.load_state_dict(saved["supervisor"])
         self.updater.applied = int(saved["applied"])
-        self._snapshot = None  # the next fit takes a fresh rollback snapshot
+        self._snapshots.clear()  # the next fit takes a fresh rollback snapshot
 
     def _updater_checkpoints(self):
         if not hasattr(self.updater, "checkpoint_state"):

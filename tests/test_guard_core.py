@@ -75,7 +75,9 @@ def test_weights_a_native_update_broke_are_restored_and_the_cost_is_reported(ver
     X, y = _xy()
     model = torch.nn.Linear(3, 1)
     opt = BreakingSGD(model.parameters(), lr=0.01)
-    guard = stabilize.TorchGuard(model, opt, verify_updates=verify, snapshot_every=2)
+    # Without verification only a rollback snapshot can bring broken weights back.
+    guard = stabilize.TorchGuard(model, opt, verify_updates=verify, snapshot_every=2,
+                                 on_nonfinite="skip" if verify else "rollback")
     xs = [torch.from_numpy(X[i : i + 8]) for i in range(0, 32, 8)]
     ys = [torch.from_numpy(y[i : i + 8]) for i in range(0, 32, 8)]
     mse = torch.nn.functional.mse_loss
@@ -98,6 +100,27 @@ def test_weights_a_native_update_broke_are_restored_and_the_cost_is_reported(ver
         assert ev.action == "rolled-back" and "weights" in ev.nonfinite and ev.steps_lost == 2
         assert "2 applied steps lost" in str(ev)
     assert guard.step(mse(model(xs[1]), ys[1]))  # and training goes on
+
+
+@pytest.mark.parametrize("policy", ["skip", "backoff", "auto"])
+def test_weights_a_native_update_broke_stop_the_run_when_no_snapshot_is_held(policy):
+    """Nothing is held that the policy cannot use: without a snapshot, broken weights stop the run
+    at the step that finds them, and the error names the two ways out."""
+    X, y = _xy()
+    model = torch.nn.Linear(3, 1)
+    opt = BreakingSGD(model.parameters(), lr=0.01)
+    guard = stabilize.TorchGuard(model, opt, on_nonfinite=policy)
+    assert guard.held_bytes() == 0
+    mse = torch.nn.functional.mse_loss
+    x, t = torch.from_numpy(X[:8]), torch.from_numpy(y[:8])
+    assert guard.step(mse(model(x), t))
+    opt.armed = True
+    assert guard.step(mse(model(x), t))  # applied before anything could see it
+    with pytest.raises(stabilize.NonFiniteError, match=r"holds no snapshot to restore: pass on_nonfinite='rollback'"
+                                                       r".*verify_updates=True") as err:
+        guard.step(mse(model(x), t))
+    last = err.value.report.events[-1]
+    assert last.step == 2 and last.action == "raised" and "weights" in last.nonfinite
 
 
 def test_clip_backoff_and_update_bound_together_train():

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import stabilize
 from stabilize.models import MLP
 from stabilize.optim import SGD, Adam
 from stabilize.trainer import StabilityTrainer
@@ -236,7 +237,7 @@ def test_native_optimizer_update_that_overflows_weights_is_rolled_back():
     X, y = _data(48)
     model = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=3e38)  # finite lr and gradients; lr*g overflows float32
-    trainer = StabilityTrainer(model, "mse", opt, progress=False)
+    trainer = StabilityTrainer(model, "mse", opt, on_nonfinite="rollback", progress=False)
     start = [p.detach().clone() for p in model.parameters()]
     h = trainer.fit(X, y, batch_size=16, shuffle=False)
     rolled = [e for e in h.events if e.action == "rolled-back"]
@@ -245,6 +246,24 @@ def test_native_optimizer_update_that_overflows_weights_is_rolled_back():
     assert h.first_nonfinite_step == 1
     for p, s in zip(model.parameters(), start):  # back at the snapshot taken when fit began
         assert torch.equal(p, s)
+
+
+def test_without_a_snapshot_an_update_that_overflows_weights_stops_the_fit():
+    """Under skip no snapshot is held (nothing the policy cannot use): the fit stops at the step
+    that finds the broken weights and says how to keep one."""
+    from conftest import load_backend
+
+    load_backend("torch")
+    import torch
+
+    X, y = _data(48)
+    model = torch.nn.Linear(3, 1)
+    trainer = StabilityTrainer(model, "mse", torch.optim.SGD(model.parameters(), lr=3e38), progress=False,
+                               diagnose=False)
+    assert trainer.held_bytes() == 0
+    with pytest.raises(stabilize.NonFiniteError, match="holds no snapshot to restore") as err:
+        trainer.fit(X, y, batch_size=16, shuffle=False)
+    assert [e.step for e in err.value.report.events] == [1] and trainer.held_bytes() == 0
 
 
 def test_fit_refuses_degenerate_input_with_clear_errors():

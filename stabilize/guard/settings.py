@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, fields
 
 from ..validate import check_count, check_positive_finite
@@ -19,6 +20,7 @@ POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto")
 SPIKE_ACTIONS = (None, "clip", "skip", "rewind")
 ALARMS = ("warn", "raise", "off")
 REPLAYS = ("on", "off")
+SNAPSHOT_PLACES = ("device", "host", "disk")
 
 
 def _number(name, value, *, allow_none=False, low=0.0, low_open=True, high=math.inf, high_open=False, finite=True):
@@ -55,6 +57,10 @@ class GuardSettings:
         max_bad_steps: rollback after this many bad steps in a row.
         max_rollbacks: raise after this many rollbacks.
         snapshot_every: applied steps between rollback snapshots (rollback only).
+        snapshot_to: where the rollback snapshot is held: ``"device"`` (default), ``"host"``
+            or ``"disk"`` (a durable file at ``snapshot_path``); see :mod:`~stabilize.guard.snapshots`.
+            A snapshot exists only under ``on_nonfinite="rollback"`` or ``spike="rewind"``.
+        snapshot_path: the file a ``"disk"`` snapshot is written to (atomically).
         max_update_ratio: also treat a step whose applied update ``‖Δw‖/‖w‖``
             exceeds this as bad (None: not measured).
         min_loss_scale: a loss scaler whose scale falls below this is no longer
@@ -98,6 +104,8 @@ class GuardSettings:
     max_bad_steps: int = 3
     max_rollbacks: int = 3
     snapshot_every: int = 50
+    snapshot_to: str = "device"
+    snapshot_path: str | None = None
     max_update_ratio: float | None = None
     min_loss_scale: float = 1.0
     distributed: str = "auto"
@@ -121,6 +129,19 @@ class GuardSettings:
             raise ValueError(f"distributed must be 'auto' or 'off', got {self.distributed!r}")
         if self.spike not in SPIKE_ACTIONS:
             raise ValueError(f"spike must be one of {SPIKE_ACTIONS}, got {self.spike!r}")
+        if self.snapshot_to not in SNAPSHOT_PLACES:
+            raise ValueError(f"snapshot_to must be one of {SNAPSHOT_PLACES}, got {self.snapshot_to!r}")
+        if (self.snapshot_to == "disk") != (self.snapshot_path is not None):
+            raise ValueError("snapshot_to='disk' needs snapshot_path=<file> (where the snapshot is written), and "
+                             "snapshot_path is used only with snapshot_to='disk'"
+                             f"; got snapshot_to={self.snapshot_to!r}, snapshot_path={self.snapshot_path!r}")
+        if self.snapshot_path is not None and not isinstance(self.snapshot_path, (str, os.PathLike)):
+            raise TypeError(f"snapshot_path must be a path, got {type(self.snapshot_path).__name__}")
+        if self.snapshot_path is not None:
+            object.__setattr__(self, "snapshot_path", os.fspath(self.snapshot_path))
+        if self.snapshot_to != "device" and not (self.on_nonfinite == "rollback" or self.spike == "rewind"):
+            raise ValueError(f"snapshot_to={self.snapshot_to!r} has no effect: a snapshot is kept only under "
+                             "on_nonfinite='rollback' or spike='rewind'")
         if self.replay not in REPLAYS:
             raise ValueError(f"replay must be one of {REPLAYS}, got {self.replay!r}")
         if self.skip_alarm not in ALARMS:

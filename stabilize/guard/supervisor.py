@@ -49,6 +49,12 @@ _PARTS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "w
           ("buffers", "buffers_finite"))
 
 
+_NO_SNAPSHOT = ("an update was applied before it could be checked (a native optimizer) and left non-finite "
+                "weights, and on_nonfinite={!r} holds no snapshot to restore: pass on_nonfinite='rollback' (a "
+                "snapshot every snapshot_every applied steps) or verify_updates=True (each update checked and "
+                "undone exactly), or lower the learning rate")
+
+
 class Decision(NamedTuple):
     """What the adapter must do after a step.
 
@@ -59,6 +65,7 @@ class Decision(NamedTuple):
         snapshot: take a snapshot now (``keeps_snapshot``, every ``snapshot_every`` applied steps).
         stop: raise :class:`~stabilize.NonFiniteError` (``Supervisor.raise_for``).
         event: the event recorded for this step, if any.
+        reason: what the user can do, added to the error when ``stop``.
         replay: replay the step before restoring, then call :meth:`Supervisor.replayed`.
     """
 
@@ -68,6 +75,7 @@ class Decision(NamedTuple):
     stop: bool = False
     event: Event | None = None
     replay: bool = False
+    reason: str = ""
 
 
 class Supervisor:
@@ -206,10 +214,14 @@ class Supervisor:
         if broken and self.settings.guarded:
             # An earlier update (a native optimizer's, applied before it could be checked) left
             # non-finite weights: they cannot be un-updated, so the last snapshot comes back,
-            # and the event says how many applied steps that loses.
-            shown = "raised" if action == "raise" else "rolled-back"
-            event = self._event(stats, "nonfinite", bad, shown, steps_lost=self.steps_since_snapshot())
+            # and the event says how many applied steps that loses. No snapshot is held under a
+            # policy that never rolls back (:mod:`~stabilize.guard.snapshots`): stop, and say so.
+            held = self.keeps_snapshot
+            shown = "raised" if action == "raise" or not held else "rolled-back"
+            event = self._event(stats, "nonfinite", bad, shown, steps_lost=self.steps_since_snapshot() if held else None)
             self._streak.clear()
+            if not held:
+                return Decision("raise", stop=True, event=event, reason=_NO_SNAPSHOT.format(self.settings.on_nonfinite))
             return Decision("raise", stop=True, event=event) if action == "raise" else \
                 Decision("rolled-back", restore=True, event=event)
         if committed:  # "ignore": the device applied it
@@ -288,7 +300,8 @@ class Supervisor:
     def raise_for(self, decision: Decision, history: History | None = None) -> None:
         """Raise :class:`NonFiniteError` with the run's report (call when ``decision.stop``)."""
         history = history or self.history()
-        raise NonFiniteError(f"training stopped: {decision.event}\n{history.report()}", history)
+        reason = f"\n{decision.reason}" if decision.reason else ""
+        raise NonFiniteError(f"training stopped: {decision.event}{reason}\n{history.report()}", history)
 
     def history(self, start: int = 0) -> History:
         """The record from global step ``start`` on (a ``fit`` passes the step it began at)."""

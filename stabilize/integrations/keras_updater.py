@@ -134,7 +134,8 @@ class KerasUpdater:
             self.applied += 1
         return stats
 
-    def capture(self):
+    def capture(self, where: str = "device"):
+        """Host copies of every variable (``where`` is moot: Keras snapshots are numpy arrays)."""
         return self.step.capture(), self.applied
 
     def restore(self, snap) -> None:

@@ -13,6 +13,7 @@ import contextlib
 
 import numpy as np
 
+from ..guard.snapshots import host_copy
 from ..step import STAT_FIELDS, flatten_state, make_step
 
 __all__ = ["NeutralUpdater"]
@@ -71,9 +72,10 @@ class NeutralUpdater:
     def training(self):
         return contextlib.nullcontext()
 
-    def capture(self):
+    def capture(self, where: str = "device"):
         B = self.B
-        return ([B.copy(p) for p in self.params], [B.copy(v) for v in self.state_vars], self.applied)
+        snap = ([B.copy(p) for p in self.params], [B.copy(v) for v in self.state_vars], self.applied)
+        return host_copy(snap) if where == "host" else snap
 
     def restore(self, snap) -> None:
         B = self.B

@@ -15,9 +15,10 @@ import torch
 
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
+from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
-from .torch_state import TorchState, optimizer_params
+from .torch_state import Snapshot, TorchState, optimizer_params
 from .torch_step import TorchStep
 
 __all__ = ["TorchGuard", "check_model_and_optimizer"]
@@ -112,9 +113,9 @@ class TorchGuard:
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
         self.supervisor = Supervisor(self.settings)
         self._step.limits = self.supervisor.spike_limits
-        self.supervisor.keeps_snapshot |= self.settings.guarded and not self._step.verify
-        self._keeps_snapshot = self.supervisor.keeps_snapshot
-        self._snapshot = None
+        # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
+        self._snapshots = SnapshotStore(self.settings, lambda where: self.state.capture(where=where),
+                                        self.state.restore, lambda snap: Snapshot(*snap))
         self.state.mark()  # a forward pass from here on can be undone
 
     @property
@@ -134,9 +135,8 @@ class TorchGuard:
         """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied."""
         if (model is not None and model is not self.model) or (optimizer is not None and optimizer is not self.optimizer):
             raise ValueError("this guard was built for another model or optimizer; build one TorchGuard per optimizer")
-        if self._snapshot is None and self._keeps_snapshot:
-            self._snapshot = self.state.capture()
-            self.supervisor.snapshot_taken()
+        if self.supervisor.keeps_snapshot and not self._snapshots.held:
+            self._take_snapshot()
         if loss is not None:
             self._step.backward(loss)
         sup = self.supervisor
@@ -150,11 +150,10 @@ class TorchGuard:
         if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
                 and self.loss_fn is not None:
             self._diagnose(batch, stats)
-        if decision.restore and self._snapshot is not None:
-            self.state.restore(self._snapshot)
+        if decision.restore:
+            self._snapshots.restore()
         if decision.snapshot and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
-            self._snapshot = self.state.capture()
-            sup.snapshot_taken()
+            self._take_snapshot()
         self._step.zero_grad()
         if decision.stop:
             sup.raise_for(decision)
@@ -191,10 +190,19 @@ class TorchGuard:
         saved = load(path)
         load_checkpoint_state(self.state, saved["torch"], f"checkpoint {str(path)!r}")
         self.supervisor.load_state_dict(saved["supervisor"])
-        self._snapshot = self.state.capture() if self._keeps_snapshot else None
-        if self._snapshot is not None:
-            self.supervisor.snapshot_taken()
+        self._snapshots.clear()
+        if self.supervisor.keeps_snapshot:
+            self._take_snapshot()
         return dict(saved["position"])
+
+    def held_bytes(self) -> int:
+        """Bytes the guard holds in memory across steps: the rollback snapshot (only under
+        ``rollback``), the buffers a skipped step puts back, and with ``verify_updates`` the undo copy."""
+        return self._snapshots.held_bytes() + self._step.held_bytes()
+
+    def _take_snapshot(self) -> None:
+        self._snapshots.take()
+        self.supervisor.snapshot_taken()
 
     def _weights_finite(self) -> bool:
         return self._step.weights_finite()  # reduced across ranks when distributed

@@ -64,6 +64,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _copy(t: torch.Tensor, device) -> torch.Tensor:
+    return t.clone() if device is None else t.to(device, copy=True)
+
+
+def _copy_tree(obj, device):
+    """A deep copy of a state dict; its tensors copied to ``device`` (None: where they are)."""
+    if torch.is_tensor(obj):
+        return _copy(obj, device)
+    if isinstance(obj, dict):
+        return {k: _copy_tree(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_tree(v, device) for v in obj)
+    return copy.deepcopy(obj)
+
+
 class Snapshot(NamedTuple):
     params: list[torch.Tensor]
     buffers: list[torch.Tensor]
@@ -115,12 +130,15 @@ class TorchState:
         return torch.stack([torch.isfinite(torch.stack(torch.aminmax(b))).all() for b in floats]).all()
 
     # -- everything ------------------------------------------------------------------
-    def capture(self, extra: dict | None = None) -> Snapshot:
+    def capture(self, extra: dict | None = None, where: str = "device") -> Snapshot:
+        """A copy of the whole state sharing no storage with it; ``where="host"``: tensors on the CPU
+        (copied there directly, never first on the device)."""
+        device = "cpu" if where == "host" else None
         with torch.no_grad():
             return Snapshot(
-                [p.detach().clone() for p in self.params],
-                [b.detach().clone() for b in self.buffers],
-                copy.deepcopy(self.optimizer.state_dict()),
+                [_copy(p.detach(), device) for p in self.params],
+                [_copy(b.detach(), device) for b in self.buffers],
+                _copy_tree(self.optimizer.state_dict(), device),
                 copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
                 copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None,
                 _rng_state(),

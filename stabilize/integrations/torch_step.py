@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..guard.settings import GuardSettings
+from ..guard.snapshots import nbytes
 from ..backends.torch import tensor_norms
 from ..registry import get_backend
 from ..distributed import combine
@@ -251,6 +252,15 @@ class TorchStep:
         scaler.update()
         if saved is not None:
             scaler.load_state_dict(saved)
+
+    def held_bytes(self) -> int:
+        """Bytes kept across steps: the buffers a skipped step puts back, and the undo copy of
+        the parameters and optimizer state when updates are verified."""
+        undo = self._undo
+        held = nbytes(self.state._marked or [])
+        if undo is not None and undo._params is not None:
+            held += nbytes(undo._params) + nbytes([value for _, _, value in undo._opt])
+        return held
 
     def zero_grad(self) -> None:
         self.state.optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .torch_guard import check_model_and_optimizer
-from .torch_state import TorchState
+from .torch_state import Snapshot, TorchState
 from .torch_step import TorchStep
 
 __all__ = ["TorchUpdater", "train_mode", "eval_mode", "is_scheduler", "device_tensor"]
@@ -101,8 +101,16 @@ class TorchUpdater:
                 self.scheduler.step()
         return stats
 
-    def capture(self):
-        return self.state.capture({"applied": self.applied})
+    def capture(self, where: str = "device"):
+        return self.state.capture({"applied": self.applied}, where)
+
+    def held_bytes(self) -> int:
+        return self._step.held_bytes()
+
+    @staticmethod
+    def rebuild(snap):
+        """A snapshot read back from disk (plain tuples) as a :class:`Snapshot`."""
+        return Snapshot(*snap)
 
     def restore(self, snap) -> None:
         self.state.restore(snap)
