@@ -125,7 +125,12 @@ def memory(contenders: dict) -> dict:
 
 # -- printing ----------------------------------------------------------------------------------------
 def _mb(n) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.2f} MB"
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _short(name: str) -> str:
@@ -226,6 +231,7 @@ def plot_sweep(sweep: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = sweep["rows"]
     guards = [n for n in rows[0]["contenders"] if "vs" in rows[0]["contenders"][n]]
@@ -234,6 +240,7 @@ def plot_sweep(sweep: dict, path: str) -> None:
         ax.plot([r["params"] for r in rows], [r["contenders"][g]["ratio"] for r in rows], marker="o", label=_short(g))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled decades only
     ax.set_xlabel("parameters")
     ax.set_ylabel("median step time / bare loop")
     ax.set_title(f"stabilize overhead, torch MLP {sweep['inputs']}-w-w-w-1, batch {sweep['batch']}")

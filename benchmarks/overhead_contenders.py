@@ -280,6 +280,8 @@ def tf_contenders(kind: str, cfg: dict, data: list, fresh_steps: int = 60):
         try:
             t = StabilityTrainer(model, mse, opt, clip_norm=1.0, progress=False)
         except ValueError as exc:  # Keras' LSTM holds a seed-generator variable, which the neutral path refuses
+            if not neutral:
+                raise
             skipped[f"tf StabilityTrainer ({'neutral' if neutral else 'keras'} SGD)"] = str(exc)
             return None
         t.fit(tb[:1])  # trace
