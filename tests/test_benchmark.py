@@ -24,21 +24,32 @@ GUARDS = {"torch": TORCH[2:5], "tensorflow": TF[2:5]}
 SWEEP = ["torch bare loop", "torch StabilityTrainer (torch.optim)", "torch TorchGuard in the loop"]
 
 
-@pytest.fixture(scope="module")
+_RUN = {}
+
+
+@pytest.fixture
 def bench(tmp_path_factory):
     """One tiny run of the whole benchmark (every model, both frameworks, the sweep): its JSON, stdout and PNG.
 
-    About 40-60 s on 2 CPU cores, most of it importing Keras and tracing the TF contenders.
+    Run once for the module, on first use. Function-scoped so that the autouse ``needs``
+    check (conftest) skips or fails first when a framework is missing. About 40-60 s on
+    2 CPU cores, most of it importing Keras and tracing the TF contenders.
     """
-    tmp = tmp_path_factory.mktemp("bench")
+    if not _RUN:  # a failed run is kept too: it is not rerun for every test
+        _RUN["result"] = _run(tmp_path_factory.mktemp("bench"))
+    out, out_json, out_png = _RUN["result"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out_json.read_text()), out.stdout, out_png
+
+
+def _run(tmp):
     out_json, out_png = tmp / "bench.json", tmp / "sweep.png"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     plot = ["--png", str(out_png)] if importlib.util.find_spec("matplotlib") else []  # the 'scenarios' extra
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--tiny", "--json", str(out_json),
                           *plot], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out_json.read_text()), out.stdout, out_png
+    return out, out_json, out_png
 
 
 def _check_row(row):
