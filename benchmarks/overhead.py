@@ -20,6 +20,10 @@ Guarded contenders
            and a fresh pair: a new StabilityTrainer on a new model, tracing
            included, over 60 steps, against a new bare tf.function loop over the
            same 60 steps, tracing included (each round builds both anew).
+           The neutral SGD refuses Keras' LSTM (its seed-generator variable counts
+           as state it cannot protect): that row is listed as not run, with why.
+    model.fit reads a cached tf.data.Dataset built once, one epoch per round, so
+    that its per-call input pipeline is not part of the per-step time.
 
 Models: an MLP 256-512-512-512-1 (batch 256), a conv net (16x16x3 input, two
 3x3 convolutions of 32 channels, batch 64), an LSTM regressor (32 steps of 32
@@ -35,7 +39,8 @@ model's parameters + optimizer state.
 
 Keras ``fit`` compiles with XLA on a GPU (``jit_compile="auto"``) and not on a
 CPU, so its ratios differ between the two. CUDA work is waited for at the end
-of every timed run. The full run takes about 15-20 minutes on 2 CPU cores.
+of every timed run. The full run takes about 10-20 minutes on 2 CPU cores,
+depending on what else runs there; each section prints its own time.
 
 Run:  python benchmarks/overhead.py [--model mlp|conv|lstm|sweep|all] [--framework torch|tensorflow|both]
                                     [--repeats N] [--steps N] [--json out.json] [--png sweep.png] [--tiny]
@@ -62,7 +67,7 @@ SIZES = {"mlp": dict(sizes=(256, 512, 512, 512, 1), batch=256), "conv": dict(bat
 TINY = {"mlp": dict(sizes=(8, 16, 1), batch=8), "conv": dict(batch=4, channels=4),
         "lstm": dict(seq=4, features=4, hidden=8, batch=4)}
 
-# The sweep: MLPs of `SWEEP_DEPTH` hidden layers of one width, sized to these parameter counts.
+# The sweep: MLPs of `depth` hidden layers of one width, sized to these parameter counts.
 # Each size: (target parameters, steps per round, most rounds); larger models run fewer of both.
 SWEEP = dict(inputs=256, depth=3, batch=64, sizes=((1e5, 32, None), (1e6, 16, None), (5e6, 8, None),
                                                      (15e6, 4, 5), (5e7, 2, 5)))
@@ -90,14 +95,14 @@ def measure(contenders: dict, steps: int, repeats: int, warmup: int) -> dict:
     return times
 
 
-def summarize(times: dict, contenders: dict, meta: dict) -> dict:
+def summarize(times: dict, contenders: dict, meta: dict, steps: int) -> dict:
     """Median/min/max ms per step; the ratio to the bare loop, to its own baseline, and (a guard) to each reference."""
     med = {name: statistics.median(t) for name, t in times.items()}
     out = {}
     for name, t in times.items():
         c = contenders[name]
         row = {"median_ms": med[name] * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
-               "rounds": len(t), "steps": c.steps, "ratio": med[name] / med[meta["bare"]],
+               "rounds": len(t), "steps": c.steps or steps, "ratio": med[name] / med[meta["bare"]],
                "baseline": c.baseline, "ratio_to_baseline": med[name] / med[c.baseline] if c.baseline else None}
         if c.guarded:
             row["vs"] = {ref: med[name] / med[ref] for ref in meta["references"] if ref in med}
@@ -143,7 +148,7 @@ def print_section(title: str, section: dict, meta: dict) -> None:
           f"alternated; {section['seconds']:.1f} s)")
     print(f"  {'contender':58s} {'median ms':>10s} {'min':>9s} {'max':>9s} {'x bare':>7s}  own baseline")
     for name, row in table.items():
-        steps = f" [{row['steps']} steps/round]" if row["steps"] else ""
+        steps = f" [{row['steps']} steps/round]" if row["steps"] != section["steps"] else ""
         own = f"  {row['ratio_to_baseline']:.3f} x {row['baseline']}" if row["baseline"] else ""
         print(f"  {name + steps:58s} {row['median_ms']:10.3f} {row['min_ms']:9.3f} {row['max_ms']:9.3f} "
               f"{row['ratio']:7.3f}{own}")
@@ -187,7 +192,7 @@ def run_section(fw: str, kind: str, cfg: dict, steps: int, repeats: int, warmup:
         contenders, meta = torch_contenders(kind, cfg, data)
     else:
         contenders, meta = tf_contenders(kind, cfg, data, fresh_steps=fresh_steps)
-    table = summarize(measure(contenders, steps, repeats, warmup), contenders, meta)
+    table = summarize(measure(contenders, steps, repeats, warmup), contenders, meta, steps)
     section = {"contenders": table, "memory": memory(contenders), "bare": meta["bare"],
                "references": meta["references"], "skipped": meta.get("skipped", {}), "steps": steps, "repeats": repeats, "warmup": warmup,
                "batch": cfg["batch"], "model": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
@@ -212,7 +217,7 @@ def run_sweep(plan: dict, repeats: int, warmup: int) -> dict:
         rounds = min(repeats, most_rounds) if most_rounds else repeats
         t0 = time.perf_counter()
         contenders, meta = torch_contenders("mlp", cfg, batches("mlp", cfg, 4), full=False)
-        table = summarize(measure(contenders, steps, rounds, min(warmup, steps)), contenders, meta)
+        table = summarize(measure(contenders, steps, rounds, min(warmup, steps)), contenders, meta, steps)
         mem = memory(contenders)
         params, state = contenders[meta["bare"]].footprint()
         n = sum(a * b + b for a, b in zip(cfg["sizes"][:-1], cfg["sizes"][1:]))

@@ -68,14 +68,17 @@ def test_every_contender_runs_for_every_model(bench):
         # a contender the library refuses for this model is listed as skipped, with the reason
         assert set(section["contenders"]) | set(section["skipped"]) == set(expected), key
         assert set(section["contenders"]) >= set(expected) - {"tf StabilityTrainer (neutral SGD)"}, key
-        for row in section["contenders"].values():
+        for name, row in section["contenders"].items():
             _check_row(row)
             assert row["rounds"] == results["settings"]["repeats"]
+            assert row["steps"] == (results["settings"]["fresh_steps"] if "fresh" in name else section["steps"])
         assert section["contenders"][section["bare"]]["ratio"] == 1.0
         for name in GUARDS[fw]:
             if name in section["contenders"]:
                 assert set(section["contenders"][name]["vs"]) == set(section["references"])
                 assert set(section["memory"][name]) >= {"held_bytes", "param_bytes", "optimizer_state_bytes"}
+                held = section["memory"][name]["held_bytes"]
+                assert held is None or held >= 0  # None until the guards have held_bytes()
                 assert section["memory"][name]["param_bytes"] > 0
         print(f"{key}: {section['seconds']:.1f} s")
     assert "x bare" in stdout and "memory held across steps" in stdout and "total" in stdout
@@ -111,3 +114,24 @@ def test_the_sweep_grows_and_is_plotted(bench):
         assert row["model_bytes"] == row["params"] * 4  # float32, SGD without momentum: no optimizer state
     assert "size sweep" in stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_reads_held_bytes_where_the_guard_has_it():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from overhead import memory
+        from overhead_contenders import Contender
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    class Holds:
+        def held_bytes(self):
+            return 60
+
+    footprint = lambda: (100, 20)  # noqa: E731
+    rows = memory({"bare": Contender(print, footprint=footprint),
+                   "new": Contender(print, guarded=True, holders=(object(), Holds()), footprint=footprint),
+                   "old": Contender(print, guarded=True, holders=(object(),), footprint=footprint)})
+    assert set(rows) == {"new", "old"}  # only guards
+    assert rows["new"] == {"held_bytes": 60, "param_bytes": 100, "optimizer_state_bytes": 20, "held_fraction": 0.5}
+    assert rows["old"]["held_bytes"] is None and rows["old"]["held_fraction"] is None
