@@ -40,10 +40,13 @@ model's parameters + optimizer state.
 Keras ``fit`` compiles with XLA on a GPU (``jit_compile="auto"``) and not on a
 CPU, so its ratios differ between the two. CUDA work is waited for at the end
 of every timed run. The full run takes about 10-20 minutes on 2 CPU cores,
-depending on what else runs there; each section prints its own time.
+depending on what else runs there; each section prints its own time. On a
+machine shared with other jobs, ``--threads 1`` keeps the frameworks' thread
+pools from waiting on each other (which can slow a small step a hundredfold).
 
 Run:  python benchmarks/overhead.py [--model mlp|conv|lstm|sweep|all] [--framework torch|tensorflow|both]
-                                    [--repeats N] [--steps N] [--json out.json] [--png sweep.png] [--tiny]
+                                    [--repeats N] [--steps N] [--threads N] [--json out.json] [--png sweep.png]
+                                    [--tiny]
 """
 
 from __future__ import annotations
@@ -144,27 +147,32 @@ def _short(name: str) -> str:
 
 def print_section(title: str, section: dict, meta: dict) -> None:
     table, refs = section["contenders"], meta["references"]
+    label = {name: name + (f" [{row['steps']} steps/round]" if row["steps"] != section["steps"] else "")
+             for name, row in table.items()}
+    w = max(len(s) for s in [*label.values(), *section["skipped"], "contender"])
     print(f"\n{title}  (batch {section['batch']}, {section['repeats']} rounds x {section['steps']} steps, "
           f"alternated; {section['seconds']:.1f} s)")
-    print(f"  {'contender':58s} {'median ms':>10s} {'min':>9s} {'max':>9s} {'x bare':>7s}  own baseline")
+    print(f"  {'contender':{w}s} {'median ms':>10s} {'min':>9s} {'max':>9s} {'x bare':>7s}  own baseline")
     for name, row in table.items():
-        steps = f" [{row['steps']} steps/round]" if row["steps"] != section["steps"] else ""
         own = f"  {row['ratio_to_baseline']:.3f} x {row['baseline']}" if row["baseline"] else ""
-        print(f"  {name + steps:58s} {row['median_ms']:10.3f} {row['min_ms']:9.3f} {row['max_ms']:9.3f} "
+        print(f"  {label[name]:{w}s} {row['median_ms']:10.3f} {row['min_ms']:9.3f} {row['max_ms']:9.3f} "
               f"{row['ratio']:7.3f}{own}")
     for name, why in section["skipped"].items():
-        print(f"  {name:58s} {'n/a':>10s}  not run: {why}")
+        print(f"  {name:{w}s} {'n/a':>10s}  not run: {why}")
     guards = [n for n, r in table.items() if "vs" in r]
     if guards:
-        print(f"  guard / reference (median ratios)  {''.join(f'{_short(r):>24s}' for r in refs)}")
+        w = max(len(n) for n in guards) + 2
+        print(f"  {'guard / reference (median ratios)':{w}s} {''.join(f'{_short(r):>24s}' for r in refs)}")
         for name in guards:
             ratios = "".join(f"{table[name]['vs'][r]:24.3f}" for r in refs)
-            print(f"    {name:44s} {ratios}")
+            print(f"    {name:{w - 2}s} {ratios}")
     if section["memory"]:
-        print(f"  {'memory held across steps':50s} {'held':>12s} {'params':>12s} {'opt state':>12s} {'held/model':>10s}")
+        w = max(len(n) for n in section["memory"]) + 2
+        print(f"  {'memory held across steps':{w}s} {'held':>12s} {'params':>12s} {'opt state':>12s} "
+              f"{'held/model':>10s}")
         for name, m in section["memory"].items():
             frac = "n/a" if m["held_fraction"] is None else f"{m['held_fraction']:.2f}"
-            print(f"    {name:48s} {_mb(m['held_bytes']):>12s} {_mb(m['param_bytes']):>12s} "
+            print(f"    {name:{w - 2}s} {_mb(m['held_bytes']):>12s} {_mb(m['param_bytes']):>12s} "
                   f"{_mb(m['optimizer_state_bytes']):>12s} {frac:>10s}")
 
 
@@ -255,6 +263,23 @@ def plot_sweep(sweep: dict, path: str) -> None:
     plt.close(fig)
 
 
+def set_threads(n: int, frameworks: list) -> None:
+    """Pin each framework's CPU thread pools to ``n``, before TF runs its first op.
+
+    On an oversubscribed machine, torch's OpenMP threads wait on each other: a
+    tiny LSTM step took 200 ms with 2 threads and 1 ms with 1.
+    """
+    if "torch" in frameworks:
+        import torch
+
+        torch.set_num_threads(n)
+    if "tensorflow" in frameworks:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="all", choices=["mlp", "conv", "lstm", "sweep", "all"])
@@ -263,10 +288,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="rounds (at least 5 for meaningful medians)")
     parser.add_argument("--json", default=None, help="also write every result here")
     parser.add_argument("--png", default=None, help="plot the sweep's overhead ratios here (needs matplotlib)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per framework (default: theirs); 1 on a machine shared with other jobs")
     parser.add_argument("--tiny", action="store_true", help="tiny models and 2 rounds (for the test suite)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1:
-        parser.error("--steps and --repeats must be at least 1")
+    if args.steps < 1 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--steps, --repeats and --threads must be at least 1")
     if args.tiny:
         sizes, plan, fresh = TINY, TINY_SWEEP, TINY_FRESH_STEPS
         steps, repeats, warmup = 2, 2, 1
@@ -275,9 +302,11 @@ def main(argv=None) -> int:
         steps, repeats, warmup = args.steps, args.repeats, 4
     frameworks = ["torch", "tensorflow"] if args.framework == "both" else [args.framework]
     kinds = ["mlp", "conv", "lstm", "sweep"] if args.model == "all" else [args.model]
+    if args.threads:
+        set_threads(args.threads, frameworks)
     start = time.perf_counter()
     results = {"settings": {"steps": steps, "repeats": repeats, "warmup": warmup, "tiny": args.tiny,
-                            "fresh_steps": fresh, "frameworks": frameworks, "models": kinds},
+                            "fresh_steps": fresh, "frameworks": frameworks, "models": kinds, "threads": args.threads},
                "sections": {}, "sweep": None}
     for kind in kinds:
         if kind == "sweep":

@@ -12,7 +12,9 @@ conv net, and an LSTM regressor (last hidden state into one linear unit).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -66,9 +68,18 @@ def nbytes(tensors) -> int:
 
 
 def _null():
-    import contextlib
-
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _quiet_anomaly():
+    """``torch.autograd.detect_anomaly``, without its warning that anomaly mode is slow (that is measured here)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+        with torch.autograd.detect_anomaly(check_nan=True):
+            yield
 
 
 def _sync(dev) -> None:
@@ -134,7 +145,7 @@ def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True):
         opt = torch.optim.SGD(model.parameters(), lr=LR)
 
         def run(k):
-            with torch.autograd.detect_anomaly(check_nan=True) if anomaly else _null():
+            with _quiet_anomaly() if anomaly else _null():
                 for i in range(k):
                     x, y = tb[i % len(tb)]
                     opt.zero_grad(set_to_none=True)

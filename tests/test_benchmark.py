@@ -32,8 +32,9 @@ def bench(tmp_path_factory):
     """One tiny run of the whole benchmark (every model, both frameworks, the sweep): its JSON, stdout and PNG.
 
     Run once for the module, on first use. Function-scoped so that the autouse ``needs``
-    check (conftest) skips or fails first when a framework is missing. About 40-60 s on
-    2 CPU cores, most of it importing Keras and tracing the TF contenders.
+    check (conftest) skips or fails first when a framework is missing. About 30-50 s on
+    2 CPU cores, most of it importing Keras and tracing the TF contenders. One thread per
+    framework: on a busy machine, two OpenMP threads can make a tiny step 100x slower.
     """
     if not _RUN:  # a failed run is kept too: it is not rerun for every test
         _RUN["result"] = _run(tmp_path_factory.mktemp("bench"))
@@ -47,8 +48,8 @@ def _run(tmp):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     plot = ["--png", str(out_png)] if importlib.util.find_spec("matplotlib") else []  # the 'scenarios' extra
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--tiny", "--json", str(out_json),
-                          *plot], capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--tiny", "--threads", "1",
+                          "--json", str(out_json), *plot], capture_output=True, text=True, env=env, timeout=300, check=False)
     return out, out_json, out_png
 
 
@@ -92,6 +93,7 @@ def test_ratios_name_their_own_baselines(bench):
         guard = tf_rows["tf keras_guard in model.fit"]
         assert guard["baseline"] == "tf model.fit"
         assert guard["ratio_to_baseline"] == guard["vs"]["tf model.fit"]
+    assert results["settings"]["threads"] == 1
         fresh = tf_rows["tf fresh StabilityTrainer (new model, tracing included)"]
         assert fresh["baseline"] == "tf fresh bare loop (new model, tracing included)"
         assert fresh["steps"] == results["settings"]["fresh_steps"]
