@@ -93,11 +93,11 @@ def test_ratios_name_their_own_baselines(bench):
         guard = tf_rows["tf keras_guard in model.fit"]
         assert guard["baseline"] == "tf model.fit"
         assert guard["ratio_to_baseline"] == guard["vs"]["tf model.fit"]
-    assert results["settings"]["threads"] == 1
         fresh = tf_rows["tf fresh StabilityTrainer (new model, tracing included)"]
         assert fresh["baseline"] == "tf fresh bare loop (new model, tracing included)"
         assert fresh["steps"] == results["settings"]["fresh_steps"]
         assert results["sections"][f"torch/{kind}"]["contenders"]["torch bare loop"]["baseline"] is None
+    assert results["settings"]["threads"] == 1
 
 
 @pytest.mark.needs("torch", "tensorflow", "matplotlib")
