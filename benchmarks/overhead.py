@@ -202,7 +202,8 @@ def run_section(fw: str, kind: str, cfg: dict, steps: int, repeats: int, warmup:
         contenders, meta = tf_contenders(kind, cfg, data, fresh_steps=fresh_steps)
     table = summarize(measure(contenders, steps, repeats, warmup), contenders, meta, steps)
     section = {"contenders": table, "memory": memory(contenders), "bare": meta["bare"],
-               "references": meta["references"], "skipped": meta.get("skipped", {}), "steps": steps, "repeats": repeats, "warmup": warmup,
+               "references": meta["references"], "skipped": meta.get("skipped", {}),
+               "steps": steps, "repeats": repeats, "warmup": warmup,
                "batch": cfg["batch"], "model": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                "seconds": time.perf_counter() - start}
     print_section(f"{fw} / {kind}", section, meta)

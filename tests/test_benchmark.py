@@ -49,7 +49,8 @@ def _run(tmp):
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     plot = ["--png", str(out_png)] if importlib.util.find_spec("matplotlib") else []  # the 'scenarios' extra
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--tiny", "--threads", "1",
-                          "--json", str(out_json), *plot], capture_output=True, text=True, env=env, timeout=300, check=False)
+                          "--json", str(out_json), *plot],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
     return out, out_json, out_png
 
 
