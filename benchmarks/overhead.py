@@ -13,8 +13,9 @@ Each guard is also compared with every reference loop of its framework:
     tf:    bare tf.function loop; model.fit; bare under tf.debugging.enable_check_numerics.
 
 Guarded contenders
-    torch: StabilityTrainer (torch.optim SGD, default settings + clip_norm=1.0);
-           TorchGuard in the hand-written loop; TorchGuard(verify_updates=True).
+    torch: StabilityTrainer (torch.optim SGD, default settings: check + skip);
+           TorchGuard in the hand-written loop (default settings); TorchGuard(clip_norm=1.0)
+           against the loop with clip_grad_norm_; TorchGuard(verify_updates=True).
     tf:    StabilityTrainer with keras.optimizers.SGD, traced before timing;
            StabilityTrainer with stabilize's neutral SGD; keras_guard in model.fit;
            and a fresh pair: a new StabilityTrainer on a new model, tracing
@@ -29,7 +30,7 @@ Models: an MLP 256-512-512-512-1 (batch 256), a conv net (16x16x3 input, two
 3x3 convolutions of 32 channels, batch 64), an LSTM regressor (32 steps of 32
 features, 128 units, batch 64), the same architectures in torch and Keras; and
 a torch-only sweep of MLPs 256-w-w-w-1 from ~0.1M to ~50M parameters (batch
-64; bare loop, TorchGuard, trainer), where the overhead falls as compute grows.
+512; bare loop, TorchGuard, trainer), where the overhead falls as compute grows.
 The largest sizes run fewer rounds of fewer steps (never under 5 rounds
 unless --repeats asks for fewer).
 
@@ -70,9 +71,11 @@ SIZES = {"mlp": dict(sizes=(256, 512, 512, 512, 1), batch=256), "conv": dict(bat
 TINY = {"mlp": dict(sizes=(8, 16, 1), batch=8), "conv": dict(batch=4, channels=4),
         "lstm": dict(seq=4, features=4, hidden=8, batch=4)}
 
-# The sweep: MLPs of `depth` hidden layers of one width, sized to these parameter counts.
+# The sweep: MLPs of `depth` hidden layers of one width, sized to these parameter counts. Batch 512:
+# the guard's cost is a pass over the gradients (O(parameters)), the step's is O(batch x parameters);
+# at a batch of 64 a CPU step of a large MLP is itself little more than a few passes over memory.
 # Each size: (target parameters, steps per round, most rounds); larger models run fewer of both.
-SWEEP = dict(inputs=256, depth=3, batch=64, sizes=((1e5, 32, None), (1e6, 16, None), (5e6, 8, None),
+SWEEP = dict(inputs=256, depth=3, batch=512, sizes=((1e5, 32, None), (1e6, 16, None), (5e6, 8, None),
                                                      (15e6, 4, 5), (5e7, 2, 5)))
 TINY_SWEEP = dict(inputs=8, depth=3, batch=8, sizes=((200, 2, None), (1000, 2, None), (4000, 2, None)))
 FRESH_STEPS, TINY_FRESH_STEPS = 60, 4

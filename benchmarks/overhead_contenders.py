@@ -159,24 +159,25 @@ def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True):
     def trainer():
         model = torch_model(kind, cfg, dev)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        t = StabilityTrainer(model, mse, opt, clip_norm=1.0, progress=False)
+        t = StabilityTrainer(model, mse, opt, progress=False)  # default settings: check + skip
 
         def run(k):
             t.fit([tb[i % len(tb)] for i in range(k)])
             _sync(dev)
         return Contender(run, guarded=True, holders=(t,), footprint=torch_footprint(model, opt))
 
-    def guard_loop(**options):
+    def guard_loop(baseline=None, **options):
         model = torch_model(kind, cfg, dev)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        guard = TorchGuard(model, opt, clip_norm=1.0, **options)
+        guard = TorchGuard(model, opt, **options)
 
         def run(k):
             for i in range(k):
                 x, y = tb[i % len(tb)]
                 guard.step(mse(model(x), y))
             _sync(dev)
-        return Contender(run, guarded=True, holders=(guard,), footprint=torch_footprint(model, opt))
+        return Contender(run, guarded=True, holders=(guard,), footprint=torch_footprint(model, opt),
+                         baseline=baseline)
 
     out = {"torch bare loop": bare()}
     if full:
@@ -184,6 +185,8 @@ def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True):
     out["torch StabilityTrainer (torch.optim)"] = trainer()
     out["torch TorchGuard in the loop"] = guard_loop()
     if full:
+        # Clipping is one more pass over the gradients: compared with the loop that clips too.
+        out["torch TorchGuard(clip_norm=1.0)"] = guard_loop(baseline="torch + clip_grad_norm_", clip_norm=1.0)
         # The price of an exact undo of a native update: a copy of the parameters and optimizer state per step.
         out["torch TorchGuard(verify_updates=True)"] = guard_loop(verify_updates=True)
         out["torch bare under detect_anomaly"] = bare(anomaly=True)
@@ -267,7 +270,7 @@ def tf_contenders(kind: str, cfg: dict, data: list, fresh_steps: int = 60):
         inner = opt = keras.optimizers.SGD(LR)
         callbacks = []
         if guarded:
-            opt, cb = keras_guard(inner, clip_norm=1.0)
+            opt, cb = keras_guard(inner)
             callbacks = [cb]
         model.compile(optimizer=opt, loss="mse")
         datasets = {}  # k -> a cached dataset of k batches: one fit call, one epoch, k steps
@@ -289,7 +292,7 @@ def tf_contenders(kind: str, cfg: dict, data: list, fresh_steps: int = 60):
         model = keras_model(kind, cfg)
         opt = SGD(lr=LR) if neutral else keras.optimizers.SGD(LR)
         try:
-            t = StabilityTrainer(model, mse, opt, clip_norm=1.0, progress=False)
+            t = StabilityTrainer(model, mse, opt, progress=False)
         except ValueError as exc:  # Keras' LSTM holds a seed-generator variable, which the neutral path refuses
             if not neutral:
                 raise
@@ -309,7 +312,7 @@ def tf_contenders(kind: str, cfg: dict, data: list, fresh_steps: int = 60):
         float(loss)
 
     def fresh_trainer(_k):
-        t = StabilityTrainer(keras_model(kind, cfg), mse, keras.optimizers.SGD(LR), clip_norm=1.0, progress=False)
+        t = StabilityTrainer(keras_model(kind, cfg), mse, keras.optimizers.SGD(LR), progress=False)
         t.fit([tb[i % len(tb)] for i in range(fresh_steps)])
 
     out = {"tf bare tf.function loop": bare(), "tf model.fit": fit(),

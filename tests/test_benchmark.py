@@ -16,11 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 TORCH = ["torch bare loop", "torch + clip_grad_norm_", "torch StabilityTrainer (torch.optim)",
-         "torch TorchGuard in the loop", "torch TorchGuard(verify_updates=True)", "torch bare under detect_anomaly"]
+         "torch TorchGuard in the loop", "torch TorchGuard(verify_updates=True)", "torch bare under detect_anomaly",
+         "torch TorchGuard(clip_norm=1.0)"]
 TF = ["tf bare tf.function loop", "tf model.fit", "tf StabilityTrainer (keras SGD)",
       "tf StabilityTrainer (neutral SGD)", "tf keras_guard in model.fit", "tf bare under enable_check_numerics",
       "tf fresh bare loop (new model, tracing included)", "tf fresh StabilityTrainer (new model, tracing included)"]
-GUARDS = {"torch": TORCH[2:5], "tensorflow": TF[2:5]}
+GUARDS = {"torch": TORCH[2:5] + TORCH[6:], "tensorflow": TF[2:5]}
 SWEEP = ["torch bare loop", "torch StabilityTrainer (torch.optim)", "torch TorchGuard in the loop"]
 
 
@@ -97,7 +98,11 @@ def test_ratios_name_their_own_baselines(bench):
         fresh = tf_rows["tf fresh StabilityTrainer (new model, tracing included)"]
         assert fresh["baseline"] == "tf fresh bare loop (new model, tracing included)"
         assert fresh["steps"] == results["settings"]["fresh_steps"]
-        assert results["sections"][f"torch/{kind}"]["contenders"]["torch bare loop"]["baseline"] is None
+        torch_rows = results["sections"][f"torch/{kind}"]["contenders"]
+        assert torch_rows["torch bare loop"]["baseline"] is None
+        clipped = torch_rows["torch TorchGuard(clip_norm=1.0)"]
+        assert clipped["baseline"] == "torch + clip_grad_norm_"
+        assert clipped["ratio_to_baseline"] == clipped["vs"]["torch + clip_grad_norm_"]
     assert results["settings"]["threads"] == 1
 
 
