@@ -19,6 +19,7 @@ from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
 from .torch_state import Snapshot, TorchState, optimizer_params
+from .torch_deferred import DeferredStep
 from .torch_step import TorchStep
 
 __all__ = ["TorchGuard", "check_model_and_optimizer"]
@@ -85,7 +86,14 @@ class TorchGuard:
             ``max_update_ratio``) and undo it exactly if bad; costs a copy of
             the parameters and optimizer state per step. Without it, weights an
             update broke are restored from the last snapshot (the event says how
-            many steps that loses).
+            many steps that loses) under ``on_nonfinite="rollback"``; under the
+            other policies the run stops there (no snapshot is held).
+        sync_free: decide and commit on the device, read the statistics one step
+            late: no host sync per step on a GPU (:mod:`~stabilize.integrations.torch_deferred`).
+            :meth:`step` then returns a 0-d device bool (``bool()`` of it syncs); the
+            last step is read by :meth:`flush` (``history`` flushes too). Needs no
+            GradScaler, rollback, rewind, update checks or ranks; a fused optimizer
+            (``fused=True``) skips inside its kernel, others are selected per tensor.
         loss_fn: ``loss_fn(pred, target)``; with ``batch=(x, y)`` given to
             :meth:`step`, the first bad step is replayed and diagnosed.
         process_group: with torch.distributed, the group whose ranks decide
@@ -94,12 +102,13 @@ class TorchGuard:
             on every rank; only rank 0 prints.
         **settings: :class:`~stabilize.guard.settings.GuardSettings` (clip_norm,
             clip_value, on_nonfinite, backoff_factor, min_lr, grow_after,
-            max_bad_steps, max_rollbacks, snapshot_every, max_update_ratio, min_loss_scale, distributed,
-            spike, spike_z, spike_warmup, spike_alpha, skip_alarm, skip_alarm_fraction, skip_alarm_window).
+            max_bad_steps, max_rollbacks, snapshot_every, snapshot_to, snapshot_path, max_update_ratio,
+            min_loss_scale, distributed, spike, spike_z, spike_warmup, spike_alpha, skip_alarm,
+            skip_alarm_fraction, skip_alarm_window, events_path).
     """
 
     def __init__(self, model=None, optimizer=None, *, scaler=None, scheduler=None, verify_updates=False,
-                 restore_rng=True, loss_fn=None, process_group=None, **settings):
+                 restore_rng=True, loss_fn=None, process_group=None, sync_free=False, **settings):
         if model is None or optimizer is None:
             raise TypeError("TorchGuard needs the model and its optimizer: TorchGuard(model, optimizer, **settings), "
                             "then guard.step(loss) in the loop")
@@ -113,6 +122,13 @@ class TorchGuard:
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
         self.supervisor = Supervisor(self.settings)
         self._step.limits = self.supervisor.spike_limits
+        self._deferred = None
+        if sync_free:
+            if verify_updates:
+                raise ValueError("sync_free=True cannot be combined with verify_updates (each update is read "
+                                 "back before it stays): use one or the other")
+            self._deferred = DeferredStep(self.state, self.settings)
+            self._deferred.limits = self.supervisor.spike_limits
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
         self._snapshots = SnapshotStore(self.settings, lambda where: self.state.capture(where=where),
                                         self.state.restore, lambda snap: Snapshot(*snap))
@@ -120,7 +136,19 @@ class TorchGuard:
 
     @property
     def history(self) -> History:
+        self.flush()
         return self.supervisor.history()
+
+    def flush(self) -> None:
+        """``sync_free``: read and judge the steps not yet read (call after the loop; raises
+        ``NonFiniteError`` as the next step would have). Without ``sync_free``: nothing to do."""
+        if self._deferred is None:
+            return
+        for stats in self._deferred.collect():
+            decision = self.supervisor.observe(stats, epoch=0, batch=self.supervisor.step)
+            if decision.stop:
+                self._step.zero_grad()
+                self.supervisor.raise_for(decision)
 
     @property
     def lr(self) -> float:
@@ -129,7 +157,7 @@ class TorchGuard:
 
     def backward(self, loss) -> None:
         """Backward one micro-batch of an accumulated step (no update)."""
-        self._step.backward(loss)
+        (self._deferred or self._step).backward(loss)
 
     def step(self, loss=None, model=None, optimizer=None, batch=None) -> bool:
         """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied."""
@@ -137,6 +165,13 @@ class TorchGuard:
             raise ValueError("this guard was built for another model or optimizer; build one TorchGuard per optimizer")
         if self.supervisor.keeps_snapshot and not self._snapshots.held:
             self._take_snapshot()
+        if self._deferred is not None:  # decided on the device; the last step's numbers judged now
+            if loss is not None:
+                self._deferred.backward(loss)
+            self.flush()
+            applied = self._deferred.step(self.supervisor.lr)
+            self._step.zero_grad()
+            return applied
         if loss is not None:
             self._step.backward(loss)
         sup = self.supervisor
