@@ -222,7 +222,7 @@ def _norm(grads, device) -> torch.Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
     acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    return torch.linalg.vector_norm(tensor_norms(grads, 2.0, acc).to(torch.float64))
+    return torch.linalg.vector_norm(tensor_norms(grads, 2.0, acc), dtype=torch.float64)
 
 
 def _check_device(t, device):

@@ -75,7 +75,7 @@ class TorchStep:
     def backward(self, loss) -> None:
         """Backward one (micro-)batch loss, scaled by the ``GradScaler`` if there is one."""
         loss = check_loss(loss)
-        self._losses.append(loss.detach())
+        self._losses.append(loss.detach().reshape(()))
         scaler = self.state.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
@@ -164,7 +164,7 @@ class TorchStep:
                 parts.append(st.buffers_finite())  # BatchNorm statistics the forward pass just wrote
         if scaled:
             parts.append(st.scaler._get_scale_async())
-        out = self.B.read(torch.stack([p.detach().to(torch.float64).reshape(()) for p in parts]))
+        out = self.B.read(torch.stack([p if p.dtype == torch.float64 else p.to(torch.float64) for p in parts]))
         scale = out.pop() if scaled else 1.0
         if self.reducer is not None:
             return out[0], out[1], out[2], out[3] == 1.0, out[4] == 1.0, scale
@@ -177,7 +177,7 @@ class TorchStep:
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=device)
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        return torch.linalg.vector_norm(tensor_norms(grads, 2.0, acc).to(torch.float64))
+        return torch.linalg.vector_norm(tensor_norms(grads, 2.0, acc), dtype=torch.float64)
 
     def on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank (``flag`` itself without ranks): one all-reduce, made
