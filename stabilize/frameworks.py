@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["framework_of", "keras_convention", "has_state_buffers", "has_batchnorm", "resolve_loss"]
+__all__ = ["framework_of", "keras_convention", "state_buffer_names", "has_batchnorm", "resolve_loss"]
 
 
 def framework_of(obj) -> str | None:
@@ -34,13 +34,15 @@ def keras_convention(loss, framework) -> bool:
     return isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras")
 
 
-def has_state_buffers(model) -> bool:
+def state_buffer_names(model) -> list[str]:
+    """The names of the state a forward pass may change outside the parameters: torch buffers, Keras
+    non-trainable variables (BatchNorm statistics, a layer's seed-generator state)."""
     torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
     if torch is not None and isinstance(model, torch.nn.Module):
-        return any(True for _ in model.buffers())
+        return [name for name, _ in model.named_buffers()]
     if keras is not None and isinstance(model, keras.Model):
-        return bool(model.non_trainable_variables)
-    return False
+        return [v.path for v in model.non_trainable_variables]
+    return []
 
 
 def has_batchnorm(model) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import logs
 from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm, resolve_loss
-from .frameworks import has_state_buffers as _has_state_buffers
+from .frameworks import state_buffer_names
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
 from .guard.replay import replay_failed_step
 from .guard.settings import GuardSettings
@@ -116,9 +116,11 @@ class StabilityTrainer:
         if isinstance(opt, OptimizerSpec):
             if schedule is not None and not callable(schedule):
                 raise TypeError("with a stabilize.optim spec, schedule is schedule(applied_steps) -> factor")
-            if _has_state_buffers(self.model):
-                raise ValueError("a model with buffers or non-trainable variables (BatchNorm) needs a native "
-                                 "optimizer (torch.optim or keras) so that its state is protected; pass one")
+            held = state_buffer_names(self.model)
+            if held:
+                raise ValueError(f"the model holds state outside its parameters ({', '.join(held[:4])}"
+                                 f"{', ...' if len(held) > 4 else ''}), which a stabilize.optim spec cannot put back "
+                                 f"after a bad step: pass a native optimizer (torch.optim or keras) instead")
             from .integrations.neutral import NeutralUpdater
 
             params = B.parameters(self.model)

@@ -122,3 +122,15 @@ def test_back_off_factor_multiplies_the_schedule_on_the_device():
     assert step.run(X, y, lr_factor=0.5)["committed"] == 1.0
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(plain.trainable_variables, model.trainable_variables))
     assert isinstance(step.guard.inner_optimizer._learning_rate, keras.optimizers.schedules.ExponentialDecay)
+
+
+def test_a_spec_optimizer_on_a_model_with_state_names_that_state():
+    import keras
+
+    import stabilize
+    from stabilize.optim import SGD
+
+    model = keras.Sequential([keras.Input((4, 3)), keras.layers.LSTM(8), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"holds state outside its parameters \(seed_generator/seed_generator_state\)"
+                                         r".*pass a native optimizer"):
+        stabilize.StabilityTrainer(model, "mse", SGD(lr=0.1))
