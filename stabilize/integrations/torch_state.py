@@ -97,6 +97,7 @@ class TorchState:
         self.restore_rng = restore_rng
         self.params = optimizer_params(optimizer)
         self.buffers = [b for b in model.buffers()]
+        self._float_buffers: bool | None = None
         self._marked: list[torch.Tensor] | None = None
         self._marked_rng: dict | None = None
 
@@ -120,7 +121,9 @@ class TorchState:
 
     @property
     def has_float_buffers(self) -> bool:
-        return any(b.is_floating_point() and b.numel() for b in self.buffers)
+        if self._float_buffers is None:  # the module's buffers are fixed once the state is built
+            self._float_buffers = any(b.is_floating_point() and b.numel() for b in self.buffers)
+        return self._float_buffers
 
     def buffers_finite(self) -> torch.Tensor:
         floats = [b for b in self.buffers if b.is_floating_point() and b.numel()]

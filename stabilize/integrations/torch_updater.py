@@ -87,10 +87,10 @@ class TorchUpdater:
     def training(self):
         with train_mode(self.model):
             self.state.mark()  # what a skipped step returns the buffers and RNG to
+            self.optimizer.zero_grad(set_to_none=True)  # gradients left by the user's own code; then after each step
             yield
 
     def run(self, xb, yb, rate, before_unguarded=None) -> dict:
-        self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(xb), yb)
         self._step.backward(loss)
         stats = self._step.step(rate, before_unguarded)
