@@ -143,6 +143,11 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._install(self.model)
         if getattr(self.model, "steps_per_execution", 1) != 1:
             raise ValueError("keras_guard judges every step between steps: compile with steps_per_execution=1")
+        strategy = getattr(self.model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            # fit has built the model and its metrics: make the shadows now, as a variable made while
+            # the step is traced makes tf.function trace it a second time
+            self._shadow(self.model, self._outer)
         self._sync_shadows()
         self.guarded.state.set_factor(policy_factor(self.supervisor))
         if self.settings.guarded and self._snapshot is None:

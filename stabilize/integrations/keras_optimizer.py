@@ -244,8 +244,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         rc = dist.replica_context()
         if rc is not None:  # tf.distribute: one reduction, then every replica judges the same numbers
             grads, loss_ok, buffers_ok, loss = dist.reduce_step(rc, self._state, s, grads, loss_ok, buffers_ok, loss)
-        grads_ok = all_finite(grads)
         raw_norm = global_norm(grads)
+        # A finite norm means every gradient element is finite, so a good step reads the gradients once;
+        # a non-finite norm may still come from finite gradients whose squares overflow: look at each.
+        grads_ok = ops.cond(ops.isfinite(raw_norm), lambda: ops.convert_to_tensor(True), lambda: all_finite(grads))
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
         if s.clips:
             grads = clip(grads, s, norm)
