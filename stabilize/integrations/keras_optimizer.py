@@ -245,9 +245,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if rc is not None:  # tf.distribute: one reduction, then every replica judges the same numbers
             grads, loss_ok, buffers_ok, loss = dist.reduce_step(rc, self._state, s, grads, loss_ok, buffers_ok, loss)
         raw_norm = global_norm(grads)
-        # A finite norm means every gradient element is finite, so a good step reads the gradients once;
-        # a non-finite norm may still come from finite gradients whose squares overflow: look at each.
-        grads_ok = ops.cond(ops.isfinite(raw_norm), lambda: ops.convert_to_tensor(True), lambda: all_finite(grads))
+        # A finite norm means every gradient element is finite, so a good step reads the gradients once.
+        # Only a suspect step (a non-finite norm, which finite gradients whose squares overflow also give,
+        # loss or buffer) looks at each gradient, and at the weights: every step that is not committed is
+        # suspect, and leaves the weights as they are now. One cond for both: each costs time to trace.
+        suspect = ~(ops.isfinite(raw_norm) & loss_ok & buffers_ok)
+        check_weights = s.max_update_ratio is None  # else the weights are checked after the update
+        grads_ok, weights_now_ok = ops.cond(
+            suspect,
+            lambda: (all_finite(grads), all_finite([v.value for v in tvs]) if check_weights else ops.ones((), "bool")),
+            lambda: (ops.ones((), "bool"), ops.ones((), "bool")))
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
         if s.clips:
             grads = clip(grads, s, norm)
@@ -278,8 +285,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             committed = applied & ~undo
         else:
             committed = applied & ((loss_ok & buffers_ok) | (not s.guarded))
-            weights_ok = ops.cond(committed, lambda: ops.convert_to_tensor(True),
-                                  lambda: buffers_ok & all_finite([v.value for v in tvs]))
+            weights_ok = committed | (buffers_ok & weights_now_ok)
         scaler_skip = ops.convert_to_tensor(False)
         if scaler is not None:
             scaler_skip = loss_ok & ~grads_ok & (ops.cast(scaler.dynamic_scale, "float32") >= s.min_loss_scale)

@@ -61,7 +61,9 @@ class KerasTrainStep:
         import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
 
         self._tf = tf
-        self._step = tf.function(self._traced, reduce_retracing=True)
+        # No autograph, as in Keras's own fit: the step branches with ops.cond only, and converting
+        # every function it calls would make the one trace several times slower.
+        self._step = tf.function(self._traced, reduce_retracing=True, autograph=False)
 
     def _traced(self, x, y):
         state = self.guard.state
