@@ -67,7 +67,7 @@ def _trainer(native, **settings):
     from stabilize.optim import SGD
 
     opt = keras.optimizers.SGD(LR) if native else SGD(lr=LR)
-    mse = lambda y_true, y_pred: tf.reduce_mean(tf.square(y_pred - y_true))  # noqa: E731
+    mse = lambda y_true, y_pred: tf.reduce_mean(tf.square(y_pred - y_true))
     return StabilityTrainer(_model(settings.pop("dtype", "float32")), mse, opt, progress=False, **settings)
 
 

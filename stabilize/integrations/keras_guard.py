@@ -17,7 +17,7 @@ from ..guard.settings import GuardSettings
 from ..guard.supervisor import Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
 
-__all__ = ["keras_guard", "StabilizeGuard", "check_optimizer", "policy_factor"]
+__all__ = ["StabilizeGuard", "check_optimizer", "keras_guard", "policy_factor"]
 
 
 def policy_factor(sup: Supervisor) -> float:
