@@ -191,7 +191,9 @@ class TensorFlowBackend(Backend):
         return tf.identity(x)
 
     def compile(self, fn):
-        return tf.function(fn, reduce_retracing=True)
+        # No autograph, as in Keras's own fit: the neutral step branches with where() only, and the
+        # conversion of every function it calls would make the one trace several times slower.
+        return tf.function(fn, reduce_retracing=True, autograph=False)
 
     def read(self, x):
         return x.numpy().tolist()

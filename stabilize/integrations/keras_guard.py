@@ -14,13 +14,13 @@ import keras
 from keras import ops
 
 from ..guard.settings import GuardSettings
-from ..guard.supervisor import STAT_FIELDS, Supervisor
+from ..guard.supervisor import Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
 
-__all__ = ["keras_guard", "StabilizeGuard", "check_optimizer"]
+__all__ = ["StabilizeGuard", "check_optimizer", "keras_guard", "policy_factor"]
 
 
-def _factor(sup: Supervisor) -> float:
+def policy_factor(sup: Supervisor) -> float:
     """The back-off factor the device multiplies onto the user's rate (1.0 when not backed off)."""
     factor = getattr(sup, "lr_factor", None)
     return float(sup.policy.factor if factor is None else factor)
@@ -34,10 +34,6 @@ def check_optimizer(optimizer, what: str):
         hint = " (for a torch optimizer use stabilize.TorchGuard)" if type(optimizer).__module__.startswith("torch") else ""
         raise TypeError(f"{what} needs a keras optimizer instance, e.g. keras.optimizers.Adam(1e-3){hint}; "
                         f"got {type(optimizer).__name__}")
-
-
-def _read_stats(state) -> dict:
-    return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(state.stats))))
 
 
 class StabilizeGuard(keras.callbacks.Callback):
@@ -61,6 +57,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._snapshot = None
         self._protected = self._outer = self._outer_protected = None
         self._outer_loss = None
+        self.tracing_count = 0  # traces of fit's step (one per replica under a strategy); 1 per model and signature
 
     @property
     def history(self):
@@ -107,13 +104,15 @@ class StabilizeGuard(keras.callbacks.Callback):
 
         state = self.guarded.ensure_state()
 
-        def guarded_train_step(data):
+        def guarded_train_step(data):  # Python runs here only while fit's step is traced
+            self.tracing_count += 1
             state.begin(data)
             logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
             self._shadow(model, outer)
             scale = None if outer is None else outer.dynamic_scale
             state.finish(self._protected, self._outer_protected, loss=self._outer_loss, scale=scale,
-                         min_loss_scale=self.settings.min_loss_scale)
+                         min_loss_scale=self.settings.min_loss_scale,
+                         base_lr=None if outer is None else self.guarded.user_rate())  # a skip left iterations alone
             if isinstance(logs, dict):  # the metrics as they are now: a skipped step left them as before
                 fresh = model.get_metrics_result()
                 logs = {k: fresh.get(k, v) for k, v in logs.items()}
@@ -144,8 +143,13 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._install(self.model)
         if getattr(self.model, "steps_per_execution", 1) != 1:
             raise ValueError("keras_guard judges every step between steps: compile with steps_per_execution=1")
+        strategy = getattr(self.model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            # fit has built the model and its metrics: make the shadows now, as a variable made while
+            # the step is traced makes tf.function trace it a second time
+            self._shadow(self.model, self._outer)
         self._sync_shadows()
-        self.guarded.state.lr_factor.assign(_factor(self.supervisor))
+        self.guarded.state.set_factor(policy_factor(self.supervisor))
         if self.settings.guarded and self._snapshot is None:
             self._take()
 
@@ -153,13 +157,10 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._epoch = epoch
         self._sync_shadows()  # fit has just reset the metrics
 
-    def on_train_batch_begin(self, batch, logs=None):
-        self._base_lr = float(ops.convert_to_numpy(self.guarded.learning_rate))  # a schedule, before it advances
-
     def on_train_batch_end(self, batch, logs=None):
         sup, state = self.supervisor, self.guarded.state
-        stats = _read_stats(state)
-        stats["lr"] = sup.lr(self._base_lr)
+        stats = state.read()  # one transfer: the statistics and the user's rate the step read
+        stats["lr"] = sup.lr(stats.pop("base_lr"))
         if stats["weights_finite"] != 1.0 and self._weights_broken():
             stats["weights_broken"] = 1.0  # an earlier update broke them, not just a buffer this step put back
         bad_data = stats["committed"] != 1.0 and int(ops.convert_to_numpy(state.data_ok)) == 0
@@ -186,7 +187,7 @@ class StabilizeGuard(keras.callbacks.Callback):
             self._take()
         elif decision.action == "scaler-skip" and sup.steps_since_snapshot() == 0:
             self._take()  # the snapshot held every applied step: keep it current (the scaler lowered its scale)
-        self.guarded.state.lr_factor.assign(_factor(sup))
+        self.guarded.state.set_factor(policy_factor(sup))  # an eager assign only when it changed
         if decision.stop:
             self.model.stop_training = True
             sup.raise_for(decision)
@@ -245,7 +246,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         load_variables_state(self._groups(model), saved["keras"], where)
         self.supervisor.load_state_dict(saved["supervisor"])
         load_rng_state(saved["rng"])
-        self.guarded.state.lr_factor.assign(_factor(self.supervisor))
+        self.guarded.state.set_factor(policy_factor(self.supervisor))
         self._snapshot = None  # the next fit takes a fresh rollback snapshot
         self._sync_shadows()
         return position

@@ -11,13 +11,15 @@ What the forward pass changed before ``apply`` (BatchNormalization's moving
 statistics, Dropout's seed-generator state, the loss tracker and compiled
 metrics) is held by :class:`Protected`: shadow copies synced after each
 committed step and put back, on the device, after one that is not
-(:meth:`StepState.finish`). ``keras_guard``'s callback and ``KerasTrainStep``
-both run this same code.
+(:meth:`StepState.finish`; both in :mod:`.keras_stepstate`). ``keras_guard``'s
+callback and ``KerasTrainStep`` both run this same code.
 
 Back-off multiplies the inner optimizer's own rate (a float, a variable set
 by ``LearningRateScheduler``/``ReduceLROnPlateau``, or a
-``LearningRateSchedule``) by ``lr_factor`` only while the update is traced;
-the user's rate is never overwritten.
+``LearningRateSchedule``) by ``lr_factor``, a variable the compiled step
+reads, swapped in only while the update is traced; the user's rate is never
+overwritten. ``apply`` writes the user's rate as the step read it into the
+statistics row, so the host reads no rate of its own between steps.
 """
 
 from __future__ import annotations
@@ -26,20 +28,13 @@ import contextlib
 import dataclasses
 
 import keras
-import numpy as np
 from keras import ops
 
 from ..guard.settings import GuardSettings
-from ..guard.supervisor import STAT_FIELDS
 from . import keras_distribute as dist
+from .keras_stepstate import Protected, StepState, _is_sparse, all_finite, copy_values
 
-__all__ = ["GuardedOptimizer", "Protected", "StepState", "copy_values"]
-
-_F = {name: i for i, name in enumerate(STAT_FIELDS)}
-
-
-def _is_sparse(g) -> bool:
-    return hasattr(g, "indices") and hasattr(g, "dense_shape")  # tf.IndexedSlices (Embedding gradients)
+__all__ = ["GuardedOptimizer", "Protected", "StepState", "all_finite", "copy_values"]
 
 
 def _dedup(g):
@@ -70,12 +65,6 @@ def global_norm(grads):
     return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, dt))) for g in present))
 
 
-def all_finite(values):
-    """Whether every element of every tensor is finite (sparse gradients: their values)."""
-    flags = [ops.all(ops.isfinite(g.values if _is_sparse(g) else g)) for g in values if g is not None]
-    return ops.all(ops.stack(flags)) if flags else ops.convert_to_tensor(True)
-
-
 def clip(grads, settings: GuardSettings, norm):
     """``stabilize.clip_grads``'s formula: clamp by value, then scale by ``min(c/(n+1e-6), 1)``.
 
@@ -96,115 +85,16 @@ def clip(grads, settings: GuardSettings, norm):
     return grads
 
 
-def copy_values(variables) -> list[np.ndarray]:
-    """Host copies of the variables' values that never share storage with them."""
-    return [np.array(ops.convert_to_numpy(v), copy=True) for v in variables]
-
-
-def _initial(v):
-    """A copy of ``v``'s value. A variable Keras makes while the step is first traced (the compiled
-    metrics) cannot be read yet: zeros, a metric's reset state, synced after the first kept step."""
-    try:
-        value = np.asarray(ops.convert_to_numpy(v))
-    except (ValueError, TypeError):
-        value = None
-    if value is not None and value.shape == tuple(v.shape):
-        return np.array(value, copy=True)
-    return "zeros"
-
-
-class Protected:
-    """Variables a forward pass may change before the step is judged, with their shadow copies.
-
-    The shadows hold the values after the last committed step. They are plain
-    variables owned here (not tracked by a model or an optimizer: not saved).
-    """
-
-    def __init__(self, variables):
-        self.variables = list(variables)
-        self.shadows = [keras.Variable(_initial(v), shape=v.shape, dtype=v.dtype, trainable=False, autocast=False,
-                                       name="stabilize_shadow") for v in self.variables]
-
-    def keep_or_restore(self, keep):
-        """In the compiled step: sync the shadows when ``keep``, else put them back (a select, never ``x*ok``)."""
-        if not self.variables:
-            return
-
-        def sync():
-            for v, s in zip(self.variables, self.shadows):
-                s.assign(v)
-
-        def restore():
-            for v, s in zip(self.variables, self.shadows):
-                v.assign(s)
-
-        ops.cond(keep, sync, restore)
-
-    def sync_now(self):
-        """Host side: the shadows take the live values (epoch begin, after a rollback)."""
-        for v, s in zip(self.variables, self.shadows):
-            s.assign(v)
-
-
-class StepState:
-    """The guard's device-side bookkeeping: ``lr_factor``, the last step's ``stats``, whether apply ran."""
-
-    def __init__(self):
-        self.lr_factor = keras.Variable(1.0, dtype="float32", trainable=False, autocast=False, name="stabilize_lr_factor")
-        self.stats = keras.Variable(np.zeros(len(STAT_FIELDS)), dtype="float64", trainable=False, autocast=False,
-                                    name="stabilize_stats")
-        self.called = keras.Variable(0, dtype="int32", trainable=False, autocast=False, name="stabilize_called")
-        self.data_ok = keras.Variable(1, dtype="int32", trainable=False, autocast=False, name="stabilize_data_ok")
-        self.data_ok_local = None
-
-    def begin(self, data=None):
-        """Start of the compiled step; with ``data``, note whether its float tensors are finite
-        (policy ``auto`` skips a bad batch without backing off)."""
-        self.called.assign(0)
-        if data is not None:
-            leaves = [t for t in keras.tree.flatten(data) if t is not None and "float" in str(getattr(t, "dtype", ""))]
-            self.data_ok_local = ops.cast(all_finite(leaves), "int32")  # this replica's; apply reduces it
-            self.data_ok.assign(self.data_ok_local)
-
-    def write(self, **values):
-        row = [ops.cast(values[name], "float64") for name in STAT_FIELDS]
-        self.stats.assign(ops.stack(row))
-        self.called.assign(1)
-
-    def finish(self, protected: Protected | None, outer: Protected | None = None, loss=None, scale=None,
-               min_loss_scale: float = 1.0):
-        """End of the compiled step: keep what the forward pass changed, or put it back.
-
-        Kept after a committed step and after a loss scaler's own overflow skip
-        (as without the guard: the forward pass was finite); put back otherwise.
-
-        ``outer`` protects the variables of a ``LossScaleOptimizer`` wrapped
-        *around* the guard (``scale`` is its ``dynamic_scale``). It calls the
-        guard's ``apply`` only when the scaled gradients are finite, so a step
-        where ``apply`` did not run is its overflow skip: a scaler event while
-        the loss is finite and the new scale is at least ``min_loss_scale``,
-        else a failure for the policy (and the scaler's state is put back).
-        """
-        committed = ops.equal(self.stats[_F["committed"]], 1.0)
-        scaler_skip = ops.equal(self.stats[_F["scaler_skip"]], 1.0)
-        if outer is not None:
-            ran = ops.equal(self.called, 1)
-            loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
-            overflow = loss_ok & (ops.cast(scale, "float32") >= min_loss_scale)
-            shown = float("nan") if loss is None else ops.cast(loss, "float32")
-            values = dict(loss=shown, grad_norm=float("nan"), loss_finite=loss_ok, grads_finite=False,
-                          weights_finite=True, update_ratio=0.0, large_update=False, scaler_skip=overflow,
-                          committed=False)
-            fallback = ops.stack([ops.cast(values[name], "float64") for name in STAT_FIELDS])
-            self.stats.assign(ops.where(ran, self.stats, fallback))
-            committed = ran & committed
-            scaler_skip = ops.where(ran, scaler_skip, overflow)
-        # A scaler's own overflow skip keeps what the forward pass did, as the unguarded loop does.
-        keep = committed | scaler_skip
-        if outer is not None:
-            outer.keep_or_restore(keep)
-        if protected is not None:
-            protected.keep_or_restore(keep)
+def _rate_of(rate, optimizer):
+    """The value of a Keras optimizer's ``_learning_rate`` (a schedule, a variable, a callable or a
+    number) at ``optimizer``'s ``iterations``, as a tensor."""
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        rate = rate(optimizer._iterations)
+    elif isinstance(rate, keras.Variable):
+        rate = rate.value
+    elif callable(rate):
+        rate = rate()
+    return ops.convert_to_tensor(rate)
 
 
 def _innermost(optimizer):
@@ -309,6 +199,11 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return cls(inner, **config)
 
     # -- the guarded update ----------------------------------------------------------
+    def user_rate(self):
+        """In the compiled step: the innermost optimizer's own rate now (a schedule at its ``iterations``)."""
+        base_opt = _innermost(self.inner_optimizer)
+        return _rate_of(base_opt._learning_rate, base_opt)
+
     @contextlib.contextmanager
     def _backed_off_lr(self):
         """While the update is traced, the innermost optimizer's rate reads ``base * lr_factor``
@@ -318,13 +213,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         factor, min_lr = self._state.lr_factor, self.settings.min_lr
 
         def rate():
-            if isinstance(orig, keras.optimizers.schedules.LearningRateSchedule):
-                base = orig(base_opt._iterations)
-            elif isinstance(orig, keras.Variable):
-                base = orig.value
-            else:
-                base = orig() if callable(orig) else orig
-            base = ops.convert_to_tensor(base)
+            base = _rate_of(orig, base_opt)
             f = ops.cast(factor, base.dtype)
             backed = ops.maximum(base * f, ops.minimum(ops.cast(min_lr, base.dtype), base))
             return ops.where(f < 1.0, backed, base)
@@ -345,6 +234,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         tvs = list(trainable_variables) if trainable_variables is not None else list(self._trainable_variables)
         grads = list(grads)
         s = self.settings
+        base_lr = self.user_rate()  # read before the update advances ``iterations``
         loss, self._captured_loss = self._captured_loss, None
         scaler = _scaler(self.inner_optimizer)
         scale = None if scaler is None else ops.cast(scaler.dynamic_scale, "float32")
@@ -354,8 +244,17 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         rc = dist.replica_context()
         if rc is not None:  # tf.distribute: one reduction, then every replica judges the same numbers
             grads, loss_ok, buffers_ok, loss = dist.reduce_step(rc, self._state, s, grads, loss_ok, buffers_ok, loss)
-        grads_ok = all_finite(grads)
         raw_norm = global_norm(grads)
+        # A finite norm means every gradient element is finite, so a good step reads the gradients once.
+        # Only a suspect step (a non-finite norm, which finite gradients whose squares overflow also give,
+        # loss or buffer) looks at each gradient, and at the weights: every step that is not committed is
+        # suspect, and leaves the weights as they are now. One cond for both: each costs time to trace.
+        suspect = ~(ops.isfinite(raw_norm) & loss_ok & buffers_ok)
+        check_weights = s.max_update_ratio is None  # else the weights are checked after the update
+        grads_ok, weights_now_ok = ops.cond(
+            suspect,
+            lambda: (all_finite(grads), all_finite([v.value for v in tvs]) if check_weights else ops.ones((), "bool")),
+            lambda: (ops.ones((), "bool"), ops.ones((), "bool")))
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
         if s.clips:
             grads = clip(grads, s, norm)
@@ -386,11 +285,10 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             committed = applied & ~undo
         else:
             committed = applied & ((loss_ok & buffers_ok) | (not s.guarded))
-            weights_ok = ops.cond(committed, lambda: ops.convert_to_tensor(True),
-                                  lambda: buffers_ok & all_finite([v.value for v in tvs]))
+            weights_ok = committed | (buffers_ok & weights_now_ok)
         scaler_skip = ops.convert_to_tensor(False)
         if scaler is not None:
             scaler_skip = loss_ok & ~grads_ok & (ops.cast(scaler.dynamic_scale, "float32") >= s.min_loss_scale)
         self._state.write(loss=ops.cast(loss, "float32") if loss is not None else float("nan"), grad_norm=norm,
                           loss_finite=loss_ok, grads_finite=grads_ok, weights_finite=weights_ok, update_ratio=ratio,
-                          large_update=large, scaler_skip=scaler_skip, committed=committed)
+                          large_update=large, scaler_skip=scaler_skip, committed=committed, base_lr=base_lr)

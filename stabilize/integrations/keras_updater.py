@@ -5,6 +5,12 @@ the loss called the Keras way ``loss_fn(y_true, y_pred)``, the gradients, and
 the very same guarded ``apply`` and :meth:`StepState.finish` that
 ``keras_guard`` runs inside ``model.fit``. Snapshots are host copies of every
 variable (trainable, non-trainable, optimizer) and never share storage.
+
+The policy's input, the back-off factor, is a variable the step reads
+(:meth:`StepState.set_factor` assigns it only when it changes), and the step
+returns the user's rate it read with its statistics: a good step costs one
+call of the compiled step and one read of its row, and it is traced once per
+input signature, not once per rate.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import numpy as np
 from keras import ops
 
 from ..guard.settings import GuardSettings
-from ..guard.supervisor import STAT_FIELDS
-from .keras_guard import check_optimizer
+from ..guard.supervisor import Supervisor
+from .keras_guard import check_optimizer, policy_factor
 from .keras_optimizer import GuardedOptimizer, Protected, all_finite, copy_values
+from .keras_stepstate import ROW
 
 __all__ = ["KerasTrainStep", "KerasUpdater"]
 
@@ -54,7 +61,9 @@ class KerasTrainStep:
         import tensorflow as tf  # gradients and compilation: Keras on TensorFlow has no backend-neutral tape
 
         self._tf = tf
-        self._step = tf.function(self._traced, reduce_retracing=True)
+        # No autograph, as in Keras's own fit: the step branches with ops.cond only, and converting
+        # every function it calls would make the one trace several times slower.
+        self._step = tf.function(self._traced, reduce_retracing=True, autograph=False)
 
     def _traced(self, x, y):
         state = self.guard.state
@@ -73,9 +82,15 @@ class KerasTrainStep:
         return ops.convert_to_tensor(state.stats)
 
     def run(self, x, y, lr_factor: float = 1.0) -> dict:
-        """One guarded step; returns the statistics (``committed`` as the device decided)."""
-        self.guard.state.lr_factor.assign(float(lr_factor))
-        return dict(zip(STAT_FIELDS, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+        """One guarded step; returns the statistics (``committed`` as the device decided) and
+        ``base_lr``, the user's rate the step read before ``lr_factor`` (assigned only when it changes)."""
+        self.guard.state.set_factor(lr_factor)
+        return dict(zip(ROW, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+
+    @property
+    def tracing_count(self) -> int:
+        """How many times the compiled step was traced (once per input signature)."""
+        return self._step.experimental_get_tracing_count()
 
     def _all(self):
         return self.variables + list(self.model.non_trainable_variables) + list(self.guard.variables)
@@ -126,9 +141,18 @@ class KerasUpdater:
         yield
 
     def run(self, xb, yb, rate) -> dict:
-        base = self.base_lr()
-        lr = rate(base)
-        stats = self.step.run(xb, yb, 1.0 if lr == base or not base else lr / base)
+        """One step at ``rate(base)``. ``rate`` is the Supervisor's ``lr``: its policy's factor goes to the
+        device (which floors at ``min_lr`` as the policy does), and the rate is taken from the base the
+        step read, with no read before it. Another callable costs a read of the rate first."""
+        sup = getattr(rate, "__self__", None)
+        if isinstance(sup, Supervisor):
+            stats = self.step.run(xb, yb, policy_factor(sup))
+            lr = rate(stats.pop("base_lr"))
+        else:
+            base = self.base_lr()
+            lr = rate(base)
+            stats = self.step.run(xb, yb, 1.0 if lr == base or not base else lr / base)
+            stats.pop("base_lr")
         stats["lr"] = lr
         if stats["committed"] == 1.0:
             self.applied += 1

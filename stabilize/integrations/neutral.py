@@ -5,6 +5,11 @@ checks it and commits it with ``where(ok, new, old)`` on the device; the
 optimizer state lives in backend variables created here. The models it drives
 (the MLP spec, or plain torch/keras models) hold no buffers the step must
 protect beyond what ``make_step`` commits.
+
+The rate and the spike limits are backend variables the step reads (on
+TensorFlow, inside the compiled step, so a new rate never retraces it). They
+are assigned only when their value changes: a back-off or a schedule does, a
+good step at a constant rate costs no assignment.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class NeutralUpdater:
         _, values = flatten_state(template)
         self.state_vars = [B.variable(v) for v in values]
         self._lr_var = B.variable(B.state_scalar(optimizer.lr, params[0]))
+        self._set = {"lr": float(optimizer.lr), "loss_max": float("inf"), "norm_max": float("inf")}  # last assigned
         # The spike detector's limits, set before each step (``limits() -> (loss_max, norm_max) | None``,
         # the Supervisor's ``spike_limits``); the step compares on the device.
         self.limits = None
@@ -52,14 +58,20 @@ class NeutralUpdater:
         factor = self.schedule(self.applied) if self.schedule is not None else 1.0
         return self.optimizer.lr * factor
 
+    def _set_scalar(self, name: str, var, value: float) -> None:
+        """Assign ``value`` to the step's input ``var`` only when it differs from what was last assigned."""
+        if value != self._set[name]:
+            self.B.assign(var, self.B.state_scalar(value, self.params[0]))
+            self._set[name] = value
+
     def run(self, xb, yb, rate) -> dict:
         B = self.B
         lr = rate(self.base_lr())
-        B.assign(self._lr_var, B.state_scalar(lr, self.params[0]))
+        self._set_scalar("lr", self._lr_var, lr)
         limits = self.limits() if self.limits is not None else None
         if limits is not None:
-            B.assign(self._loss_max, B.state_scalar(limits[0], self.params[0]))
-            B.assign(self._norm_max, B.state_scalar(limits[1], self.params[0]))
+            self._set_scalar("loss_max", self._loss_max, limits[0])
+            self._set_scalar("norm_max", self._norm_max, limits[1])
         values = B.read(self._step(xb, yb, self._lr_var, self._loss_max, self._norm_max))
         stats = dict(zip(STAT_FIELDS + ("spike",), values))
         stats["lr"] = lr
