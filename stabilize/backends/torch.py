@@ -13,7 +13,7 @@ import torch
 from .. import config
 from .base import Backend
 
-__all__ = ["TorchBackend", "tensor_norms"]
+__all__ = ["TorchBackend", "tensor_norms", "partial_norms"]
 
 _DTYPES = {
     "float16": torch.float16,
@@ -51,6 +51,25 @@ def tensor_norms(xs, ord=2.0, dtype=torch.float32) -> torch.Tensor:
         elif out[i] is None:
             out[i] = _row_norm(x, ord, dtype)
     return torch.stack(out) if out else torch.zeros(0, dtype=dtype)
+
+
+def partial_norms(xs, dtype=torch.float32) -> torch.Tensor:
+    """A 1-D tensor whose L2 norm is the global L2 norm of ``xs``: the norms of the short tensors (one
+    ``_foreach_norm``) and of the rows of the long ones, in ``dtype``. Fewer kernels than
+    :func:`tensor_norms` when only the total is wanted (the guarded step's norm and finite flag)."""
+    small = [x for x in xs if 0 < x.numel() <= 2 * _ROW]
+    parts = [torch.stack(torch._foreach_norm(small, 2.0, dtype=dtype))] if small else []
+    for x in xs:
+        n = x.numel()
+        if n > 2 * _ROW:
+            flat = x.reshape(-1)
+            k = n // _ROW
+            parts.append(torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), 2.0, dim=1, dtype=dtype))
+            if n > k * _ROW:
+                parts.append(torch.linalg.vector_norm(flat[k * _ROW:], 2.0, dtype=dtype).reshape(1))
+    if not parts:
+        return torch.zeros(1, dtype=dtype, device=xs[0].device if xs else "cpu")
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _row_norm(x, ord, dtype):

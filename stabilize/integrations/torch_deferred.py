@@ -6,7 +6,7 @@ stalls the CPU until the GPU catches up, so the next step's kernels are queued
 late. Here the step is decided and committed on the device, and its numbers
 are read one step later, when they are long done:
 
-1. on the device: the global norm (one pass, :func:`tensor_norms`), and
+1. on the device: the global norm (one pass, :func:`partial_norms`), and
    ``ok = finite(loss) & finite(norm) & finite(buffers) & ~spike``;
 2. clipping by a device-side coefficient ``min(max/(norm+1e-6), 1)`` (the same
    float32 formula as the synchronous step; multiplying by 1.0 is exact);
@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from ..backends.torch import tensor_norms
+from ..backends.torch import partial_norms
 from .torch_step import check_loss
 
 __all__ = ["DeferredStep"]
@@ -222,7 +222,7 @@ def _norm(grads, device) -> torch.Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
     acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    return torch.linalg.vector_norm(tensor_norms(grads, 2.0, acc), dtype=torch.float64)
+    return torch.linalg.vector_norm(partial_norms(grads, acc), dtype=torch.float64)
 
 
 def _check_device(t, device):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..backends.torch import tensor_norms
+from ..backends.torch import partial_norms
 from ..distributed import combine
 
 __all__ = ["TorchReducer", "local", "is_sharded"]
@@ -51,7 +51,7 @@ class TorchReducer:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         out = []
         for group in ([local(t) for t in tensors if is_sharded(t)], [t for t in tensors if not is_sharded(t)]):
-            norms = tensor_norms(group, 2.0, torch.float32).double() if group else None
+            norms = partial_norms(group, torch.float32).double() if group else None
             out.append(torch.dot(norms, norms) if norms is not None else zero)
         return out[0], out[1]
 

@@ -31,7 +31,7 @@ import torch
 
 from ..guard.settings import GuardSettings
 from ..guard.snapshots import nbytes
-from ..backends.torch import tensor_norms
+from ..backends.torch import partial_norms
 from ..registry import get_backend
 from ..distributed import combine
 from ..step import update_ratio
@@ -140,7 +140,7 @@ class TorchStep:
     def _measure(self, loss, grads) -> tuple:
         """The step's numbers in one read from the device: ``(loss, norm, current, loss_ok,
         buffers_ok, scale)``. ``norm`` is the global L2 norm of the gradients (``current``: after
-        ``clip_value``), per-tensor norms in one pass combined in float64 (:func:`tensor_norms`);
+        ``clip_value``), per-tensor norms in one pass combined in float64 (:func:`partial_norms`);
         it is non-finite exactly when a gradient is. With ranks, one all-reduce comes first."""
         s, st = self.settings, self.state
         scaled = st.scaler is not None and st.scaler.is_enabled()
@@ -177,7 +177,7 @@ class TorchStep:
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=device)
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        return torch.linalg.vector_norm(tensor_norms(grads, 2.0, acc), dtype=torch.float64)
+        return torch.linalg.vector_norm(partial_norms(grads, acc), dtype=torch.float64)
 
     def on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank (``flag`` itself without ranks): one all-reduce, made
