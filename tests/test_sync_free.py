@@ -90,6 +90,26 @@ def test_a_nan_gradient_leaves_adam_moments_bitwise_unchanged(fused):
     assert guard.history.events[-1].nonfinite == ("gradients",)
 
 
+def test_held_bytes_and_a_checkpoint_include_the_last_step(tmp_path):
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = stabilize.TorchGuard(model, opt, sync_free=True)
+    for x, y in _batches(3):
+        guard.step(torch.nn.functional.mse_loss(model(x), y))
+    params = sum(p.numel() * 4 for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # the pre-step copies of parameters and Adam's state (two moments and a step per parameter)
+    assert guard.held_bytes() == buffers + params + 2 * params + 4 * len(list(model.parameters()))
+    guard.save_checkpoint(tmp_path / "c.ckpt")
+    net = _net()
+    opt2 = torch.optim.Adam(net.parameters())
+    fresh = stabilize.TorchGuard(net, opt2, sync_free=True)
+    fresh.load_checkpoint(tmp_path / "c.ckpt")
+    assert fresh.history.steps.size == 3
+    for a, b in zip(_tensors(model, opt), _tensors(net, opt2)):
+        assert torch.equal(a, b)
+
+
 def test_a_bad_first_step_leaves_no_optimizer_state_behind():
     model = _net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

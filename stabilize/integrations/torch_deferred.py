@@ -47,6 +47,7 @@ import time
 import torch
 
 from ..backends.torch import partial_norms
+from ..guard.snapshots import nbytes
 from .torch_step import check_loss
 
 __all__ = ["DeferredStep"]
@@ -114,12 +115,11 @@ class DeferredStep:
                     ok &= ~spike
                 elif s.spike == "clip":  # ZClip: the bound is the limit on a spiking step
                     clip_at = limits[1] if bound is None else min(bound, limits[1])
-                    bound_t = torch.where(spike, torch.tensor(clip_at, device=dev),
-                                          torch.tensor(bound if bound is not None else float("inf"), device=dev))
+                    bound_t = torch.where(spike, _full(clip_at, dev), _full(bound if bound is not None else math.inf, dev))
                     self._clip(grads, current, bound_t)
                     bound = None
             if bound is not None and grads:
-                self._clip(grads, current, torch.tensor(bound, dtype=torch.float32, device=dev))
+                self._clip(grads, current, _full(bound, dev))
             if not s.guarded:
                 ok = torch.ones((), dtype=torch.bool, device=dev)
             self._commit(ok, rate)
@@ -189,6 +189,10 @@ class DeferredStep:
                     out.append(value)
         return out
 
+    def held_bytes(self) -> int:
+        """Bytes kept across steps: the buffers a skipped step selects back, the pre-step copies."""
+        return nbytes(self._marked) + nbytes(self._old or [])
+
     # -- one step late --------------------------------------------------------------------
     def _post(self, values, lr):
         host = torch.empty(values.shape, dtype=values.dtype, pin_memory=values.is_cuda)
@@ -216,6 +220,12 @@ class DeferredStep:
                         "large_update": 0.0, "scaler_skip": 0.0, "loss_scale": 1.0, "lr": lr})
         self._pending.clear()
         return out
+
+
+def _full(value: float, device) -> torch.Tensor:
+    """A float32 scalar on the device by a fill kernel (``torch.tensor(value, device=...)`` would copy
+    from pageable host memory: a sync)."""
+    return torch.full((), value, dtype=torch.float32, device=device)
 
 
 def _norm(grads, device) -> torch.Tensor:

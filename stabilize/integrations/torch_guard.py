@@ -208,6 +208,8 @@ class TorchGuard:
         from ..checkpoint import save
         from .torch_state import checkpoint_state
 
+        self.flush()  # sync_free: the last step's statistics belong to the saved history
+
         state = {"torch": checkpoint_state(self.state), "supervisor": self.supervisor.state_dict(),
                  "position": position}
         return save(path, state, meta={"kind": "TorchGuard", "steps": self.supervisor.step})
@@ -233,7 +235,7 @@ class TorchGuard:
     def held_bytes(self) -> int:
         """Bytes the guard holds in memory across steps: the rollback snapshot (only under
         ``rollback``), the buffers a skipped step puts back, and with ``verify_updates`` the undo copy."""
-        return self._snapshots.held_bytes() + self._step.held_bytes()
+        return self._snapshots.held_bytes() + (self._deferred or self._step).held_bytes()
 
     def _take_snapshot(self) -> None:
         self._snapshots.take()
