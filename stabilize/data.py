@@ -60,12 +60,14 @@ def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions,
                              "as they are (check them with stabilize.audit / stabilize.check_finite)")
     x_arr = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
     y_arr = np.asarray(y)
+    in_order = not shuffle and not skip_rows  # batches are then views of the arrays, not copies
     for i, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start : start + batch_size]
         if drop_last and len(idx) < batch_size:
             return
-        xb = {k: v[idx] for k, v in x_arr.items()} if isinstance(x_arr, dict) else x_arr[idx]
-        yield Batch(i, xb, y_arr[idx], idx)
+        take = slice(start, start + len(idx)) if in_order else idx
+        xb = {k: v[take] for k, v in x_arr.items()} if isinstance(x_arr, dict) else x_arr[take]
+        yield Batch(i, xb, y_arr[take], idx)
 
 
 def nonfinite_rows(xb, yb) -> np.ndarray:

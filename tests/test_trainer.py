@@ -278,3 +278,18 @@ def test_fit_refuses_degenerate_input_with_clear_errors():
         t.fit(X[:0], np.zeros((0, 1)))
     with pytest.raises(TypeError, match="batch_size must be an integer >= 1, got the str"):
         t.fit(X, np.zeros((4, 1)), batch_size="8")
+
+
+def test_unshuffled_batches_are_views_of_the_arrays_and_shuffled_ones_copies():
+    from stabilize.data import batches
+
+    X = np.arange(40.0).reshape(20, 2)
+    y = np.arange(20.0)
+    rng = np.random.default_rng(0)
+    views = list(batches(X, y, batch_size=8, shuffle=False, rng=rng, epoch=0, skip_rows=set(), skip_positions=set()))
+    assert [len(b.y) for b in views] == [8, 8, 4]
+    assert all(np.shares_memory(b.x, X) and np.shares_memory(b.y, y) for b in views)
+    np.testing.assert_array_equal(np.concatenate([b.x for b in views]), X)
+    np.testing.assert_array_equal(np.concatenate([b.rows for b in views]), np.arange(20))
+    left_out = list(batches(X, y, batch_size=8, shuffle=False, rng=rng, epoch=0, skip_rows={3}, skip_positions=set()))
+    assert 3 not in np.concatenate([b.rows for b in left_out]) and not np.shares_memory(left_out[0].x, X)
