@@ -13,7 +13,7 @@ import torch
 from .. import config
 from .base import Backend
 
-__all__ = ["TorchBackend", "tensor_norms", "partial_norms"]
+__all__ = ["TorchBackend", "global_l2", "partial_norms", "tensor_norms"]
 
 _DTYPES = {
     "float16": torch.float16,
@@ -70,6 +70,16 @@ def partial_norms(xs, dtype=torch.float32) -> torch.Tensor:
     if not parts:
         return torch.zeros(1, dtype=dtype, device=xs[0].device if xs else "cpu")
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def global_l2(xs, device) -> torch.Tensor:
+    """The global L2 norm of ``xs`` as a float64 scalar on ``device``: partial norms in float32
+    (float64 when an input is), combined in float64. Non-finite exactly when an element is
+    (or when the float32 squares overflow)."""
+    if not xs:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    return torch.linalg.vector_norm(partial_norms(xs, acc), dtype=torch.float64)
 
 
 def _row_norm(x, ord, dtype):

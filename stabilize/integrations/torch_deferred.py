@@ -6,7 +6,7 @@ stalls the CPU until the GPU catches up, so the next step's kernels are queued
 late. Here the step is decided and committed on the device, and its numbers
 are read one step later, when they are long done:
 
-1. on the device: the global norm (one pass, :func:`partial_norms`), and
+1. on the device: the global norm (one pass, :func:`~stabilize.backends.torch.global_l2`), and
    ``ok = finite(loss) & finite(norm) & finite(buffers) & ~spike``;
 2. clipping by a device-side coefficient ``min(max/(norm+1e-6), 1)`` (the same
    float32 formula as the synchronous step; multiplying by 1.0 is exact);
@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from ..backends.torch import partial_norms
+from ..backends.torch import global_l2
 from ..guard.snapshots import nbytes
 from .torch_step import check_loss
 
@@ -97,12 +97,12 @@ class DeferredStep:
         with torch.no_grad():
             loss = losses[0].double() if len(losses) == 1 else torch.stack([x.double() for x in losses]).sum()
             dev = loss.device
-            norm = _norm(grads, dev)
+            norm = global_l2(grads, dev)
             current = norm
             if s.clip_value is not None and grads:
                 torch._foreach_clamp_min_(grads, -s.clip_value)
                 torch._foreach_clamp_max_(grads, s.clip_value)
-                current = _norm(grads, dev)
+                current = global_l2(grads, dev)
             ok = torch.isfinite(loss) & torch.isfinite(norm)
             buffers_ok = st.buffers_finite() if st.has_float_buffers else torch.ones((), dtype=torch.bool, device=dev)
             ok &= buffers_ok
@@ -226,13 +226,6 @@ def _full(value: float, device) -> torch.Tensor:
     """A float32 scalar on the device by a fill kernel (``torch.tensor(value, device=...)`` would copy
     from pageable host memory: a sync)."""
     return torch.full((), value, dtype=torch.float32, device=device)
-
-
-def _norm(grads, device) -> torch.Tensor:
-    if not grads:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    return torch.linalg.vector_norm(partial_norms(grads, acc), dtype=torch.float64)
 
 
 def _check_device(t, device):

@@ -31,7 +31,7 @@ import torch
 
 from ..guard.settings import GuardSettings
 from ..guard.snapshots import nbytes
-from ..backends.torch import partial_norms
+from ..backends.torch import global_l2
 from ..registry import get_backend
 from ..distributed import combine
 from ..step import update_ratio
@@ -140,8 +140,9 @@ class TorchStep:
     def _measure(self, loss, grads) -> tuple:
         """The step's numbers in one read from the device: ``(loss, norm, current, loss_ok,
         buffers_ok, scale)``. ``norm`` is the global L2 norm of the gradients (``current``: after
-        ``clip_value``), per-tensor norms in one pass combined in float64 (:func:`partial_norms`);
-        it is non-finite exactly when a gradient is. With ranks, one all-reduce comes first."""
+        ``clip_value``), partial norms in one pass combined in float64
+        (:func:`~stabilize.backends.torch.global_l2`); it is non-finite exactly when a gradient
+        is. With ranks, one all-reduce comes first."""
         s, st = self.settings, self.state
         scaled = st.scaler is not None and st.scaler.is_enabled()
         clamp = s.clip_value is not None and grads
@@ -155,10 +156,10 @@ class TorchStep:
             loss, norm, current, loss_ok, _, buffers_ok = combine(vec, self.reducer.world, torch.sqrt, torch.isfinite)
             parts = [loss, norm, current, loss_ok, buffers_ok]
         else:  # the flags are read from the numbers themselves: fewer kernels, the same verdict
-            norm = current = self._norm(grads, dev)
+            norm = current = global_l2(grads, dev)
             if clamp:
                 _clamp(grads, s.clip_value)
-                current = self._norm(grads, dev)
+                current = global_l2(grads, dev)
             parts = [loss, norm, current] if clamp else [loss, norm]
             if st.has_float_buffers:
                 parts.append(st.buffers_finite())  # BatchNorm statistics the forward pass just wrote
@@ -172,12 +173,6 @@ class TorchStep:
         buffers_ok = out[-1] == 1.0 if st.has_float_buffers else True
         return out[0], out[1], current, True, buffers_ok, scale
 
-    @staticmethod
-    def _norm(grads, device) -> torch.Tensor:
-        if not grads:
-            return torch.zeros((), dtype=torch.float64, device=device)
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        return torch.linalg.vector_norm(partial_norms(grads, acc), dtype=torch.float64)
 
     def on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on some rank (``flag`` itself without ranks): one all-reduce, made
