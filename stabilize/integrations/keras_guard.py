@@ -4,6 +4,13 @@ It runs the same device code as the trainer's ``KerasTrainStep`` (:mod:`.keras_o
 optimizer's ``apply`` forms ``committed``, and :meth:`StepState.finish` keeps
 or puts back what the forward pass changed. Both hand the step's statistics
 to the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
+
+A rollback snapshot (numpy copies of every variable, or a file with
+``snapshot_to="disk"``; :mod:`~stabilize.guard.snapshots`) is held only under
+``on_nonfinite="rollback"``: under the other policies, weights that a Keras
+update made non-finite stop the fit with an error naming the ways out.
+``spike="skip"``/``"clip"`` are judged on the device; ``"rewind"`` needs the
+trainer's data loop and is refused here.
 """
 
 from __future__ import annotations
