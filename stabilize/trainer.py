@@ -102,7 +102,7 @@ class StabilityTrainer:
         if self.settings.spike is not None:  # the device compares each step with the detector's limits
             holder = self.updater if hasattr(self.updater, "limits") else getattr(self.updater, "_step", None)
             if holder is None or not hasattr(holder, "limits"):
-                raise ValueError("spike= is wired for stabilize.optim specs and torch.optim optimizers so far")
+                raise ValueError("spike= is wired for stabilize.optim specs, torch.optim and keras optimizers")
             holder.limits = self.supervisor.spike_limits
         self.policy = self.supervisor.policy
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).

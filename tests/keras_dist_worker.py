@@ -1,6 +1,6 @@
 """Child process for tests/test_keras_distributed.py: keras_guard under MirroredStrategy on 2 logical CPUs.
 
-Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM [CHECKPOINT_PATH]]  (FAULT: none, nan_input, inf_loss, nan_grad; POLICY: an on_nonfinite
+Usage: python keras_dist_worker.py FAULT POLICY [CLIP_NORM [CHECKPOINT_PATH]]  (FAULT: none, nan_input, inf_loss, nan_grad, spike; POLICY: an on_nonfinite
 value or "unguarded"). With WORKER_BATCHNORM=1 the model has a BatchNormalization layer; WORKER_REPLICAS=1 runs one replica. Prints one JSON line: per step, per variable, whether the replicas agree and the values.
 """
 
@@ -32,6 +32,8 @@ elif fault == "inf_loss":
     Y[13, 1] = 1.0  # the loss below turns inf for this row; its gradients stay finite
 elif fault == "nan_grad":
     Y[13, 1] = 2.0  # the loss below stays finite for this row; its gradient is NaN (inf * 0 in sqrt's)
+elif fault == "spike":  # batch 2, on both replicas: targets x30, a finite loss spike after a 2-step warm-up
+    Y[16:, 0] *= 30.0
 
 
 def loss(y, p):
@@ -56,7 +58,8 @@ with strategy.scope():
         opt, callbacks = inner, []
     else:
         # rollback: back to the snapshot taken at train begin after one bad step
-        opt, cb = stabilize.keras_guard(inner, on_nonfinite=policy, clip_norm=clip, max_bad_steps=1)
+        spike = {"spike": "skip", "spike_warmup": 2} if fault == "spike" else {}
+        opt, cb = stabilize.keras_guard(inner, on_nonfinite=policy, clip_norm=clip, max_bad_steps=1, **spike)
         callbacks = [cb]
     model.compile(optimizer=opt, loss=loss)
 
@@ -89,6 +92,7 @@ result["steps"] = rec.steps
 if policy != "unguarded":
     result["committed"] = [r["committed"] for r in cb.supervisor.rows]
     result["lr"] = [r["lr"] for r in cb.supervisor.rows]
+    result["spike"] = [r["spike"] for r in cb.supervisor.rows]
 if policy != "unguarded" and result["error"] is None and len(sys.argv) > 4:  # a checkpoint under the strategy
     path = cb.save_checkpoint(sys.argv[4], batch=len(rec.steps))
     with strategy.scope():

@@ -109,3 +109,12 @@ def test_a_strategy_with_one_replica():
     r = run("nan_input", "skip", replicas=1)
     assert r["error"] is None and r["committed"] == [1.0, 0.0, 1.0]
     assert r["steps"][1]["values"] == r["steps"][0]["values"]
+
+
+def test_a_spike_is_skipped_on_every_replica():
+    """spike="skip": the loss and norm the verdict reads are reduced across replicas, so both replicas
+    hold the spiking step back together, and their weights and optimizer state stay equal."""
+    r = run("spike", "skip")
+    assert r["error"] is None and r["spike"] == [0.0, 0.0, 1.0] and r["committed"] == [1.0, 1.0, 0.0]
+    steps = r["steps"]
+    assert all(s["agree"] for s in steps) and same(steps[2]["values"], steps[1]["values"])

@@ -79,7 +79,7 @@ def test_trainer_step_update_ratio_is_measured_on_the_applied_update_and_undone_
     assert Z.same(_every(model, opt), before)  # weights, BN statistics, seed state and iterations put back
 
 
-def test_fit_recovers_weights_an_update_made_non_finite():
+def _breaking_fit(policy):
     import keras
 
     import stabilize
@@ -89,11 +89,32 @@ def test_fit_recovers_weights_an_update_made_non_finite():
     y = X.sum(1, keepdims=True) * 1e4
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(1e36), on_nonfinite="skip")
+    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(1e36), on_nonfinite=policy, snapshot_every=1)
     model.compile(optimizer=opt, loss="mse")
-    model.fit(X, y, batch_size=4, shuffle=False, verbose=0, callbacks=[cb])
+    return model, cb, lambda: model.fit(X, y, batch_size=4, shuffle=False, verbose=0, callbacks=[cb])
+
+
+def test_fit_recovers_weights_an_update_made_non_finite():
+    model, cb, fit = _breaking_fit("rollback")
+    fit()
     assert all(np.isfinite(w).all() for w in model.get_weights())  # back to the last snapshot, not left broken
     assert any("weights" in e.nonfinite for e in cb.history.events)
+    assert cb.held_bytes() == sum(np.asarray(v).nbytes for v in _every(model, model.optimizer))
+
+
+@pytest.mark.parametrize("policy", ["skip", "backoff"])
+def test_weights_an_update_broke_stop_the_fit_when_no_snapshot_is_held(policy):
+    """Only rollback holds a snapshot: under skip, weights a native Keras update made non-finite stop the
+    fit at the step that finds them, and the error names the two ways out."""
+    import stabilize
+
+    model, cb, fit = _breaking_fit(policy)
+    with pytest.raises(stabilize.NonFiniteError, match=r"holds no snapshot to restore: pass on_nonfinite='rollback'"
+                                                       r".*verify_updates=True") as err:
+        fit()
+    assert cb.held_bytes() == 0 and not cb._snapshots.held
+    last = err.value.report.events[-1]
+    assert last.action == "raised" and "weights" in last.nonfinite
 
 
 def test_back_off_factor_multiplies_the_schedule_on_the_device():

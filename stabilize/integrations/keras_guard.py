@@ -4,6 +4,13 @@ It runs the same device code as the trainer's ``KerasTrainStep`` (:mod:`.keras_o
 optimizer's ``apply`` forms ``committed``, and :meth:`StepState.finish` keeps
 or puts back what the forward pass changed. Both hand the step's statistics
 to the same host loop body, :class:`~stabilize.guard.supervisor.Supervisor`.
+
+A rollback snapshot (numpy copies of every variable, or a file with
+``snapshot_to="disk"``; :mod:`~stabilize.guard.snapshots`) is held only under
+``on_nonfinite="rollback"``: under the other policies, weights that a Keras
+update made non-finite stop the fit with an error naming the ways out.
+``spike="skip"``/``"clip"`` are judged on the device; ``"rewind"`` needs the
+trainer's data loop and is refused here.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import keras
 from keras import ops
 
 from ..guard.settings import GuardSettings
+from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
 
@@ -50,11 +58,15 @@ class StabilizeGuard(keras.callbacks.Callback):
         super().__init__()
         self.guarded = guarded
         self.settings = guarded.settings
+        if self.settings.spike == "rewind":  # the callback does not own fit's data loop
+            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
+                             "use spike='skip' or 'clip' with keras_guard")
         self.supervisor = Supervisor(self.settings)
-        self.supervisor.keeps_snapshot = self.settings.guarded  # weights a Keras update broke come back from it
         self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
         self._epoch = 0
-        self._snapshot = None
+        # The rollback snapshot, held only under on_nonfinite="rollback" (guard/snapshots.py): host
+        # numpy copies for "device" and "host" alike, a durable file for "disk".
+        self._snapshots = SnapshotStore(self.settings, lambda where: copy_values(self._variables()), self._restore_values)
         self._protected = self._outer = self._outer_protected = None
         self._outer_loss = None
         self.tracing_count = 0  # traces of fit's step (one per replica under a strategy); 1 per model and signature
@@ -149,8 +161,8 @@ class StabilizeGuard(keras.callbacks.Callback):
             # the step is traced makes tf.function trace it a second time
             self._shadow(self.model, self._outer)
         self._sync_shadows()
-        self.guarded.state.set_factor(policy_factor(self.supervisor))
-        if self.settings.guarded and self._snapshot is None:
+        self._set_inputs()
+        if self.supervisor.keeps_snapshot and not self._snapshots.held:
             self._take()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -161,6 +173,8 @@ class StabilizeGuard(keras.callbacks.Callback):
         sup, state = self.supervisor, self.guarded.state
         stats = state.read()  # one transfer: the statistics and the user's rate the step read
         stats["lr"] = sup.lr(stats.pop("base_lr"))
+        if sup.spikes is not None:
+            stats.update(state.limits_now())  # the limits this step was judged against
         if stats["weights_finite"] != 1.0 and self._weights_broken():
             stats["weights_broken"] = 1.0  # an earlier update broke them, not just a buffer this step put back
         bad_data = stats["committed"] != 1.0 and int(ops.convert_to_numpy(state.data_ok)) == 0
@@ -181,13 +195,13 @@ class StabilizeGuard(keras.callbacks.Callback):
         sup = self.supervisor
         if decision.event is not None and decision.event.kind == "nonfinite":
             self._maybe_diagnose(lr)
-        if decision.restore and self._snapshot is not None:
-            self._restore()  # a rollback, or weights an earlier update made non-finite
-        elif decision.snapshot:
+        if decision.restore and self._snapshots.held:
+            self._snapshots.restore()  # a rollback, or weights an earlier update made non-finite
+        elif decision.snapshot and not self._weights_broken():  # never keep weights a native update broke
             self._take()
-        elif decision.action == "scaler-skip" and sup.steps_since_snapshot() == 0:
+        elif decision.action == "scaler-skip" and sup.keeps_snapshot and sup.steps_since_snapshot() == 0:
             self._take()  # the snapshot held every applied step: keep it current (the scaler lowered its scale)
-        self.guarded.state.set_factor(policy_factor(sup))  # an eager assign only when it changed
+        self._set_inputs()
         if decision.stop:
             self.model.stop_training = True
             sup.raise_for(decision)
@@ -197,14 +211,24 @@ class StabilizeGuard(keras.callbacks.Callback):
         m = self.model
         return list(m.trainable_variables) + list(m.non_trainable_variables) + list(m.optimizer.variables)
 
+    def _set_inputs(self):
+        """The policy's inputs to the next step: eager assigns only when they change."""
+        self.guarded.state.set_factor(policy_factor(self.supervisor))
+        self.guarded.state.set_limits(self.supervisor.spike_limits())
+
     def _take(self):
-        self._snapshot = copy_values(self._variables())
+        self._snapshots.take()
         self.supervisor.snapshot_taken()
 
-    def _restore(self):
-        for v, saved in zip(self._variables(), self._snapshot):
+    def _restore_values(self, snapshot):
+        for v, saved in zip(self._variables(), snapshot):
             v.assign(saved)
         self._sync_shadows()
+
+    def held_bytes(self) -> int:
+        """Bytes this guard holds in memory across steps: the rollback snapshot (only under
+        ``on_nonfinite="rollback"``, and 0 with ``snapshot_to="disk"``)."""
+        return self._snapshots.held_bytes()
 
     def _sync_shadows(self):
         for p in (self._protected, self._outer_protected):
@@ -246,8 +270,8 @@ class StabilizeGuard(keras.callbacks.Callback):
         load_variables_state(self._groups(model), saved["keras"], where)
         self.supervisor.load_state_dict(saved["supervisor"])
         load_rng_state(saved["rng"])
-        self.guarded.state.set_factor(policy_factor(self.supervisor))
-        self._snapshot = None  # the next fit takes a fresh rollback snapshot
+        self._set_inputs()
+        self._snapshots.clear()  # the next fit takes a fresh rollback snapshot
         self._sync_shadows()
         return position
 

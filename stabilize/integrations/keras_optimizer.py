@@ -18,7 +18,9 @@ Back-off multiplies the inner optimizer's own rate (a float, a variable set
 by ``LearningRateScheduler``/``ReduceLROnPlateau``, or a
 ``LearningRateSchedule``) by ``lr_factor``, a variable the compiled step
 reads, swapped in only while the update is traced; the user's rate is never
-overwritten. ``apply`` writes the user's rate as the step read it into the
+overwritten. The spike detector's limits are another such variable: ``spike="skip"``
+holds a spiking step back as it does a bad one, ``spike="clip"`` clips its norm
+to the limit (ZClip). ``apply`` writes the user's rate as the step read it into the
 statistics row, so the host reads no rate of its own between steps.
 """
 
@@ -65,20 +67,21 @@ def global_norm(grads):
     return ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, dt))) for g in present))
 
 
-def clip(grads, settings: GuardSettings, norm):
+def clip(grads, settings: GuardSettings, norm, bound=None):
     """``stabilize.clip_grads``'s formula: clamp by value, then scale by ``min(c/(n+1e-6), 1)``.
 
     ``norm`` is the (unscaled) norm as given; a non-finite norm leaves the
-    gradients as they are, for the check to see.
+    gradients as they are, for the check to see. ``bound``, a tensor, replaces
+    ``clip_norm`` as ``c`` (``spike="clip"``: the spike limit on a spiking step, inf otherwise).
     """
     if settings.clip_value is not None:
         v = settings.clip_value
         clamp = lambda t: ops.where(t > v, ops.cast(v, t.dtype), ops.where(t < -v, ops.cast(-v, t.dtype), t))
         grads = [None if g is None else _with_values(_dedup(g), clamp(_dedup(g).values)) if _is_sparse(g) else clamp(g)
                  for g in grads]
-        norm = global_norm(grads) if settings.clip_norm is not None else norm
-    if settings.clip_norm is not None:
-        coef = settings.clip_norm / (norm + 1e-6)
+        norm = global_norm(grads) if settings.clip_norm is not None or bound is not None else norm
+    if settings.clip_norm is not None or bound is not None:
+        coef = (settings.clip_norm if bound is None else bound) / (norm + 1e-6)
         coef = ops.where(ops.isfinite(norm) & (coef < 1.0), coef, ops.ones_like(coef))
         scale = lambda t: t * ops.cast(coef, t.dtype)
         grads = [None if g is None else _with_values(g, scale(g.values)) if _is_sparse(g) else scale(g) for g in grads]
@@ -256,10 +259,13 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             lambda: (all_finite(grads), all_finite([v.value for v in tvs]) if check_weights else ops.ones((), "bool")),
             lambda: (ops.ones((), "bool"), ops.ones((), "bool")))
         norm = raw_norm if scale is None else raw_norm / ops.cast(scale, raw_norm.dtype)
-        if s.clips:
-            grads = clip(grads, s, norm)
+        spike, bound = self._spike(loss, loss_ok, norm)
+        if s.clips or bound is not None:
+            grads = clip(grads, s, norm, bound)
         # With a scaler inside, overflowing gradients go to it: it skips the step and lowers its scale.
         go = ops.convert_to_tensor(True) if not s.guarded else loss_ok & buffers_ok & (grads_ok | (scaler is not None))
+        if s.guarded and s.spike in ("skip", "rewind"):  # a spike is held back like a bad step
+            go = go & ~spike
         pre = None
         if s.max_update_ratio is not None:  # measure the update actually applied: keep the pre-step values
             pre = [ops.copy(v.value) for v in tvs + list(self.variables)]
@@ -291,4 +297,25 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             scaler_skip = loss_ok & ~grads_ok & (ops.cast(scaler.dynamic_scale, "float32") >= s.min_loss_scale)
         self._state.write(loss=ops.cast(loss, "float32") if loss is not None else float("nan"), grad_norm=norm,
                           loss_finite=loss_ok, grads_finite=grads_ok, weights_finite=weights_ok, update_ratio=ratio,
-                          large_update=large, scaler_skip=scaler_skip, committed=committed, base_lr=base_lr)
+                          large_update=large, scaler_skip=scaler_skip, committed=committed, spike=spike,
+                          base_lr=base_lr)
+
+    def _spike(self, loss, loss_ok, norm):
+        """The device's spike verdict against the detector's limits (a variable: new limits never
+        retrace the step): a finite loss above ``loss_max`` or a finite norm above ``norm_max``.
+        Returns ``(spike, bound)``; ``bound`` is the clip bound for ``spike="clip"`` (ZClip: the norm
+        limit on a spiking step, ``clip_norm`` or inf otherwise), else None. Under a strategy the loss
+        and norm are already reduced, so every replica reaches the same verdict."""
+        s = self.settings
+        if s.spike is None:
+            return ops.convert_to_tensor(False), None
+        limits = self._state.limits
+        over = ops.cast(norm, "float64") > limits[1]
+        if loss is not None:
+            over = over | (ops.cast(loss, "float64") > limits[0])
+        spike = over & ops.isfinite(norm) & loss_ok
+        if s.spike != "clip":
+            return spike, None
+        cap = float("inf") if s.clip_norm is None else s.clip_norm
+        limit = ops.cast(limits[1], norm.dtype)
+        return spike, ops.where(spike, ops.minimum(limit, ops.cast(cap, norm.dtype)), ops.cast(cap, norm.dtype))

@@ -2,11 +2,12 @@
 
 :class:`StepState` holds what the compiled step reads and writes besides the
 model and the optimizer: ``lr_factor`` (the back-off the policy chose, a
-variable read inside the step, so a new value never retraces it), the row of
-statistics the step writes (:data:`ROW`: the policy's fields, then the user's
-rate the step read) and the flags of the step that ran. The host writes
-``lr_factor`` through :meth:`StepState.set_factor` only when the policy
-changes it, and reads the whole row with one transfer: a good step costs no
+variable read inside the step, so a new value never retraces it), the spike
+detector's ``limits`` (``loss_max, norm_max``, likewise a variable), the row of
+statistics the step writes (:data:`ROW`: the policy's fields, the spike flag,
+then the user's rate the step read) and the flags of the step that ran. The
+host writes ``lr_factor`` and ``limits`` (:meth:`StepState.set_factor`,
+:meth:`StepState.set_limits`) only when the policy changes them, and reads the whole row with one transfer: a good step costs no
 eager op besides running the step and that read.
 
 :class:`Protected` keeps shadow copies of what the forward pass may change
@@ -29,10 +30,11 @@ from ..guard.supervisor import STAT_FIELDS
 
 __all__ = ["ROW", "Protected", "StepState", "all_finite", "copy_values"]
 
-# The row the compiled step writes: the policy's statistics, then ``base_lr``, the user's rate as this
-# step read it (a schedule at the pre-step ``iterations``, before any back-off). The host takes the
-# rate from here instead of an eager read of the optimizer per step.
-ROW = STAT_FIELDS + ("base_lr",)
+# The row the compiled step writes: the policy's statistics, ``spike`` (the device's verdict against
+# the spike limits), then ``base_lr``, the user's rate as this step read it (a schedule at the pre-step
+# ``iterations``, before any back-off). The host takes the rate from here instead of an eager read of
+# the optimizer per step.
+ROW = STAT_FIELDS + ("spike", "base_lr")
 _F = {name: i for i, name in enumerate(ROW)}
 
 
@@ -107,6 +109,10 @@ class StepState:
         self.data_ok = keras.Variable(1, dtype="int32", trainable=False, autocast=False, name="stabilize_data_ok")
         self.data_ok_local = None
         self._factor = 1.0  # what the host last wrote to ``lr_factor``
+        # ``(loss_max, norm_max)`` of the spike detector, float64 as the host computes them; inf: no limit
+        self.limits = keras.Variable(np.full(2, np.inf), dtype="float64", trainable=False, autocast=False,
+                                     name="stabilize_spike_limits")
+        self._limits = (np.inf, np.inf)  # what the host last wrote to ``limits``
 
     def set_factor(self, factor: float) -> None:
         """Host side: the back-off factor the next steps multiply onto the user's rate; assigned only when it changes."""
@@ -114,6 +120,18 @@ class StepState:
         if factor != self._factor:
             self.lr_factor.assign(factor)
             self._factor = factor
+
+    def set_limits(self, limits: tuple[float, float] | None) -> None:
+        """Host side: the spike limits the next steps compare with (None: not watched); assigned
+        only when they change (after each accepted step while spikes are watched, never otherwise)."""
+        limits = (np.inf, np.inf) if limits is None else (float(limits[0]), float(limits[1]))
+        if limits != self._limits:
+            self.limits.assign(np.asarray(limits, dtype=np.float64))
+            self._limits = limits
+
+    def limits_now(self) -> dict:
+        """Host side: the limits the last step compared with, for its row (``loss_max``, ``norm_max``)."""
+        return {"loss_max": self._limits[0], "norm_max": self._limits[1]}
 
     def read(self) -> dict:
         """Host side: the last step's row (:data:`ROW`) as floats, in one transfer."""
@@ -158,7 +176,7 @@ class StepState:
             shown = float("nan") if loss is None else ops.cast(loss, "float32")
             values = dict(loss=shown, grad_norm=float("nan"), loss_finite=loss_ok, grads_finite=False,
                           weights_finite=True, update_ratio=0.0, large_update=False, scaler_skip=overflow,
-                          committed=False, base_lr=self.stats[_F["base_lr"]] if base_lr is None else base_lr)
+                          committed=False, spike=False, base_lr=self.stats[_F["base_lr"]] if base_lr is None else base_lr)
             fallback = ops.stack([ops.cast(values[name], "float64") for name in ROW])
             self.stats.assign(ops.where(ran, self.stats, fallback))
             committed = ran & committed

@@ -81,11 +81,17 @@ class KerasTrainStep:
         state.finish(self.protected)
         return ops.convert_to_tensor(state.stats)
 
-    def run(self, x, y, lr_factor: float = 1.0) -> dict:
+    def run(self, x, y, lr_factor: float = 1.0, limits: tuple[float, float] | None = None) -> dict:
         """One guarded step; returns the statistics (``committed`` as the device decided) and
-        ``base_lr``, the user's rate the step read before ``lr_factor`` (assigned only when it changes)."""
-        self.guard.state.set_factor(lr_factor)
-        return dict(zip(ROW, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+        ``base_lr``, the user's rate the step read before ``lr_factor``. ``limits``: the spike
+        detector's ``(loss_max, norm_max)`` (both assigned only when they change)."""
+        state = self.guard.state
+        state.set_factor(lr_factor)
+        state.set_limits(limits)
+        stats = dict(zip(ROW, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+        if limits is not None:
+            stats.update(state.limits_now())
+        return stats
 
     @property
     def tracing_count(self) -> int:
@@ -126,6 +132,8 @@ class KerasUpdater:
         self.model, self.optimizer = model, optimizer
         self.params = B.parameters(model)  # the tf.Variables under the Keras variables, for diagnosis and get_weights
         self.applied = 0
+        # ``limits() -> (loss_max, norm_max) | None``: the trainer sets the Supervisor's ``spike_limits``
+        self.limits = None
 
     def to_tensor(self, arr: np.ndarray, dtype: str | None):
         """A batch as a backend tensor, on the device the parameters live on."""
@@ -145,13 +153,14 @@ class KerasUpdater:
         device (which floors at ``min_lr`` as the policy does), and the rate is taken from the base the
         step read, with no read before it. Another callable costs a read of the rate first."""
         sup = getattr(rate, "__self__", None)
+        limits = self.limits() if self.limits is not None else None
         if isinstance(sup, Supervisor):
-            stats = self.step.run(xb, yb, policy_factor(sup))
+            stats = self.step.run(xb, yb, policy_factor(sup), limits)
             lr = rate(stats.pop("base_lr"))
         else:
             base = self.base_lr()
             lr = rate(base)
-            stats = self.step.run(xb, yb, 1.0 if lr == base or not base else lr / base)
+            stats = self.step.run(xb, yb, 1.0 if lr == base or not base else lr / base, limits)
             stats.pop("base_lr")
         stats["lr"] = lr
         if stats["committed"] == 1.0:
@@ -163,7 +172,8 @@ class KerasUpdater:
         return self.step.capture(), self.applied
 
     def restore(self, snap) -> None:
-        values, self.applied = snap
+        values, applied = snap  # a tuple, or a list read back from a disk snapshot
+        self.applied = int(applied)
         self.step.restore(values)
 
     def weights_finite(self) -> bool:
