@@ -5,8 +5,10 @@ round every contender trains the same number of steps, in turn; odd rounds run
 the contenders in reverse order, so that machine noise and drift hit them all
 alike. Each contender first runs warm-up steps (and the TF ones are traced)
 before any timing. A row gives the per-step median, min and max over the
-rounds, the ratio of the median to the framework's bare loop, and the ratio to
-the contender's own baseline where it has one (keras_guard against model.fit).
+rounds, the ratio to the framework's bare loop, and the ratio to the
+contender's own baseline where it has one (keras_guard against model.fit). A
+ratio is the median over the rounds of the two contenders' times in the same
+round, so that the machine's drift between rounds cancels.
 Each guard is also compared with every reference loop of its framework:
 
     torch: bare loop; + clip_grad_norm_; bare under torch.autograd.detect_anomaly.
@@ -104,14 +106,20 @@ def measure(contenders: dict, steps: int, repeats: int, warmup: int) -> dict:
 def summarize(times: dict, contenders: dict, meta: dict, steps: int) -> dict:
     """Median/min/max ms per step; the ratio to the bare loop, to its own baseline, and (a guard) to each reference."""
     med = {name: statistics.median(t) for name, t in times.items()}
+
+    def ratio(name, ref):
+        # The median of the rounds' own ratios: both were timed in the same round, so a drift of
+        # the machine's speed between rounds (frequent on a shared VM) cancels out.
+        return statistics.median(a / b for a, b in zip(times[name], times[ref]))
+
     out = {}
     for name, t in times.items():
         c = contenders[name]
         row = {"median_ms": med[name] * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
-               "rounds": len(t), "steps": c.steps or steps, "ratio": med[name] / med[meta["bare"]],
-               "baseline": c.baseline, "ratio_to_baseline": med[name] / med[c.baseline] if c.baseline else None}
+               "rounds": len(t), "steps": c.steps or steps, "ratio": ratio(name, meta["bare"]),
+               "baseline": c.baseline, "ratio_to_baseline": ratio(name, c.baseline) if c.baseline else None}
         if c.guarded:
-            row["vs"] = {ref: med[name] / med[ref] for ref in meta["references"] if ref in med}
+            row["vs"] = {ref: ratio(name, ref) for ref in meta["references"] if ref in med}
         out[name] = row
     return out
 
