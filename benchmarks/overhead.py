@@ -81,6 +81,7 @@ SWEEP = dict(inputs=256, depth=3, batch=512, sizes=((1e5, 32, None), (1e6, 16, N
                                                      (15e6, 4, 5), (5e7, 2, 5)))
 TINY_SWEEP = dict(inputs=8, depth=3, batch=8, sizes=((200, 2, None), (1000, 2, None), (4000, 2, None)))
 FRESH_STEPS, TINY_FRESH_STEPS = 60, 4
+SWEEP_LR = 1e-5
 
 
 # -- measurement ------------------------------------------------------------------------------------
@@ -236,7 +237,8 @@ def run_sweep(plan: dict, repeats: int, warmup: int) -> dict:
         cfg = dict(sizes=(plan["inputs"],) + (w,) * plan["depth"] + (1,), batch=plan["batch"])
         rounds = min(repeats, most_rounds) if most_rounds else repeats
         t0 = time.perf_counter()
-        contenders, meta = torch_contenders("mlp", cfg, batches("mlp", cfg, 4), full=False)
+        # A small rate: wide MLPs diverge at 1e-3, and a guard skipping NaN steps would not be timing training.
+        contenders, meta = torch_contenders("mlp", cfg, batches("mlp", cfg, 4), full=False, lr=SWEEP_LR)
         table = summarize(measure(contenders, steps, rounds, min(warmup, steps)), contenders, meta, steps)
         mem = memory(contenders)
         params, state = contenders[meta["bare"]].footprint()

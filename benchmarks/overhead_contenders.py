@@ -127,7 +127,7 @@ def torch_footprint(model, optimizer) -> Callable[[], tuple]:
     return footprint
 
 
-def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True):
+def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True, lr: float = LR):
     """The torch contenders; ``full=False`` keeps only the bare loop, TorchGuard and the trainer (the sweep)."""
     import torch
 
@@ -142,7 +142,7 @@ def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True):
 
     def bare(clip=False, anomaly=False):
         model = torch_model(kind, cfg, dev)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
 
         def run(k):
             with _quiet_anomaly() if anomaly else _null():
@@ -158,7 +158,7 @@ def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True):
 
     def trainer():
         model = torch_model(kind, cfg, dev)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
         t = StabilityTrainer(model, mse, opt, progress=False)  # default settings: check + skip
 
         def run(k):
@@ -168,7 +168,7 @@ def torch_contenders(kind: str, cfg: dict, data: list, full: bool = True):
 
     def guard_loop(baseline=None, **options):
         model = torch_model(kind, cfg, dev)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
         guard = TorchGuard(model, opt, **options)
 
         def run(k):
