@@ -269,7 +269,7 @@ def plot_sweep(sweep: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled decades only
     ax.set_xlabel("parameters")
-    ax.set_ylabel("median step time / bare loop")
+    ax.set_ylabel("step time / bare loop (median of the rounds)")
     ax.set_title(f"stabilize overhead, torch MLP {sweep['inputs']}-w-w-w-1, batch {sweep['batch']}")
     ax.legend()
     fig.tight_layout()
