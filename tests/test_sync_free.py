@@ -119,6 +119,25 @@ def test_a_bad_first_step_leaves_no_optimizer_state_behind():
     assert len(opt.state) == 0 and guard.history.events[0].action == "skipped"
 
 
+def test_auto_skips_bad_data_without_backing_off_as_the_synchronous_guard_does():
+    out = []
+    for sync_free in (False, True):
+        model = _net()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        guard = stabilize.TorchGuard(model, opt, sync_free=sync_free, on_nonfinite="auto")
+        for i, (x, y) in enumerate(_batches(6)):
+            if i in (2, 4):
+                x = x.clone()
+                x[1, 2] = float("nan")
+            guard.step(torch.nn.functional.mse_loss(model(x), y), batch=(x, y))
+        h = guard.history
+        out.append(([(e.step, e.action) for e in h.events], h.lrs.tolist(), _tensors(model, opt)))
+    assert out[0][0] == out[1][0] == [(2, "skipped"), (4, "skipped")]
+    assert out[0][1] == out[1][1] == [1e-2] * 6  # bad data: no back-off
+    for a, b in zip(out[0][2], out[1][2]):
+        assert torch.equal(a, b)
+
+
 def test_raise_is_taken_when_the_step_is_read_one_step_late():
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)

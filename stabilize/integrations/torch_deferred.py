@@ -52,7 +52,7 @@ from .torch_step import check_loss
 
 __all__ = ["DeferredStep"]
 
-_FIELDS = ("loss", "grad_norm", "current", "committed", "buffers_finite", "spike")
+_FIELDS = ("loss", "grad_norm", "current", "committed", "buffers_finite", "spike", "data_finite")
 
 
 class DeferredStep:
@@ -86,9 +86,10 @@ class DeferredStep:
         loss.backward()
 
     # -- one step on the device ---------------------------------------------------------
-    def step(self, rate) -> torch.Tensor:
+    def step(self, rate, batch=None) -> torch.Tensor:
         """Decide and commit on the device; ``rate(lr) -> lr`` maps each group's rate to the one this
-        update uses (the back-off), put back right after. Returns the device flag ``applied``."""
+        update uses (the back-off), put back right after. ``batch``: its tensors are checked on the
+        device too (policy ``auto`` skips bad data without backing off). Returns the device flag ``applied``."""
         st, s = self.state, self.settings
         if not self._losses:
             raise RuntimeError("no loss was backpropagated since the last step: call backward(loss) first")
@@ -123,7 +124,9 @@ class DeferredStep:
             if not s.guarded:
                 ok = torch.ones((), dtype=torch.bool, device=dev)
             self._commit(ok, rate)
-            values = torch.stack([loss, norm, current, ok.double(), buffers_ok.double(), spike.double()])
+            data_ok = _all_finite(batch, dev)
+            values = torch.stack([loss, norm, current, ok.double(), buffers_ok.double(), spike.double(),
+                                  data_ok.double()])
             self._post(values, rate(float(st.optimizer.param_groups[0]["lr"])))
         return ok
 
@@ -216,10 +219,25 @@ class DeferredStep:
                         "loss_finite": float(math.isfinite(values["loss"])),
                         "grads_finite": float(math.isfinite(values["grad_norm"])),
                         "buffers_finite": values["buffers_finite"], "spike": values["spike"],
+                        "data_finite": values["data_finite"],
                         "committed": values["committed"], "weights_finite": 1.0, "update_ratio": 0.0,
                         "large_update": 0.0, "scaler_skip": 0.0, "loss_scale": 1.0, "lr": lr})
         self._pending.clear()
         return out
+
+
+def _all_finite(batch, device) -> torch.Tensor:
+    """Whether every floating tensor of ``batch`` (nested tuples, lists, dicts) is finite, on the device."""
+    leaves, todo = [], [batch]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif torch.is_tensor(item) and item.is_floating_point() and item.numel():
+            leaves.append(torch.isfinite(item).all())
+    return torch.stack(leaves).all() if leaves else torch.ones((), dtype=torch.bool, device=device)
 
 
 def _full(value: float, device) -> torch.Tensor:

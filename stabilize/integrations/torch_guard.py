@@ -145,7 +145,8 @@ class TorchGuard:
         if self._deferred is None:
             return
         for stats in self._deferred.collect():
-            decision = self.supervisor.observe(stats, epoch=0, batch=self.supervisor.step)
+            bad_data = stats["committed"] != 1.0 and stats.pop("data_finite") != 1.0
+            decision = self.supervisor.observe(stats, epoch=0, batch=self.supervisor.step, bad_data=bad_data)
             if decision.stop:
                 self._step.zero_grad()
                 self.supervisor.raise_for(decision)
@@ -169,7 +170,7 @@ class TorchGuard:
             if loss is not None:
                 self._deferred.backward(loss)
             self.flush()
-            applied = self._deferred.step(self.supervisor.lr)
+            applied = self._deferred.step(self.supervisor.lr, batch)
             self._step.zero_grad()
             return applied
         if loss is not None:
