@@ -116,7 +116,8 @@ class DeferredStep:
                     ok &= ~spike
                 elif s.spike == "clip":  # ZClip: the bound is the limit on a spiking step
                     clip_at = limits[1] if bound is None else min(bound, limits[1])
-                    bound_t = torch.where(spike, _full(clip_at, dev), _full(bound if bound is not None else math.inf, dev))
+                    usual = _full(bound if bound is not None else math.inf, dev)
+                    bound_t = torch.where(spike, _full(clip_at, dev), usual)
                     self._clip(grads, current, bound_t)
                     bound = None
             if bound is not None and grads:
