@@ -181,3 +181,20 @@ def test_no_step_makes_a_host_sync_on_cuda(fused):
         torch.cuda.set_sync_debug_mode(0)
     h = guard.history
     assert [e.step for e in h.events] == [5] and h.steps.size == len(data)
+
+
+@pytest.mark.parametrize("spike", ["skip", "clip"])
+def test_spike_verdicts_match_the_synchronous_guard(spike):
+    out = []
+    for sync_free in (False, True):
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        guard = stabilize.TorchGuard(model, opt, sync_free=sync_free, spike=spike, spike_warmup=5, restore_rng=False)
+        for i, (x, y) in enumerate(_batches(16)):
+            guard.step(torch.nn.functional.mse_loss(model(x), y * 30.0 if i == 11 else y))
+        h = guard.history
+        out.append(([(e.step, e.kind, e.action) for e in h.events], h.grad_norms, _tensors(model, opt)))
+    assert out[0][0] == out[1][0] and (11, "spike", "skipped" if spike == "skip" else "clipped") in out[1][0]
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    for a, b in zip(out[0][2], out[1][2]):
+        assert torch.equal(a, b)
