@@ -122,3 +122,15 @@ def test_snapshot_settings_are_checked():
         GuardSettings(snapshot_to="host")
     with pytest.raises(TypeError, match="snapshot_path must be a path, got int"):
         GuardSettings(on_nonfinite="rollback", snapshot_to="disk", snapshot_path=3)
+
+
+def test_each_rank_writes_its_own_disk_snapshot(tmp_path, monkeypatch):
+    from stabilize.guard import snapshots
+
+    monkeypatch.setattr(snapshots, "world_size", lambda: 2)
+    monkeypatch.setattr(snapshots, "rank", lambda: 1)
+    settings = GuardSettings(on_nonfinite="rollback", snapshot_to="disk", snapshot_path=str(tmp_path / "s.ckpt"))
+    store = snapshots.SnapshotStore(settings, lambda where: {"w": np.arange(3.0)}, lambda snap: None)
+    store.take()
+    assert store.path == str(tmp_path / "s.ckpt.rank1") and (tmp_path / "s.ckpt.rank1").exists()
+    assert not (tmp_path / "s.ckpt").exists()

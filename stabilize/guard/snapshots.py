@@ -18,7 +18,8 @@ When a snapshot is used, ``snapshot_to`` says where it goes:
 ``disk``    a durable file at ``snapshot_path``, written atomically by
             :mod:`stabilize.checkpoint` (format version, SHA-256, no
             unpickling): no RAM copy at all, and a rollback or rewind reads
-            the last durable state back
+            the last durable state back; with several ranks each writes
+            ``<snapshot_path>.rank<r>``
 =========  ===============================================================
 
 ``snapshot_every`` bounds how often one is taken. :meth:`SnapshotStore.held_bytes`
@@ -37,6 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from ..distributed import rank, world_size
 
 __all__ = ["SnapshotStore", "nbytes", "host_copy"]
 
@@ -82,6 +85,8 @@ class SnapshotStore:
         """``rebuild`` turns a snapshot read back from disk (plain tuples) into the adapter's type."""
         self.where = settings.snapshot_to
         self.path = settings.snapshot_path
+        if self.path is not None and world_size() > 1:  # each rank its own file: FSDP shards differ per rank
+            self.path = f"{self.path}.rank{rank()}"
         self._capture, self._restore, self._rebuild = capture, restore, rebuild or (lambda s: s)
         self._held: Any = None
         self._on_disk = False
