@@ -59,14 +59,7 @@ def partial_norms(xs, dtype=torch.float32) -> torch.Tensor:
     :func:`tensor_norms` when only the total is wanted (the guarded step's norm and finite flag)."""
     small = [x for x in xs if 0 < x.numel() <= 2 * _ROW]
     parts = [torch.stack(torch._foreach_norm(small, 2.0, dtype=dtype))] if small else []
-    for x in xs:
-        n = x.numel()
-        if n > 2 * _ROW:
-            flat = x.reshape(-1)
-            k = n // _ROW
-            parts.append(torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), 2.0, dim=1, dtype=dtype))
-            if n > k * _ROW:
-                parts.append(torch.linalg.vector_norm(flat[k * _ROW:], 2.0, dtype=dtype).reshape(1))
+    parts += [_rows(x, 2.0, dtype) for x in xs if x.numel() > 2 * _ROW]
     if not parts:
         return torch.zeros(1, dtype=dtype, device=xs[0].device if xs else "cpu")
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -82,13 +75,18 @@ def global_l2(xs, device) -> torch.Tensor:
     return torch.linalg.vector_norm(partial_norms(xs, acc), dtype=torch.float64)
 
 
-def _row_norm(x, ord, dtype):
+def _rows(x, ord, dtype) -> torch.Tensor:
+    """The ``ord``-norms of ``x``'s rows of ``_ROW`` elements (and of the shorter tail), one vector."""
     flat = x.reshape(-1)  # a view for the contiguous gradients and weights the guard sees
     k = flat.numel() // _ROW
-    rows = [torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), ord, dim=1, dtype=dtype)]
-    if flat.numel() > k * _ROW:
-        rows.append(torch.linalg.vector_norm(flat[k * _ROW:], ord, dtype=dtype).reshape(1))
-    rows = torch.cat(rows) if len(rows) > 1 else rows[0]
+    rows = torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), ord, dim=1, dtype=dtype)
+    if flat.numel() == k * _ROW:
+        return rows
+    return torch.cat([rows, torch.linalg.vector_norm(flat[k * _ROW:], ord, dtype=dtype).reshape(1)])
+
+
+def _row_norm(x, ord, dtype):
+    rows = _rows(x, ord, dtype)
     wide = torch.float32 if rows.device.type == "mps" else torch.float64  # MPS has no float64
     return torch.linalg.vector_norm(rows.to(wide), ord).to(dtype)
 

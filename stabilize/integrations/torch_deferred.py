@@ -48,7 +48,7 @@ import torch
 
 from ..backends.torch import global_l2
 from ..guard.snapshots import nbytes
-from .torch_step import check_loss
+from .torch_step import check_loss, clamp
 
 __all__ = ["DeferredStep"]
 
@@ -78,7 +78,6 @@ class DeferredStep:
         self._losses: list[torch.Tensor] = []
         self._pending: list[tuple] = []  # (host values, event, lr) of steps not yet read
         self._old: list[torch.Tensor] | None = None  # select mode: pre-step copies, allocated once
-        self._marked = [b.detach().clone() for b in state.buffers]
 
     def backward(self, loss) -> None:
         loss = check_loss(loss)
@@ -101,8 +100,7 @@ class DeferredStep:
             norm = global_l2(grads, dev)
             current = norm
             if s.clip_value is not None and grads:
-                torch._foreach_clamp_min_(grads, -s.clip_value)
-                torch._foreach_clamp_max_(grads, s.clip_value)
+                clamp(grads, s.clip_value)
                 current = global_l2(grads, dev)
             ok = torch.isfinite(loss) & torch.isfinite(norm)
             buffers_ok = st.buffers_finite() if st.has_float_buffers else torch.ones((), dtype=torch.bool, device=dev)
@@ -158,11 +156,7 @@ class DeferredStep:
         finally:
             for g, rate in zip(opt.param_groups, user):
                 g["lr"] = rate
-        if st.buffers:
-            live = [b.data for b in st.buffers]
-            kept = [torch.where(ok, b, m) for b, m in zip(live, self._marked)]
-            torch._foreach_copy_(live, kept)
-            torch._foreach_copy_(self._marked, live)
+        st.select_forward(ok)
 
     def _select_step(self, ok):
         st = self.state
@@ -195,7 +189,7 @@ class DeferredStep:
 
     def held_bytes(self) -> int:
         """Bytes kept across steps: the buffers a skipped step selects back, the pre-step copies."""
-        return nbytes(self._marked) + nbytes(self._old or [])
+        return self.state.held_bytes() + nbytes(self._old or [])
 
     # -- one step late --------------------------------------------------------------------
     def _post(self, values, lr):

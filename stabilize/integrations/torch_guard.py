@@ -131,7 +131,7 @@ class TorchGuard:
             self._deferred.limits = self.supervisor.spike_limits
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
         self._snapshots = SnapshotStore(self.settings, lambda where: self.state.capture(where=where),
-                                        self.state.restore, lambda snap: Snapshot(*snap))
+                                        self.state.restore, Snapshot._make)
         self.state.mark()  # a forward pass from here on can be undone
 
     @property

@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..guard.snapshots import nbytes
+
 __all__ = ["TorchState", "Snapshot", "UpdateUndo", "optimizer_params", "checkpoint_state", "load_checkpoint_state",
            "rng_state_dict", "load_rng_state_dict", "is_dtensor", "to_local_state", "from_local_state"]
 
@@ -118,6 +120,23 @@ class TorchState:
                 torch._foreach_copy_([b.data for b in self.buffers], self._marked)
         if self._marked_rng is not None:
             _set_rng_state(self._marked_rng)
+
+    def select_forward(self, ok: torch.Tensor) -> None:
+        """:meth:`mark` or :meth:`undo_forward` chosen on the device by the 0-d bool ``ok`` (no host
+        sync): the buffers keep what the forward pass wrote where ``ok``, else get the marked ones
+        back; they are then the new mark. The RNG is left as it is (its state lives on the host)."""
+        if not self.buffers:
+            return
+        with torch.no_grad():
+            if self._marked is None:
+                self._marked = [b.detach().clone() for b in self.buffers]
+            live = [b.data for b in self.buffers]
+            torch._foreach_copy_(live, [torch.where(ok, b, m) for b, m in zip(live, self._marked)])
+            torch._foreach_copy_(self._marked, live)
+
+    def held_bytes(self) -> int:
+        """Bytes of the marked buffers (what a skipped step puts back)."""
+        return nbytes(self._marked or [])
 
     @property
     def has_float_buffers(self) -> bool:
@@ -328,6 +347,12 @@ class UpdateUndo:
                     saved.append((p, key, value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)))
             self._opt = saved
             self._had_state = {id(p) for p in st.params if p in st.optimizer.state}
+
+    def held_bytes(self) -> int:
+        """Bytes of the pre-step copies (0 before the first update)."""
+        if self._params is None:
+            return 0
+        return nbytes(self._params) + nbytes([value for _, _, value in self._opt])
 
     def undo(self) -> None:
         st = self.state

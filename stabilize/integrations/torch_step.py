@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from ..guard.settings import GuardSettings
-from ..guard.snapshots import nbytes
 from ..backends.torch import global_l2
 from ..registry import get_backend
 from ..distributed import combine
@@ -41,7 +40,8 @@ from .torch_state import TorchState, UpdateUndo
 __all__ = ["TorchStep", "check_loss"]
 
 
-def _clamp(grads, bound) -> None:
+def clamp(grads, bound) -> None:
+    """Clamp every gradient element to ``[-bound, bound]`` in place (``clip_value``)."""
     torch._foreach_clamp_min_(grads, -bound)  # clamping keeps NaN
     torch._foreach_clamp_max_(grads, bound)
 
@@ -150,7 +150,7 @@ class TorchStep:
         if self.reducer is not None:  # every number below is then the same on every rank
             pre = cur = TorchReducer.sumsq(grads, dev)
             if clamp:
-                _clamp([local(g) for g in grads], s.clip_value)  # the local shards, in place
+                clamp([local(g) for g in grads], s.clip_value)  # the local shards, in place
                 cur = TorchReducer.sumsq(grads, dev)
             vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~st.buffers_finite(), *pre, *cur])
             loss, norm, current, loss_ok, _, buffers_ok = combine(vec, self.reducer.world, torch.sqrt, torch.isfinite)
@@ -158,7 +158,7 @@ class TorchStep:
         else:  # the flags are read from the numbers themselves: fewer kernels, the same verdict
             norm = current = global_l2(grads, dev)
             if clamp:
-                _clamp(grads, s.clip_value)
+                clamp(grads, s.clip_value)
                 current = global_l2(grads, dev)
             parts = [loss, norm, current] if clamp else [loss, norm]
             if st.has_float_buffers:
@@ -251,11 +251,7 @@ class TorchStep:
     def held_bytes(self) -> int:
         """Bytes kept across steps: the buffers a skipped step puts back, and the undo copy of
         the parameters and optimizer state when updates are verified."""
-        undo = self._undo
-        held = nbytes(self.state._marked or [])
-        if undo is not None and undo._params is not None:
-            held += nbytes(undo._params) + nbytes([value for _, _, value in undo._opt])
-        return held
+        return self.state.held_bytes() + (self._undo.held_bytes() if self._undo is not None else 0)
 
     def zero_grad(self) -> None:
         self.state.optimizer.zero_grad(set_to_none=True)

@@ -107,10 +107,7 @@ class TorchUpdater:
     def held_bytes(self) -> int:
         return self._step.held_bytes()
 
-    @staticmethod
-    def rebuild(snap):
-        """A snapshot read back from disk (plain tuples) as a :class:`Snapshot`."""
-        return Snapshot(*snap)
+    rebuild = staticmethod(Snapshot._make)  # a snapshot read back from disk (plain tuples)
 
     def restore(self, snap) -> None:
         self.state.restore(snap)
