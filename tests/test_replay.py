@@ -185,3 +185,27 @@ def test_keras_replay_is_reproducible_on_nan_data_and_keeps_nothing():
     assert stats["committed"] == 1.0 and verdict(stats, weights_ok) == "transient"
     for v, b in zip(variables, before):
         np.testing.assert_array_equal(np.asarray(v.numpy()), b)
+
+
+def test_a_keras_replay_runs_at_the_rate_the_failing_step_ran_with():
+    """After a rollback has backed off, the replay still uses the failing step's own rate: the same
+    update as a step at the un-backed-off rate, bit for bit."""
+    load_backend("tensorflow")
+    import keras
+
+    x, y = _data()
+    xb, yb = x[:8].astype("float32"), y[:8].astype("float32")
+    weights = []
+    for backed_off in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+        t = StabilityTrainer(model, "mse", keras.optimizers.SGD(0.1), progress=False)
+        sup = t.supervisor
+        if backed_off:  # the policy has backed off since the step ran (a rollback does)
+            sup.policy.backoffs = 1
+            assert sup.lr(0.1) == 0.05 and sup.replay_lr(0.1) == 0.1
+        stats = t.updater.run(t._convert(xb), t._convert(yb), sup.replay_lr if backed_off else sup.lr)
+        assert stats["lr"] == float(np.float32(0.1)) and stats["committed"] == 1.0
+        weights.append([np.array(w) for w in model.get_weights()])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)

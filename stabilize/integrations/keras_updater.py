@@ -149,12 +149,14 @@ class KerasUpdater:
         yield
 
     def run(self, xb, yb, rate) -> dict:
-        """One step at ``rate(base)``. ``rate`` is the Supervisor's ``lr``: its policy's factor goes to the
-        device (which floors at ``min_lr`` as the policy does), and the rate is taken from the base the
-        step read, with no read before it. Another callable costs a read of the rate first."""
+        """One step at ``rate(base)``. When ``rate`` is the Supervisor's ``lr``, its policy's factor goes
+        to the device (which floors at ``min_lr`` as the policy does), and the rate is taken from the
+        base the step read, with no read before it. Another callable costs a read of the rate first."""
         sup = getattr(rate, "__self__", None)
         limits = self.limits() if self.limits is not None else None
-        if isinstance(sup, Supervisor):
+        # Only the next step's rate itself: a replay's rate (``Supervisor.replay_lr``) is the one the
+        # failing step ran with, which the policy's current factor no longer gives.
+        if isinstance(sup, Supervisor) and getattr(rate, "__func__", None) is Supervisor.lr:
             stats = self.step.run(xb, yb, policy_factor(sup), limits)
             lr = rate(stats.pop("base_lr"))
         else:
