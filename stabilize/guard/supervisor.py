@@ -118,12 +118,13 @@ class Supervisor:
     def lr(self, base: float) -> float:
         """The rate for the next step when the user's schedule gives ``base`` (backed off, and
         lowered by ``spike_lr_factor`` for ``spike_lr_steps`` applied steps after a rewind)."""
-        rate = self.policy.lr(base)
-        return rate * self.settings.spike_lr_factor if self.lowered > 0 else rate
+        return self._rate(base, self.policy.backoffs, self.lowered)
 
     def replay_lr(self, base: float) -> float:
         """The rate the last observed step ran with (its replay must use it, not the next one's)."""
-        backoffs, lowered = self._ran_with
+        return self._rate(base, *self._ran_with)
+
+    def _rate(self, base: float, backoffs: int, lowered: int) -> float:
         rate = self.policy.lr(base, backoffs)
         return rate * self.settings.spike_lr_factor if lowered > 0 else rate
 
