@@ -231,9 +231,10 @@ def save(path, state, *, meta: dict | None = None) -> Path:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        error = CheckpointWriteError(f"cannot save checkpoint {str(path)!r}: {exc.strerror or exc} "
-                                     f"({type(exc).__name__}); the previous file there, if any, is unchanged")
-        error.errno, error.filename = exc.errno, str(path)
+        message = (f"cannot save checkpoint {str(path)!r}: {exc.strerror or exc} ({type(exc).__name__}); the "
+                   f"previous file there, if any, is unchanged")
+        error = CheckpointWriteError(message)
+        error.errno = exc.errno  # ``except OSError`` handlers can still read why
         raise error from exc
     return path
 
