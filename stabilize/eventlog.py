@@ -111,7 +111,7 @@ class EventLog:
     def _drop_torn_tail(self) -> None:
         """A writer killed mid-append leaves a last line without its newline: cut it before appending."""
         self._checked_tail = True
-        if not self.path.exists():
+        if not self.path.is_file():  # missing, or a device (reading /dev/full never ends)
             return
         with open(self.path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
