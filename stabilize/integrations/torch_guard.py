@@ -69,6 +69,15 @@ class TorchGuard:
     the last: the check happens once, at the optimizer step. Keep a scheduler in
     step with ``if guard.step(loss): scheduler.step()``.
 
+    The step in two halves, for a loop that must act between them: ``verdict =
+    guard.check(loss)`` reads the loss, the gradient norm and the buffers once
+    and decides (a :class:`~stabilize.integrations.torch_step.Verdict`:
+    ``ok``, ``applies``, ``stats``); ``guard.commit(verdict)`` carries it out
+    under the policy, or ``guard.discard()`` drops the step. Where a framework
+    has run the backward pass already (Lightning's ``manual_backward``,
+    accelerate's ``backward``), ``guard.step(loss, backward=False)``.
+    ``epoch=`` and ``batch=`` name the step's place in the events.
+
     A step that is not applied leaves the parameters, the optimizer state, the
     module buffers (BatchNorm statistics), the RNG and the loss scaler as they
     were before the step's forward pass.
