@@ -287,7 +287,7 @@ class TorchGuard:
         whose replicas are identical).
         """
         from ..checkpoint import save
-        from .torch_state import checkpoint_state
+        from .torch_checkpoint import checkpoint_state
 
         self.flush()  # sync_free: the last step's statistics belong to the saved history
 
@@ -298,20 +298,33 @@ class TorchGuard:
     def load_checkpoint(self, path) -> dict:
         """Restore what :meth:`save_checkpoint` wrote; returns its ``position``.
 
-        A missing, truncated or corrupted file, or one from another model,
-        raises :class:`~stabilize.checkpoint.CheckpointError` and leaves the
-        live state untouched.
+        Everything is verified before anything changes: a missing, truncated
+        or corrupted file, one written by something else (``keras_guard``, the
+        trainer) or for another model or optimizer raises
+        :class:`~stabilize.checkpoint.CheckpointError` naming the file and the
+        mismatch, and leaves parameters, buffers, optimizer, scheduler, scaler,
+        RNG, counters and history as they were. The event log (``events_path``)
+        is rewritten to the checkpoint's events: one record per event across resumes.
         """
-        from ..checkpoint import load
-        from .torch_state import load_checkpoint_state
+        from ..checkpoint import CheckpointError, check_policy_state, load
+        from .torch_checkpoint import apply_checkpoint_state, check_checkpoint_state
 
-        saved = load(path)
-        load_checkpoint_state(self.state, saved["torch"], f"checkpoint {str(path)!r}")
+        where = f"checkpoint {str(path)!r}"
+        saved = load(path, kind="TorchGuard", sections={"torch", "supervisor", "position"},
+                     reader="TorchGuard.load_checkpoint")
+        checked = check_checkpoint_state(self.state, saved["torch"], where)
+        check_policy_state(self.settings, saved["supervisor"], where)
+        position = saved["position"]
+        if not isinstance(position, dict) or not all(isinstance(k, str) for k in position):
+            raise CheckpointError(f"{where}: its position is not a dict of names")
+        apply_checkpoint_state(self.state, checked, where)
         self.supervisor.load_state_dict(saved["supervisor"])
+        if self.supervisor.event_log is not None:
+            self.supervisor.event_log.rewrite(self.supervisor.events)
         self._snapshots.clear()
         if self.supervisor.keeps_snapshot:
             self._take_snapshot()
-        return dict(saved["position"])
+        return dict(position)
 
     def held_bytes(self) -> int:
         """Bytes the guard holds in memory across steps: the rollback snapshot (only under
