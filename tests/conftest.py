@@ -34,6 +34,9 @@ OPTIONAL = {
     "tensorflow": ("tensorflow", "tensorflow"),
     "keras": ("tensorflow", "tensorflow"),
     "torch": ("torch", "torch"),
+    "mkdocs": ("docs", None),
+    "material": ("docs", None),
+    "mkdocstrings": ("docs", None),
 }
 
 
