@@ -164,7 +164,7 @@ class TorchGuard:
             return
         for stats in self._deferred.collect():
             bad_data = stats["committed"] != 1.0 and stats.pop("data_finite") != 1.0
-            decision = self.supervisor.observe(stats, epoch=0, batch=self.supervisor.step, bad_data=bad_data)
+            decision = self.supervisor.observe(stats, epoch=None, batch=self.supervisor.step, bad_data=bad_data)
             if decision.stop:
                 self._step.zero_grad()
                 self.supervisor.raise_for(decision)
@@ -200,7 +200,7 @@ class TorchGuard:
             stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
         bad_data = stats["committed"] != 1.0 and batch is not None and \
             self._step.on_any_rank(not batch_finite(self._step.B, *batch))
-        decision = sup.observe(stats, epoch=0, batch=sup.step, bad_data=bad_data)
+        decision = sup.observe(stats, epoch=None, batch=sup.step, bad_data=bad_data)
         if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
                 and self.loss_fn is not None:
             self._diagnose(batch, stats)
