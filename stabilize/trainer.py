@@ -27,6 +27,7 @@ from .guard.snapshots import SnapshotStore
 from .guard.supervisor import Supervisor
 from .history import History
 from .models import MLP
+from .names import scheduler_from, settings_for
 from .optim import OptimizerSpec
 from .registry import get_backend
 from .resume import Shuffle
@@ -50,10 +51,11 @@ class StabilityTrainer:
             ``torch.optim`` optimizer over the model's parameters, or a keras optimizer
             (its rate may be a ``LearningRateSchedule``).
         backend, dtype, device: for an MLP spec: where and how to build it.
-        schedule: a ``torch.optim.lr_scheduler`` scheduler (stepped once per applied
-            step), or ``schedule(applied_steps) -> factor`` for a stabilize.optim spec.
-            Back-off multiplies the rate the schedule gives; a skipped step does
-            not advance it.
+        scheduler: a ``torch.optim.lr_scheduler`` scheduler (stepped once per applied
+            step), or ``scheduler(applied_steps) -> factor`` for a stabilize.optim spec;
+            the same keyword as ``TorchGuard``'s. Back-off multiplies the rate the
+            scheduler gives; a skipped step does not advance it. ``schedule=`` is its
+            old name: it still works, with a ``DeprecationWarning``.
         scaler, verify_updates: torch: a ``GradScaler``; check each applied update and undo
             a bad one exactly (a copy of the state per step; see ``TorchGuard``).
         progress: show a tqdm bar (default: only on a terminal). diagnose: replay the first failed
@@ -74,9 +76,12 @@ class StabilityTrainer:
     """
 
     def __init__(self, model, loss: str | Callable = "mse", optimizer=None, *, backend: str | None = None,
-                 dtype: str | None = None, device: str | None = None, schedule=None, scaler=None,
-                 verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True, **settings):
-        self.settings = GuardSettings(**settings)
+                 dtype: str | None = None, device: str | None = None, scheduler=None, scaler=None,
+                 verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True,
+                 schedule=None, **settings):
+        schedule = scheduler_from(scheduler, schedule, "StabilityTrainer")
+        self.settings = GuardSettings(**settings_for(_framework_of(model) if not isinstance(model, MLP) else None,
+                                                     settings, "StabilityTrainer"))
         if optimizer is None:
             raise TypeError("pass an optimizer, e.g. stabilize.optim.SGD(lr=0.01) or a torch.optim optimizer")
         self.progress, self.diagnose = progress, diagnose
@@ -118,7 +123,7 @@ class StabilityTrainer:
         B, opt = self.backend, self.optimizer
         if isinstance(opt, OptimizerSpec):
             if schedule is not None and not callable(schedule):
-                raise TypeError("with a stabilize.optim spec, schedule is schedule(applied_steps) -> factor")
+                raise TypeError("with a stabilize.optim spec, scheduler is scheduler(applied_steps) -> factor")
             held = state_buffer_names(self.model)
             if held:
                 raise ValueError(f"the model holds state outside its parameters ({', '.join(held[:4])}"
@@ -136,7 +141,7 @@ class StabilityTrainer:
             from .integrations.torch_updater import TorchUpdater, is_scheduler
 
             if schedule is not None and not is_scheduler(schedule):
-                raise TypeError("with a torch optimizer, schedule must be a torch.optim.lr_scheduler scheduler")
+                raise TypeError("with a torch optimizer, scheduler must be a torch.optim.lr_scheduler scheduler")
             return TorchUpdater(B, self.model, opt, self.loss_fn, self.settings, scheduler=schedule, scaler=scaler,
                                 verify_updates=verify_updates)
         if B.name == "tensorflow" and keras is not None and isinstance(opt, keras.optimizers.Optimizer):

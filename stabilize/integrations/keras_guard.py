@@ -24,6 +24,7 @@ from ..guard.settings import GuardSettings
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
+from ..names import settings_for
 
 __all__ = ["StabilizeGuard", "check_optimizer", "keras_guard", "policy_factor"]
 
@@ -319,10 +320,11 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
         model.fit(X, y, callbacks=[cb])
         print(cb.history.report())
 
-    ``settings`` are :class:`~stabilize.guard.settings.GuardSettings` fields.
+    ``settings`` are :class:`~stabilize.guard.settings.GuardSettings` fields; Keras's own
+    ``clipnorm``/``clipvalue`` are accepted for ``clip_norm``/``clip_value``.
     ``diagnose_data=(x, y)`` with ``loss_fn`` replays the data through the
     model at the first bad step and attaches a diagnosis.
     """
     check_optimizer(optimizer, "keras_guard")
-    guarded = GuardedOptimizer(optimizer, GuardSettings(**settings))
+    guarded = GuardedOptimizer(optimizer, GuardSettings(**settings_for("tensorflow", settings, "keras_guard")))
     return guarded, StabilizeGuard(guarded, diagnose_data, loss_fn)

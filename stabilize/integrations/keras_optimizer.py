@@ -286,8 +286,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             delta = global_norm([ops.cast(v.value, "float32") - ops.cast(p, "float32") for v, p in zip(tvs, w0)])
             ratio = delta / (global_norm(w0) + 1e-12)
             large = ~(ratio <= s.max_update_ratio)
-            weights_ok = buffers_ok & all_finite([v.value for v in tvs])
-            undo = applied & (large | ~weights_ok) if s.guarded else ops.convert_to_tensor(False)
+            weights_ok = all_finite([v.value for v in tvs])
+            undo = applied & (large | ~(weights_ok & buffers_ok)) if s.guarded else ops.convert_to_tensor(False)
 
             def put_back():
                 for v, p in zip(tvs + list(self.variables), pre):
@@ -297,14 +297,14 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             committed = applied & ~undo
         else:
             committed = applied & ((loss_ok & buffers_ok) | (not s.guarded))
-            weights_ok = committed | (buffers_ok & weights_now_ok)
+            weights_ok = committed | weights_now_ok
         scaler_skip = ops.convert_to_tensor(False)
         if scaler is not None:
             scaler_skip = loss_ok & ~grads_ok & (ops.cast(scaler.dynamic_scale, "float32") >= s.min_loss_scale)
         self._state.write(loss=ops.cast(loss, "float32") if loss is not None else float("nan"), grad_norm=norm,
                           loss_finite=loss_ok, grads_finite=grads_ok, weights_finite=weights_ok, update_ratio=ratio,
                           large_update=large, scaler_skip=scaler_skip, committed=committed, spike=spike,
-                          base_lr=base_lr)
+                          base_lr=base_lr, buffers_finite=buffers_ok)
 
     def _spike(self, loss, loss_ok, norm):
         """The device's spike verdict against the detector's limits (a variable: new limits never

@@ -32,9 +32,10 @@ __all__ = ["ROW", "Protected", "StepState", "all_finite", "copy_values"]
 
 # The row the compiled step writes: the policy's statistics, ``spike`` (the device's verdict against
 # the spike limits), then ``base_lr``, the user's rate as this step read it (a schedule at the pre-step
-# ``iterations``, before any back-off). The host takes the rate from here instead of an eager read of
-# the optimizer per step.
-ROW = STAT_FIELDS + ("spike", "base_lr")
+# ``iterations``, before any back-off), and ``buffers_finite`` (the non-trainable float variables, BatchNorm's
+# moving statistics, apart from the weights: an event names "buffers", as the torch step's does). The host
+# takes the rate from here instead of an eager read of the optimizer per step.
+ROW = STAT_FIELDS + ("spike", "base_lr", "buffers_finite")
 _F = {name: i for i, name in enumerate(ROW)}
 
 
@@ -176,7 +177,7 @@ class StepState:
             shown = float("nan") if loss is None else ops.cast(loss, "float32")
             values = dict(loss=shown, grad_norm=float("nan"), loss_finite=loss_ok, grads_finite=False,
                           weights_finite=True, update_ratio=0.0, large_update=False, scaler_skip=overflow,
-                          committed=False, spike=False, base_lr=self.stats[_F["base_lr"]] if base_lr is None else base_lr)
+                          committed=False, spike=False, buffers_finite=True, base_lr=self.stats[_F["base_lr"]] if base_lr is None else base_lr)
             fallback = ops.stack([ops.cast(values[name], "float64") for name in ROW])
             self.stats.assign(ops.where(ran, self.stats, fallback))
             committed = ran & committed

@@ -23,8 +23,9 @@ from ..history import History
 from .torch_state import Snapshot, TorchState, optimizer_params
 from .torch_deferred import DeferredStep
 from .torch_step import TorchStep, Verdict
+from ..names import settings_for
 
-__all__ = ["TorchGuard", "check_model_and_optimizer"]
+__all__ = ["TorchGuard", "check_model_and_optimizer", "check_scheduler"]
 
 logger = logging.getLogger("stabilize")
 
@@ -47,6 +48,19 @@ def check_model_and_optimizer(model, optimizer) -> None:
     if foreign:
         raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's: build it "
                          f"over this model's parameters, e.g. torch.optim.Adam(model.parameters())")
+
+
+def check_scheduler(scheduler, optimizer) -> None:
+    """``scheduler=`` is None or a torch scheduler built over ``optimizer``."""
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer (or None), got "
+                        f"{type(scheduler).__name__} {scheduler!r:.60}; e.g. scheduler=torch.optim.lr_scheduler."
+                        f"StepLR(optimizer, step_size=10)")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("the scheduler was built for another optimizer: build it over the optimizer given to "
+                         "TorchGuard")
 
 
 class TorchGuard:
@@ -87,7 +101,10 @@ class TorchGuard:
         scaler: a ``torch.amp.GradScaler``; the guard scales, unscales and steps
             through it. Its own overflow skips are recorded as ``"scaler"``
             events, not failures.
-        scheduler: optional, so that a rollback restores its state too.
+        scheduler: a ``torch.optim.lr_scheduler`` scheduler of this optimizer, so that a
+            rollback and a checkpoint restore it too. As in ``StabilityTrainer(scheduler=)``
+            it is stepped once per *applied* step: here your loop does that,
+            ``if guard.step(loss): scheduler.step()`` (the guard never steps it).
         restore_rng: a step that is not applied gives back the RNG draws made
             since the last applied step (Dropout, and anything else drawn in
             between), so a faulted run equals the run without that batch. With
@@ -124,7 +141,8 @@ class TorchGuard:
             raise TypeError("TorchGuard needs the model and its optimizer: TorchGuard(model, optimizer, **settings), "
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
-        self.settings = GuardSettings(**settings)
+        check_scheduler(scheduler, optimizer)
+        self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
         if self.settings.spike == "rewind":  # the guard does not own the data loop
             raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
                              "use spike='skip' or 'clip' with TorchGuard")
@@ -159,7 +177,7 @@ class TorchGuard:
             return
         for stats in self._deferred.collect():
             bad_data = stats["committed"] != 1.0 and stats.pop("data_finite") != 1.0
-            epoch, batch = self._deferred_at.popleft() if self._deferred_at else (0, None)
+            epoch, batch = self._deferred_at.popleft() if self._deferred_at else (None, None)
             batch = self.supervisor.step if batch is None else batch
             decision = self.supervisor.observe(stats, epoch=epoch, batch=batch, bad_data=bad_data)
             if decision.stop:
@@ -181,7 +199,7 @@ class TorchGuard:
 
         ``backward=False``: the gradients are already computed (Lightning's ``manual_backward``,
         accelerate's ``backward``); ``loss`` is only read. ``epoch`` and ``batch`` (an int) name
-        the step's place in the events (default: epoch 0, batch = the global step). ``data``:
+        the step's place in the events (default: no epoch, batch = the global step). ``data``:
         the batch's ``(x, y)``, checked on a failed step (policy ``auto`` skips bad data without
         backing off) and, with ``loss_fn``, replayed for the diagnosis; ``batch=(x, y)`` is
         still read as ``data``. The same as :meth:`check` then :meth:`commit`.
@@ -272,8 +290,8 @@ class TorchGuard:
                 raise TypeError("pass the batch's tensors as data=(x, y) and its index as batch=<int>")
             batch, data = None, batch
         if batch is None:
-            return (0 if epoch is None else int(epoch)), (None if read_late else self.supervisor.step), data
-        return (0 if epoch is None else int(epoch)), int(batch), data
+            return (None if epoch is None else int(epoch)), (None if read_late else self.supervisor.step), data
+        return (None if epoch is None else int(epoch)), int(batch), data
 
     # -- durable state ---------------------------------------------------------------
     def save_checkpoint(self, path, **position):
