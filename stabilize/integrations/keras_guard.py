@@ -25,13 +25,7 @@ from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
 
-__all__ = ["StabilizeGuard", "check_optimizer", "keras_guard", "policy_factor"]
-
-
-def policy_factor(sup: Supervisor) -> float:
-    """The back-off factor the device multiplies onto the user's rate (1.0 when not backed off)."""
-    factor = getattr(sup, "lr_factor", None)
-    return float(sup.policy.factor if factor is None else factor)
+__all__ = ["StabilizeGuard", "check_optimizer", "keras_guard"]
 
 
 def check_optimizer(optimizer, what: str):
@@ -213,7 +207,7 @@ class StabilizeGuard(keras.callbacks.Callback):
 
     def _set_inputs(self):
         """The policy's inputs to the next step: eager assigns only when they change."""
-        self.guarded.state.set_factor(policy_factor(self.supervisor))
+        self.guarded.state.set_rate(self.supervisor.rate())
         self.guarded.state.set_limits(self.supervisor.spike_limits())
 
     def _take(self):

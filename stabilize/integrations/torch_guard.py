@@ -170,13 +170,13 @@ class TorchGuard:
             if loss is not None:
                 self._deferred.backward(loss)
             self.flush()
-            applied = self._deferred.step(self.supervisor.lr, batch)
+            applied = self._deferred.step(self.supervisor.rate(), batch)
             self._step.zero_grad()
             return applied
         if loss is not None:
             self._step.backward(loss)
         sup = self.supervisor
-        stats = self._step.step(sup.lr)
+        stats = self._step.step(sup.rate())
         if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
                 and stats["scaler_skip"] != 1.0 and not self._weights_finite():
             stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
