@@ -15,6 +15,7 @@ import torch
 
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
+from ..guard.driver import HostDriver, wants_diagnosis
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
@@ -132,6 +133,8 @@ class TorchGuard:
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
         self._snapshots = SnapshotStore(self.settings, lambda where: self.state.capture(where=where),
                                         self.state.restore, Snapshot._make)
+        self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=self._step.weights_finite,
+                                  verifies=self._step.verify)
         self.state.mark()  # a forward pass from here on can be undone
 
     @property
@@ -145,11 +148,8 @@ class TorchGuard:
         if self._deferred is None:
             return
         for stats in self._deferred.collect():
-            bad_data = stats["committed"] != 1.0 and stats.pop("data_finite") != 1.0
-            decision = self.supervisor.observe(stats, epoch=0, batch=self.supervisor.step, bad_data=bad_data)
-            if decision.stop:
-                self._step.zero_grad()
-                self.supervisor.raise_for(decision)
+            decision = self._driver.judge(stats, bad_data=stats["data_finite"] == 0.0)
+            self._driver.follow(decision, before_stop=self._step.zero_grad)
 
     @property
     def lr(self) -> float:
@@ -164,8 +164,7 @@ class TorchGuard:
         """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied."""
         if (model is not None and model is not self.model) or (optimizer is not None and optimizer is not self.optimizer):
             raise ValueError("this guard was built for another model or optimizer; build one TorchGuard per optimizer")
-        if self.supervisor.keeps_snapshot and not self._snapshots.held:
-            self._take_snapshot()
+        self._driver.start()
         if self._deferred is not None:  # decided on the device; the last step's numbers judged now
             if loss is not None:
                 self._deferred.backward(loss)
@@ -177,22 +176,13 @@ class TorchGuard:
             self._step.backward(loss)
         sup = self.supervisor
         stats = self._step.step(sup.rate())
-        if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
-                and stats["scaler_skip"] != 1.0 and not self._weights_finite():
-            stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
-        bad_data = stats["committed"] != 1.0 and batch is not None and \
-            self._step.on_any_rank(not batch_finite(self._step.B, *batch))
-        decision = sup.observe(stats, epoch=0, batch=sup.step, bad_data=bad_data)
-        if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
-                and self.loss_fn is not None:
+        bad_data = (lambda: self._step.on_any_rank(not batch_finite(self._step.B, *batch))) if batch is not None \
+            else False
+        decision = self._driver.judge(stats, bad_data=bad_data)
+        if batch is not None and self.loss_fn is not None and wants_diagnosis(stats, decision, sup):
             self._diagnose(batch, stats)
-        if decision.restore:
-            self._snapshots.restore()
-        if decision.snapshot and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
-            self._take_snapshot()
+        self._driver.follow(decision, before_stop=self._step.zero_grad)
         self._step.zero_grad()
-        if decision.stop:
-            sup.raise_for(decision)
         return stats["committed"] == 1.0
 
     # -- durable state ---------------------------------------------------------------
@@ -229,8 +219,7 @@ class TorchGuard:
         load_checkpoint_state(self.state, saved["torch"], f"checkpoint {str(path)!r}")
         self.supervisor.load_state_dict(saved["supervisor"])
         self._snapshots.clear()
-        if self.supervisor.keeps_snapshot:
-            self._take_snapshot()
+        self._driver.start()
         return dict(saved["position"])
 
     def held_bytes(self) -> int:
@@ -238,17 +227,34 @@ class TorchGuard:
         ``rollback``), the buffers a skipped step puts back, and with ``verify_updates`` the undo copy."""
         return self._snapshots.held_bytes() + (self._deferred or self._step).held_bytes()
 
-    def _take_snapshot(self) -> None:
-        self._snapshots.take()
-        self.supervisor.snapshot_taken()
-
-    def _weights_finite(self) -> bool:
-        return self._step.weights_finite()  # reduced across ranks when distributed
-
     def _diagnose(self, batch, stats):
+        """Replay ``batch`` from the pre-step weights; under gradient accumulation, when an earlier
+        micro-batch had the non-finite loss and ``batch`` (the last one) did not, the replay could not
+        show the fault: the diagnosis says so instead of blaming the micro-batch it was given."""
+        micro = self._step.micro_finite
+        if micro is not None and micro[-1] and not all(micro):
+            self.supervisor.diagnosis = earlier_micro_batch(self.supervisor.step - 1, micro)
+            logger.warning(self.supervisor.diagnosis.line())
+            return
         x, y = batch
         try:
             self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params,
                                      optimizer=self.optimizer)
         finally:
             self.state.undo_forward()  # the replay's forward pass changed buffers and RNG
+
+
+def earlier_micro_batch(step: int, micro: list[bool]):
+    """The diagnosis of an accumulated step whose non-finite loss came from a micro-batch before the
+    last one, which is the batch the guard was given: nothing to replay, and no cause to guess."""
+    from ..diagnose import Diagnosis
+
+    bad = [i + 1 for i, ok in enumerate(micro) if not ok]
+    k = len(micro)
+    where = ", ".join(str(i) for i in bad)
+    return Diagnosis(
+        "unknown", step, step, f"micro-batch {where} of {k}", "forward",
+        evidence={"micro-batches": k, "non-finite micro-batch losses": bad},
+        advice=f"the loss of micro-batch {where} of {k} was non-finite, and step(loss, batch=...) was given the last "
+               f"micro-batch, whose loss was finite: check that micro-batch's data (stabilize.check_finite(x)), or "
+               f"run it alone through guard.step(loss, batch=(x, y)) to replay and diagnose it")
