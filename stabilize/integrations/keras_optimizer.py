@@ -123,6 +123,13 @@ def _scaler(optimizer):
     return None
 
 
+_NO_CALLBACK = (
+    "this GuardedOptimizer is training without its callback: a step it holds back would still leave what the "
+    "forward pass changed (BatchNormalization's moving statistics, the metrics) as the bad batch made them. Fit "
+    "with the callback: opt, cb = stabilize.keras_guard(keras.optimizers.Adam(1e-3)); model.compile(optimizer=opt, "
+    "...); model.fit(..., callbacks=[cb]). For a reloaded model: _, cb = stabilize.keras_guard(model.optimizer)")
+
+
 @keras.saving.register_keras_serializable(package="stabilize")
 class GuardedOptimizer(keras.optimizers.Optimizer):
     """A Keras optimizer that applies its inner optimizer's update only when the step is good.
@@ -150,11 +157,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self._state = None
         self._captured_loss = None
         object.__setattr__(self, "_buffers", [])
+        object.__setattr__(self, "_protected", False)  # set by watch_buffers: something restores the forward's changes
 
     def watch_buffers(self, variables):
         """Also hold the update back when one of these (float) non-trainable variables is non-finite
-        at ``apply`` time, e.g. a BatchNorm statistic the forward pass just poisoned."""
+        at ``apply`` time, e.g. a BatchNorm statistic the forward pass just poisoned. Called by what
+        puts those variables back after a skipped step (the callback, the trainer's step): only then
+        does this optimizer train."""
         object.__setattr__(self, "_buffers", variables)  # not tracked: the model owns them; a callable is read at apply
+        object.__setattr__(self, "_protected", True)
 
     # -- the optimizer interface, delegated ----------------------------------------
     def build(self, var_list):
@@ -241,6 +252,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(grads, tvs)
 
     def apply(self, grads, trainable_variables=None):
+        if not self._protected:
+            raise RuntimeError(_NO_CALLBACK)
         if not self.built:
             self.build(trainable_variables)
         tvs = list(trainable_variables) if trainable_variables is not None else list(self._trainable_variables)
