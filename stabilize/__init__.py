@@ -23,6 +23,7 @@ from .trainer import StabilityTrainer
 from .history import Event, History
 from .guard.settings import GuardSettings
 from .guards import keras_guard
+from .losses import keras_loss
 
 __version__ = "0.1.0"
 
@@ -77,6 +78,7 @@ __all__ = [
     "TorchGuard",
     "GuardSettings",
     "keras_guard",
+    "keras_loss",
     "History",
     "Event",
     "FiniteReport",

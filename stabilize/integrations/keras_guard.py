@@ -25,6 +25,7 @@ from ..guard.settings import GuardSettings
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
+from ..names import settings_for
 
 __all__ = ["StabilizeGuard", "check_optimizer", "keras_guard"]
 
@@ -242,24 +243,29 @@ class StabilizeGuard(keras.callbacks.Callback):
         A missing, truncated or corrupted file, or one of another model, raises
         :class:`~stabilize.checkpoint.CheckpointError` and changes nothing.
         """
-        from ..checkpoint import CheckpointError, load
-        from .keras_state import load_rng_state, load_variables_state
+        from ..checkpoint import CheckpointError, check_policy_state, load
+        from .keras_state import apply_rng_state, assign_variables_state, check_rng_state, check_variables_state
 
         model = self._need_model(model)
-        saved = load(path)
         where = f"checkpoint {str(path)!r}"
-        try:
-            Supervisor(self.settings).load_state_dict(saved["supervisor"])  # checked before anything changes
-            position = dict(saved["position"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: its policy state or position cannot be read ({exc!r})") from exc
-        load_variables_state(self._groups(model), saved["keras"], where)
+        saved = load(path, kind="keras_guard", sections={"keras", "supervisor", "rng", "position"},
+                     reader="keras_guard's load_checkpoint")
+        groups = self._groups(model)
+        check_variables_state(groups, saved["keras"], where)  # everything checked before anything changes
+        rng = check_rng_state(saved["rng"], where)
+        check_policy_state(self.settings, saved["supervisor"], where)
+        position = saved["position"]
+        if not isinstance(position, dict) or not all(isinstance(k, str) for k in position):
+            raise CheckpointError(f"{where}: its position is not a dict of names")
+        assign_variables_state(groups, saved["keras"])
         self.supervisor.load_state_dict(saved["supervisor"])
-        load_rng_state(saved["rng"])
+        if self.supervisor.event_log is not None:
+            self.supervisor.event_log.rewrite(self.supervisor.events)
+        apply_rng_state(rng)
         self._set_inputs()
         self._snapshots.clear()  # the next fit takes a fresh rollback snapshot
         self._sync_shadows()
-        return position
+        return dict(position)
 
     def _need_model(self, model):
         if model is not None and model is not self.model:
@@ -300,7 +306,8 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
         model.fit(X, y, callbacks=[cb])
         print(cb.history.report())
 
-    ``settings`` are :class:`~stabilize.guard.settings.GuardSettings` fields. Given a
+    ``settings`` are :class:`~stabilize.guard.settings.GuardSettings` fields; Keras's own
+    ``clipnorm``/``clipvalue`` are accepted for ``clip_norm``/``clip_value``. Given a
     ``GuardedOptimizer`` (a reloaded model's ``model.optimizer``), it returns that
     optimizer with a new callback: the optimizer refuses to train without one.
     ``diagnose_data=(x, y)`` with ``loss_fn`` replays the data through the
@@ -312,5 +319,5 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
             raise ValueError(f"this optimizer is already guarded with its own settings; pass no settings "
                              f"(got {sorted(settings)}): _, cb = stabilize.keras_guard(model.optimizer)")
         return optimizer, StabilizeGuard(optimizer, diagnose_data, loss_fn)
-    guarded = GuardedOptimizer(optimizer, GuardSettings(**settings))
+    guarded = GuardedOptimizer(optimizer, GuardSettings(**settings_for("tensorflow", settings, "keras_guard")))
     return guarded, StabilizeGuard(guarded, diagnose_data, loss_fn)

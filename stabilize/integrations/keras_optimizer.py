@@ -303,8 +303,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             delta = global_norm([ops.cast(v.value, "float32") - ops.cast(p, "float32") for v, p in zip(tvs, w0)])
             ratio = delta / (global_norm(w0) + 1e-12)
             large = ~(ratio <= s.max_update_ratio)
-            weights_ok = buffers_ok & all_finite([v.value for v in tvs])
-            undo = applied & (large | ~weights_ok) if s.guarded else ops.convert_to_tensor(False)
+            weights_ok = all_finite([v.value for v in tvs])
+            undo = applied & (large | ~(weights_ok & buffers_ok)) if s.guarded else ops.convert_to_tensor(False)
 
             def put_back():
                 for v, p in zip(tvs + list(self.variables), pre):
@@ -314,7 +314,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             committed = applied & ~undo
         else:
             committed = applied & ((loss_ok & buffers_ok) | (not s.guarded))
-            weights_ok = committed | (buffers_ok & weights_now_ok)
+            weights_ok = committed | weights_now_ok
         scaler_skip = ops.convert_to_tensor(False)
         if scaler is not None:
             # stats.scaler_overflow, on the device: a finite loss and buffers, non-finite gradients, the
