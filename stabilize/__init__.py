@@ -27,6 +27,10 @@ from .losses import keras_loss
 
 __version__ = "0.1.0"
 
+from .frameworks import register_keras_objects as _register_keras_objects
+
+_register_keras_objects()  # keras.models.load_model of a guarded model needs only `import stabilize`
+
 
 def __getattr__(name):
     """Load on first use what would import a framework or a heavy subpackage (PEP 562)."""

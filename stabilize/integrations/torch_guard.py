@@ -17,6 +17,7 @@ import torch
 
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
+from ..guard.driver import HostDriver, wants_diagnosis
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
@@ -163,6 +164,9 @@ class TorchGuard:
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
         self._snapshots = SnapshotStore(self.settings, lambda where: self.state.capture(where=where),
                                         self.state.restore, Snapshot._make)
+        # The host glue (probe, bad data, observe, diagnose, restore/snapshot, stop): guard/driver.py.
+        self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=self._step.weights_finite,
+                                  verifies=self._step.verify)
         self.state.mark()  # a forward pass from here on can be undone
 
     @property
@@ -176,13 +180,9 @@ class TorchGuard:
         if self._deferred is None:
             return
         for stats in self._deferred.collect():
-            bad_data = stats["committed"] != 1.0 and stats.pop("data_finite") != 1.0
             epoch, batch = self._deferred_at.popleft() if self._deferred_at else (None, None)
-            batch = self.supervisor.step if batch is None else batch
-            decision = self.supervisor.observe(stats, epoch=epoch, batch=batch, bad_data=bad_data)
-            if decision.stop:
-                self._step.zero_grad()
-                self.supervisor.raise_for(decision)
+            decision = self._driver.judge(stats, bad_data=stats["data_finite"] == 0.0, epoch=epoch, batch=batch)
+            self._driver.follow(decision, before_stop=self._step.zero_grad)
 
     @property
     def lr(self) -> float:
@@ -208,12 +208,11 @@ class TorchGuard:
             raise ValueError("this guard was built for another model or optimizer; build one TorchGuard per optimizer")
         if self._deferred is not None:  # decided on the device; the last step's numbers judged now
             epoch, batch, data = self._position(epoch, batch, data, read_late=True)
-            if self.supervisor.keeps_snapshot and not self._snapshots.held:
-                self._take_snapshot()
+            self._driver.start()
             if loss is not None:
                 self._deferred.backward(loss) if backward else self._deferred._losses.append(loss.detach())
             self.flush()
-            applied = self._deferred.step(self.supervisor.lr, data)
+            applied = self._deferred.step(self.supervisor.rate(), data)
             self._deferred_at.append((epoch, batch))
             self._step.zero_grad()
             return applied
@@ -241,11 +240,10 @@ class TorchGuard:
         if self._verdict is not None:
             raise RuntimeError("the last check was neither committed nor discarded: call guard.commit(verdict) "
                                "or guard.discard() first")
-        if self.supervisor.keeps_snapshot and not self._snapshots.held:
-            self._take_snapshot()
+        self._driver.start()
         if loss is not None:
             self._step.backward(loss) if backward else self._step.record(loss)
-        verdict = self._step.check(self.supervisor.lr)
+        verdict = self._step.check(self.supervisor.rate())
         self._verdict = (verdict, *self._position(epoch, batch, data))
         return verdict
 
@@ -256,23 +254,14 @@ class TorchGuard:
         _, epoch, batch, data = self._verdict
         self._verdict = None
         sup = self.supervisor
-        stats = self._step.commit(verdict, sup.lr)
-        if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
-                and stats["scaler_skip"] != 1.0 and not self._weights_finite():
-            stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
-        bad_data = stats["committed"] != 1.0 and data is not None and \
-            self._step.on_any_rank(not batch_finite(self._step.B, data))
-        decision = sup.observe(stats, epoch=epoch, batch=batch, bad_data=bad_data)
-        if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and self.loss_fn is not None \
-                and isinstance(data, (tuple, list)) and len(data) == 2:
+        stats = self._step.commit(verdict, sup.rate())
+        bad_data = (lambda: self._step.on_any_rank(not batch_finite(self._step.B, data))) if data is not None else False
+        decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch)
+        if self.loss_fn is not None and isinstance(data, (tuple, list)) and len(data) == 2 \
+                and wants_diagnosis(stats, decision, sup):
             self._diagnose(data, stats)
-        if decision.restore:
-            self._snapshots.restore()
-        if decision.snapshot and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
-            self._take_snapshot()
+        self._driver.follow(decision, before_stop=self._step.zero_grad)
         self._step.zero_grad()
-        if decision.stop:
-            sup.raise_for(decision)
         return stats["committed"] == 1.0
 
     def discard(self) -> None:
@@ -340,8 +329,7 @@ class TorchGuard:
         if self.supervisor.event_log is not None:
             self.supervisor.event_log.rewrite(self.supervisor.events)
         self._snapshots.clear()
-        if self.supervisor.keeps_snapshot:
-            self._take_snapshot()
+        self._driver.start()
         return dict(position)
 
     def held_bytes(self) -> int:
@@ -349,17 +337,34 @@ class TorchGuard:
         ``rollback``), the buffers a skipped step puts back, and with ``verify_updates`` the undo copy."""
         return self._snapshots.held_bytes() + (self._deferred or self._step).held_bytes()
 
-    def _take_snapshot(self) -> None:
-        self._snapshots.take()
-        self.supervisor.snapshot_taken()
-
-    def _weights_finite(self) -> bool:
-        return self._step.weights_finite()  # reduced across ranks when distributed
-
     def _diagnose(self, batch, stats):
+        """Replay ``batch`` from the pre-step weights; under gradient accumulation, when an earlier
+        micro-batch had the non-finite loss and ``batch`` (the last one) did not, the replay could not
+        show the fault: the diagnosis says so instead of blaming the micro-batch it was given."""
+        micro = self._step.micro_finite
+        if micro is not None and micro[-1] and not all(micro):
+            self.supervisor.diagnosis = earlier_micro_batch(self.supervisor.step - 1, micro)
+            logger.warning(self.supervisor.diagnosis.line())
+            return
         x, y = batch
         try:
             self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params,
                                      optimizer=self.optimizer)
         finally:
             self.state.undo_forward()  # the replay's forward pass changed buffers and RNG
+
+
+def earlier_micro_batch(step: int, micro: list[bool]):
+    """The diagnosis of an accumulated step whose non-finite loss came from a micro-batch before the
+    last one, which is the batch the guard was given: nothing to replay, and no cause to guess."""
+    from ..diagnose import Diagnosis
+
+    bad = [i + 1 for i, ok in enumerate(micro) if not ok]
+    k = len(micro)
+    where = ", ".join(str(i) for i in bad)
+    return Diagnosis(
+        "unknown", step, step, f"micro-batch {where} of {k}", "forward",
+        evidence={"micro-batches": k, "non-finite micro-batch losses": bad},
+        advice=f"the loss of micro-batch {where} of {k} was non-finite, and step(loss, data=...) was given the last "
+               f"micro-batch, whose loss was finite: check that micro-batch's data (stabilize.check_finite(x)), or "
+               f"run it alone through guard.step(loss, data=(x, y)) to replay and diagnose it")
