@@ -21,12 +21,15 @@ from . import logs
 from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm, resolve_loss
 from .frameworks import state_buffer_names
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
+from .guard.driver import HostDriver, wants_diagnosis
 from .guard.replay import replay_failed_step
 from .guard.settings import GuardSettings
 from .guard.snapshots import SnapshotStore
+from .guard.stats import nonfinite_parts
 from .guard.supervisor import Supervisor
 from .history import History
 from .models import MLP
+from .names import scheduler_from, settings_for
 from .optim import OptimizerSpec
 from .registry import get_backend
 from .resume import Shuffle
@@ -50,10 +53,11 @@ class StabilityTrainer:
             ``torch.optim`` optimizer over the model's parameters, or a keras optimizer
             (its rate may be a ``LearningRateSchedule``).
         backend, dtype, device: for an MLP spec: where and how to build it.
-        schedule: a ``torch.optim.lr_scheduler`` scheduler (stepped once per applied
-            step), or ``schedule(applied_steps) -> factor`` for a stabilize.optim spec.
-            Back-off multiplies the rate the schedule gives; a skipped step does
-            not advance it.
+        scheduler: a ``torch.optim.lr_scheduler`` scheduler (stepped once per applied
+            step), or ``scheduler(applied_steps) -> factor`` for a stabilize.optim spec;
+            the same keyword as ``TorchGuard``'s. Back-off multiplies the rate the
+            scheduler gives; a skipped step does not advance it. ``schedule=`` is its
+            old name: it still works, with a ``DeprecationWarning``.
         scaler, verify_updates: torch: a ``GradScaler``; check each applied update and undo
             a bad one exactly (a copy of the state per step; see ``TorchGuard``).
         progress: show a tqdm bar (default: only on a terminal). diagnose: replay the first failed
@@ -74,9 +78,12 @@ class StabilityTrainer:
     """
 
     def __init__(self, model, loss: str | Callable = "mse", optimizer=None, *, backend: str | None = None,
-                 dtype: str | None = None, device: str | None = None, schedule=None, scaler=None,
-                 verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True, **settings):
-        self.settings = GuardSettings(**settings)
+                 dtype: str | None = None, device: str | None = None, scheduler=None, scaler=None,
+                 verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True,
+                 schedule=None, **settings):
+        schedule = scheduler_from(scheduler, schedule, "StabilityTrainer")
+        self.settings = GuardSettings(**settings_for(_framework_of(model) if not isinstance(model, MLP) else None,
+                                                     settings, "StabilityTrainer"))
         if optimizer is None:
             raise TypeError("pass an optimizer, e.g. stabilize.optim.SGD(lr=0.01) or a torch.optim optimizer")
         self.progress, self.diagnose = progress, diagnose
@@ -112,13 +119,15 @@ class StabilityTrainer:
         self._native = not isinstance(optimizer, OptimizerSpec)
         self._epoch, self._resume = 0, None  # the global epoch; an interrupted fit to finish (stabilize.resume)
         self._shuffle = Shuffle()
+        self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=self.updater.weights_finite,
+                                  native=self._native, verifies=getattr(self.updater, "verifies", False))
 
     # -- setup ----------------------------------------------------------------
     def _updater(self, framework, schedule, scaler, verify_updates):
         B, opt = self.backend, self.optimizer
         if isinstance(opt, OptimizerSpec):
             if schedule is not None and not callable(schedule):
-                raise TypeError("with a stabilize.optim spec, schedule is schedule(applied_steps) -> factor")
+                raise TypeError("with a stabilize.optim spec, scheduler is scheduler(applied_steps) -> factor")
             held = state_buffer_names(self.model)
             if held:
                 raise ValueError(f"the model holds state outside its parameters ({', '.join(held[:4])}"
@@ -136,7 +145,7 @@ class StabilityTrainer:
             from .integrations.torch_updater import TorchUpdater, is_scheduler
 
             if schedule is not None and not is_scheduler(schedule):
-                raise TypeError("with a torch optimizer, schedule must be a torch.optim.lr_scheduler scheduler")
+                raise TypeError("with a torch optimizer, scheduler must be a torch.optim.lr_scheduler scheduler")
             return TorchUpdater(B, self.model, opt, self.loss_fn, self.settings, scheduler=schedule, scaler=scaler,
                                 verify_updates=verify_updates)
         if B.name == "tensorflow" and keras is not None and isinstance(opt, keras.optimizers.Optimizer):
@@ -233,9 +242,7 @@ class StabilityTrainer:
             sup.skip_rows.clear()  # what a rollback leaves out is named within one fit's data
             sup.skip_positions.clear()
             epoch_skip = None
-        keeps = sup.keeps_snapshot
-        if keeps and not self._snapshots.held:
-            self._take_snapshot()
+        self._driver.start()
         total = (end - first) * math.ceil(len(y) / batch_size) if y is not None else None
         if max_steps is not None:
             total = min(total, max_steps) if total else max_steps
@@ -261,7 +268,7 @@ class StabilityTrainer:
                             return sup.history(start)
                         if sup.leaves_out(epoch=epoch, batch=batch.position):  # after a spike rewind
                             continue
-                        if self._step(batch, epoch, bar, keeps) and stop_on_nonfinite:
+                        if self._step(batch, epoch, bar) and stop_on_nonfinite:
                             self._epoch = epoch + 1
                             return sup.history(start)
                         if checkpoint_every is not None and (sup.step - start) % checkpoint_every == 0:
@@ -286,7 +293,7 @@ class StabilityTrainer:
         (at the checkpoint's global epoch)."""
         self._resume = None
 
-    def _step(self, batch: Batch, epoch: int, bar, keeps: bool) -> bool:
+    def _step(self, batch: Batch, epoch: int, bar) -> bool:
         """One guarded step and what follows it; returns whether it was bad."""
         sup, updater = self.supervisor, self.updater
         pending = self.diagnose and sup.diagnosis is None and not self.settings.guarded
@@ -298,42 +305,32 @@ class StabilityTrainer:
         elif pending:  # the other updaters commit on the device: keep the pre-step state until a diagnosis
             pre = updater.capture()
         try:
-            stats = updater.run(xb, yb, sup.lr, hook) if hook is not None else updater.run(xb, yb, sup.lr)
+            rate = sup.rate()  # the whole rate, applied as given (on the device for Keras)
+            stats = updater.run(xb, yb, rate, hook) if hook is not None else updater.run(xb, yb, rate)
         except Exception as exc:  # the user's forward or loss raised (labels out of range, a shape)
             self._explain(exc, xb, yb, batch)
             raise
-        bad = stats["committed"] != 1.0 or stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0
-        if bad and self._native and stats.get("scaler_skip") != 1.0 and not updater.weights_finite():
-            stats["weights_broken"] = 1.0  # an earlier native update broke the weights
-        rows, bad_data = batch.rows, False
-        if bad and batch.rows is not None:  # array data: the offending rows, read on the host
-            faulty = nonfinite_rows(batch.x, batch.y)
-            bad_data = bool(faulty.any())
-            rows = batch.rows[faulty] if bad_data else batch.rows  # no row at fault: the whole batch
-        elif bad:
-            bad_data = not batch_finite(self.backend, xb, yb)
-        if bad and hasattr(updater, "on_any_rank"):  # the same verdict on every rank
-            bad_data = updater.on_any_rank(bad_data)
-        decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows,
-                               bad_data=bad_data)
-        nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
-        if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose \
-                and hook is None:
+
+        def bad_data():  # only for a failed step: array data names the offending rows, read on the host
+            if batch.rows is not None:
+                faulty = nonfinite_rows(batch.x, batch.y)
+                found, rows = bool(faulty.any()), batch.rows[faulty] if faulty.any() else batch.rows
+            else:
+                found, rows = not batch_finite(self.backend, xb, yb), batch.rows
+            if hasattr(updater, "on_any_rank"):  # the same verdict on every rank
+                found = updater.on_any_rank(found)
+            return found, rows
+
+        decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch.position,
+                                      position=(epoch, batch.position), rows=batch.rows)
+        if self.diagnose and hook is None and wants_diagnosis(stats, decision, sup):
             self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}", skipped=sup.not_applied,
                             spikes=sup.spikes.spikes if sup.spikes is not None else 0)
-        if decision.restore:
-            if decision.replay:  # transient or reproducible: the step once more, nothing kept
-                replay_failed_step(updater, sup, xb, yb)
-            self._restore_snapshot()
-        elif decision.snapshot and (not self._native or getattr(updater, "verifies", False)
-                                    or updater.weights_finite()):
-            self._take_snapshot()  # never keep weights a native update broke
-        if decision.stop:
-            sup.raise_for(decision, sup.history())
-        return nonfinite
+        self._driver.follow(decision, replay=lambda: replay_failed_step(updater, sup, xb, yb))
+        return bool(nonfinite_parts(stats))
 
     def _explain(self, exc, xb, yb, batch):
         """A step raised: put back what its forward pass changed, and add the diagnosis of the
@@ -358,10 +355,6 @@ class StabilityTrainer:
             self._restore_snapshot()
         if decision.stop:
             sup.raise_for(decision)
-
-    def _take_snapshot(self):
-        self._snapshots.take()
-        self.supervisor.snapshot_taken()
 
     def _restore_snapshot(self):
         self._snapshots.restore()
