@@ -14,7 +14,10 @@ Exactness rests on two rules:
   with or without a save and load in between;
 * **a fit interrupted by a crash is finished by the next fit call** with the
   same data and arguments: it skips the batches already trained in the
-  checkpoint's epoch and ends where the interrupted call would have ended.
+  checkpoint's epoch and ends where the interrupted call would have ended;
+* **the rollback snapshot the run held is in the checkpoint** (``rollback``,
+  ``spike="rewind"``), so a rollback after the resume restores the same state
+  as in the uninterrupted run.
 
 Loading is transactional: every section is verified against the live
 objects (:mod:`stabilize.checkpoint`) before the updater, the Supervisor, the
@@ -64,7 +67,7 @@ def save_trainer(trainer, path, fit_position: dict | None):
 
     updater, sup = trainer._updater_checkpoints(), trainer.supervisor
     state = {**updater.checkpoint_state(), "supervisor": sup.state_dict(), "applied": updater.applied,
-             "data": {"epoch": trainer._epoch, "fit": fit_position}}
+             "data": {"epoch": trainer._epoch, "fit": fit_position}, "snapshot": trainer._snapshots.durable()}
     written = save(path, state, meta={"kind": "StabilityTrainer", "steps": sup.step})
     if sup.event_log is None:  # the JSON-lines event log starts beside the first checkpoint
         sup.event_log = EventLog(beside(path))
@@ -77,7 +80,7 @@ def load_trainer(trainer, path) -> None:
     from .eventlog import EventLog, beside
 
     updater, where = trainer._updater_checkpoints(), f"checkpoint {str(path)!r}"
-    sections = set(updater.checkpoint_sections) | {"supervisor", "applied", "data"}
+    sections = set(updater.checkpoint_sections) | {"supervisor", "applied", "data", "snapshot"}
     saved = load(path, kind="StabilityTrainer", sections=sections, reader="StabilityTrainer.load_checkpoint")
     checked = updater.check_checkpoint_state(saved, where)
     check_policy_state(trainer.settings, saved["supervisor"], where)
@@ -88,11 +91,15 @@ def load_trainer(trainer, path) -> None:
     if not isinstance(data, dict) or set(data) != {"epoch", "fit"} or type(data["epoch"]) is not int \
             or (fit is not None and (not isinstance(fit, dict) or set(fit) != _FIT_KEYS)):
         raise CheckpointError(f"{where}: its data position is malformed ({data!r:.120})")
+    if saved["snapshot"] is not None:
+        _check_snapshot(updater, saved["snapshot"], where)
     updater.apply_checkpoint_state(checked, where)
     trainer.supervisor.load_state_dict(saved["supervisor"])
     updater.applied = saved["applied"]
     trainer._epoch, trainer._resume = data["epoch"], fit
-    trainer._snapshots.clear()  # the next fit takes a fresh rollback snapshot
+    trainer._snapshots.clear()  # the rollback snapshot the run held, if any (else the next fit takes one)
+    if saved["snapshot"] is not None:
+        trainer._snapshots.put(saved["snapshot"])
     sup = trainer.supervisor
     if sup.event_log is None:
         sup.event_log = EventLog(beside(path))
@@ -108,3 +115,20 @@ def check_continuation(resume: dict, **call) -> None:
         raise ValueError(f"this trainer was loaded from a checkpoint taken inside a fit at epoch {resume['epoch']}, "
                          f"batch {resume['batch']}, with {said}: call fit with the same data and arguments to finish "
                          f"that fit exactly, or call trainer.abandon_fit() to start a new one")
+
+
+def _shapes(tree):
+    """The layout of a snapshot's weights: (dtype, shape) of each tensor in its first entry."""
+    first = tree[0] if isinstance(tree, (tuple, list)) and tree else tree
+    leaves = first if isinstance(first, (list, tuple)) else [first]
+    return [(str(getattr(t, "dtype", type(t).__name__)).replace("torch.", ""), tuple(getattr(t, "shape", ())))
+            for t in leaves]
+
+
+def _check_snapshot(updater, saved, where: str) -> None:
+    """The saved rollback snapshot's weights have the live ones' layout (it is restored later, unchecked)."""
+    from .guard.snapshots import host_copy
+
+    live = host_copy(updater.capture("host"))
+    if not isinstance(saved, (tuple, list)) or len(saved) != len(live) or _shapes(saved) != _shapes(live):
+        raise CheckpointError(f"{where}: its rollback snapshot does not have the live model's layout")
