@@ -10,6 +10,7 @@ from .errors import (
     BackendNotAvailableError,
     ConfigError,
     NonFiniteError,
+    RankLostError,
     StabilizeError,
     UnknownBackendError,
 )
@@ -88,4 +89,5 @@ __all__ = [
     "UnknownBackendError",
     "BackendNotAvailableError",
     "NonFiniteError",
+    "RankLostError",
 ]

@@ -231,9 +231,10 @@ class StabilityTrainer:
         sup = self.supervisor
         call = dict(batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                     rows=len(y) if y is not None else None)
-        resume, self._resume = self._resume, None
+        resume = self._resume
         if resume is not None:  # finish the fit a mid-fit checkpoint was taken in
             check_continuation(resume, **call)
+            self._resume = None
             first, end, start, skip_before = resume["epoch"], resume["end"], resume["start"], resume["batch"]
             epoch_skip = set(resume["epoch_skip"])
         else:
