@@ -34,6 +34,9 @@ OPTIONAL = {
     "tensorflow": ("tensorflow", "tensorflow"),
     "keras": ("tensorflow", "tensorflow"),
     "torch": ("torch", "torch"),
+    "lightning": ("lightning", None),
+    "transformers": ("hf", None),
+    "accelerate": ("hf", None),
 }
 
 

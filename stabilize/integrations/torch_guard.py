@@ -175,6 +175,14 @@ class TorchGuard:
         """Backward one micro-batch of an accumulated step (no update)."""
         (self._deferred or self._step).backward(loss)
 
+    def record(self, loss) -> None:
+        """Count one micro-batch loss whose backward a framework has already run (no backward here):
+        the next :meth:`step`/:meth:`check` with ``loss=None`` judges the sum of the recorded losses."""
+        if self._deferred is not None:
+            self._deferred._losses.append(loss.detach())
+        else:
+            self._step.record(loss)
+
     def step(self, loss=None, model=None, optimizer=None, batch=None, *, backward=True, epoch=None,
              data=None) -> bool:
         """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied.
@@ -193,7 +201,7 @@ class TorchGuard:
             if self.supervisor.keeps_snapshot and not self._snapshots.held:
                 self._take_snapshot()
             if loss is not None:
-                self._deferred.backward(loss) if backward else self._deferred._losses.append(loss.detach())
+                self._deferred.backward(loss) if backward else self.record(loss)
             self.flush()
             applied = self._deferred.step(self.supervisor.lr, data)
             self._deferred_at.append((epoch, batch))
