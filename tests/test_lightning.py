@@ -130,5 +130,7 @@ def test_ddp_two_ranks_fault_on_one_rank_same_decision(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
-    assert r0["events"] == r1["events"] == [[0, 1, "skipped"]]
-    assert r0["applied"] == r1["applied"] == 2 and torch.isfinite(torch.cat([p.flatten() for p in r0["params"].values()])).all()
+    faulty = r0["faulty_batches"] + r1["faulty_batches"]
+    assert len(faulty) == 1 and r0["faulty_batches"] != r1["faulty_batches"]  # one rank saw the fault
+    assert r0["events"] == r1["events"] == [[0, faulty[0], "skipped"]]
+    assert r0["applied"] == r1["applied"] == 3 and torch.isfinite(torch.cat([p.flatten() for p in r0["params"].values()])).all()
