@@ -193,6 +193,14 @@ class TorchGuard:
         """Backward one micro-batch of an accumulated step (no update)."""
         (self._deferred or self._step).backward(loss)
 
+    def record(self, loss) -> None:
+        """Count one micro-batch loss whose backward a framework has already run (no backward here):
+        the next :meth:`step`/:meth:`check` with ``loss=None`` judges the sum of the recorded losses."""
+        if self._deferred is not None:
+            self._deferred._losses.append(loss.detach())
+        else:
+            self._step.record(loss)
+
     def step(self, loss=None, model=None, optimizer=None, batch=None, *, backward=True, epoch=None,
              data=None) -> bool:
         """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied.
@@ -210,7 +218,7 @@ class TorchGuard:
             epoch, batch, data = self._position(epoch, batch, data, read_late=True)
             self._driver.start()
             if loss is not None:
-                self._deferred.backward(loss) if backward else self._deferred._losses.append(loss.detach())
+                self._deferred.backward(loss) if backward else self.record(loss)
             self.flush()
             applied = self._deferred.step(self.supervisor.rate(), data)
             self._deferred_at.append((epoch, batch))
