@@ -22,6 +22,7 @@ from .frameworks import framework_of as _framework_of, has_batchnorm as _has_bat
 from .frameworks import state_buffer_names
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
 from .guard.driver import HostDriver, wants_diagnosis
+from .guard.entries import check_keywords, refuse
 from .guard.replay import replay_failed_step
 from .guard.settings import GuardSettings
 from .guard.snapshots import SnapshotStore
@@ -81,6 +82,8 @@ class StabilityTrainer:
                  dtype: str | None = None, device: str | None = None, scheduler=None, scaler=None,
                  verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True,
                  schedule=None, **settings):
+        check_keywords("StabilityTrainer", settings, ("backend", "dtype", "device", "scheduler", "scaler",
+                                                      "verify_updates", "progress", "diagnose", "schedule"))
         schedule = scheduler_from(scheduler, schedule, "StabilityTrainer")
         self.settings = GuardSettings(**settings_for(_framework_of(model) if not isinstance(model, MLP) else None,
                                                      settings, "StabilityTrainer"))
@@ -125,7 +128,9 @@ class StabilityTrainer:
     # -- setup ----------------------------------------------------------------
     def _updater(self, framework, schedule, scaler, verify_updates):
         B, opt = self.backend, self.optimizer
+        options = {"scaler": scaler, "verify_updates": verify_updates}  # checked against the one table
         if isinstance(opt, OptimizerSpec):
+            refuse("trainer-neutral", options, lead="StabilityTrainer with a stabilize.optim spec cannot take")
             if schedule is not None and not callable(schedule):
                 raise TypeError("with a stabilize.optim spec, scheduler is scheduler(applied_steps) -> factor")
             held = state_buffer_names(self.model)
@@ -152,6 +157,7 @@ class StabilityTrainer:
             if schedule is not None:
                 raise TypeError("with a keras optimizer, give the schedule as its learning_rate "
                                 "(a keras.optimizers.schedules.LearningRateSchedule)")
+            refuse("trainer-keras", options, lead="StabilityTrainer with a keras optimizer cannot take")
             from .integrations.keras_updater import KerasUpdater
 
             return KerasUpdater(B, self.model, opt, self.loss_fn, self.settings)

@@ -16,11 +16,13 @@ trainer's data loop and is refused here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 from keras import ops
 
 from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.settings import GuardSettings
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
@@ -54,9 +56,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         super().__init__()
         self.guarded = guarded
         self.settings = guarded.settings
-        if self.settings.spike == "rewind":  # the callback does not own fit's data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with keras_guard")
+        refuse("keras_guard", dataclasses.asdict(self.settings))  # the one table (guard/entries.py)
         self.supervisor = Supervisor(self.settings)
         self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
         self._epoch = 0
@@ -314,6 +314,8 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
     model at the first bad step and attaches a diagnosis.
     """
     check_optimizer(optimizer, "keras_guard")
+    check_keywords("keras_guard", settings)
+    refuse("keras_guard", {}, settings)  # settings no guard acts on (replay=), before any is built
     if isinstance(optimizer, GuardedOptimizer):  # a reloaded model's optimizer: a callback for it
         if settings:
             raise ValueError(f"this optimizer is already guarded with its own settings; pass no settings "

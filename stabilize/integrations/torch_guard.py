@@ -9,6 +9,7 @@ are the :class:`~stabilize.guard.supervisor.Supervisor`'s, exactly as in
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import numbers
 import sys
@@ -18,6 +19,7 @@ import torch
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
 from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
@@ -29,6 +31,15 @@ from ..names import settings_for
 __all__ = ["TorchGuard", "check_model_and_optimizer", "check_scheduler"]
 
 logger = logging.getLogger("stabilize")
+
+
+# TorchGuard's own arguments besides the settings (for the closest-name hint of a wrong keyword).
+_OWN = ("scaler", "scheduler", "verify_updates", "restore_rng", "loss_fn", "process_group", "sync_free")
+
+
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_model_and_optimizer(model, optimizer) -> None:
@@ -143,10 +154,12 @@ class TorchGuard:
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
+        check_keywords("TorchGuard", settings, _OWN)
         self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
-        if self.settings.spike == "rewind":  # the guard does not own the data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with TorchGuard")
+        values = dict(dataclasses.asdict(self.settings), scaler=scaler, verify_updates=verify_updates, ranks=_ranks())
+        refuse("TorchGuard", values, settings)  # the one table (guard/entries.py)
+        if sync_free:
+            refuse("TorchGuard(sync_free)", values, settings, lead="sync_free=True cannot be combined with")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
@@ -156,9 +169,6 @@ class TorchGuard:
         self._deferred_at: collections.deque = collections.deque()  # sync_free: (epoch, batch) of unread steps
         self._verdict = None  # (verdict, epoch, batch, data) of a check not yet committed
         if sync_free:
-            if verify_updates:
-                raise ValueError("sync_free=True cannot be combined with verify_updates (each update is read "
-                                 "back before it stays): use one or the other")
             self._deferred = DeferredStep(self.state, self.settings)
             self._deferred.limits = self.supervisor.spike_limits
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
