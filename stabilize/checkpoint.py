@@ -157,6 +157,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def checked_path(path, op: str) -> Path:
+    """``path`` as a ``Path``; anything but a str or ``os.PathLike`` is one TypeError naming the argument."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(f"{op}: path must be a file path (a str or a pathlib.Path), got {type(path).__name__} "
+                        f"{path!r:.60}; e.g. {op}('run.ckpt')")
+    return Path(path)
+
+
 def save(path, state, *, meta: dict | None = None) -> Path:
     """Write ``state`` (tensors, arrays and plain values, nested) to ``path`` atomically.
 
@@ -164,7 +172,7 @@ def save(path, state, *, meta: dict | None = None) -> Path:
     Returns the path. The previous file at ``path`` stays whole until the new
     one is complete and synced.
     """
-    path = Path(path)
+    path = checked_path(path, "save_checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     _sweep(path)
     tensors: list = []
@@ -193,7 +201,7 @@ def save(path, state, *, meta: dict | None = None) -> Path:
 
 
 def _read(path) -> tuple[dict, bytes]:
-    path = Path(path)
+    path = checked_path(path, "load_checkpoint")
     where = f"checkpoint {str(path)!r}"
     if not path.exists():
         raise CheckpointError(f"{where} does not exist")
