@@ -257,24 +257,29 @@ class StabilizeGuard(keras.callbacks.Callback):
         A missing, truncated or corrupted file, or one of another model, raises
         :class:`~stabilize.checkpoint.CheckpointError` and changes nothing.
         """
-        from ..checkpoint import CheckpointError, load
-        from .keras_state import load_rng_state, load_variables_state
+        from ..checkpoint import CheckpointError, check_policy_state, load
+        from .keras_state import apply_rng_state, assign_variables_state, check_rng_state, check_variables_state
 
         model = self._need_model(model)
-        saved = load(path)
         where = f"checkpoint {str(path)!r}"
-        try:
-            Supervisor(self.settings).load_state_dict(saved["supervisor"])  # checked before anything changes
-            position = dict(saved["position"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: its policy state or position cannot be read ({exc!r})") from exc
-        load_variables_state(self._groups(model), saved["keras"], where)
+        saved = load(path, kind="keras_guard", sections={"keras", "supervisor", "rng", "position"},
+                     reader="keras_guard's load_checkpoint")
+        groups = self._groups(model)
+        check_variables_state(groups, saved["keras"], where)  # everything checked before anything changes
+        rng = check_rng_state(saved["rng"], where)
+        check_policy_state(self.settings, saved["supervisor"], where)
+        position = saved["position"]
+        if not isinstance(position, dict) or not all(isinstance(k, str) for k in position):
+            raise CheckpointError(f"{where}: its position is not a dict of names")
+        assign_variables_state(groups, saved["keras"])
         self.supervisor.load_state_dict(saved["supervisor"])
-        load_rng_state(saved["rng"])
+        if self.supervisor.event_log is not None:
+            self.supervisor.event_log.rewrite(self.supervisor.events)
+        apply_rng_state(rng)
         self._set_inputs()
         self._snapshots.clear()  # the next fit takes a fresh rollback snapshot
         self._sync_shadows()
-        return position
+        return dict(position)
 
     def _need_model(self, model):
         if model is not None and model is not self.model:

@@ -194,20 +194,26 @@ class KerasUpdater:
 
         return {"keras": {"variables": variables_state(self._groups()), "rng": rng_state()}}
 
-    def load_checkpoint_state(self, saved: dict, where: str = "checkpoint") -> None:
-        """Put a verified checkpoint (the trainer's whole dict) back; a mismatch raises before anything changes."""
-        from ..checkpoint import CheckpointError
-        from ..guard.supervisor import Supervisor
-        from .keras_state import load_rng_state, load_variables_state
+    checkpoint_sections = {"keras"}
 
-        try:
-            state = saved["keras"]
-            Supervisor(self.step.settings).load_state_dict(saved["supervisor"])
-            int(saved["applied"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where} is not a checkpoint of a keras StabilityTrainer ({exc!r})") from exc
-        load_variables_state(self._groups(), state["variables"], where)
-        load_rng_state(state["rng"])
+    def check_checkpoint_state(self, saved: dict, where: str = "checkpoint"):
+        """Verify the keras section against the live variables and generators, changing nothing."""
+        from ..checkpoint import CheckpointError
+        from .keras_state import check_rng_state, check_variables_state
+
+        state = saved["keras"]
+        if not isinstance(state, dict) or set(state) != {"variables", "rng"}:
+            raise CheckpointError(f"{where}: its keras section is not a keras StabilityTrainer's state")
+        groups = self._groups()
+        check_variables_state(groups, state["variables"], where)
+        return groups, state["variables"], check_rng_state(state["rng"], where)
+
+    def apply_checkpoint_state(self, checked, where: str = "checkpoint") -> None:
+        from .keras_state import apply_rng_state, assign_variables_state
+
+        groups, variables, rng = checked
+        assign_variables_state(groups, variables)
+        apply_rng_state(rng)
         self.step.protected.sync_now()
 
     def predict(self, xb):

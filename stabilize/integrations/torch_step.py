@@ -25,6 +25,7 @@ the same numbers, and sharded (FSDP2) gradients give the global norm.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +38,32 @@ from ..step import update_ratio
 from .torch_distributed import TorchReducer, local
 from .torch_state import TorchState, UpdateUndo
 
-__all__ = ["TorchStep", "check_loss"]
+__all__ = ["TorchStep", "Verdict", "check_loss"]
+
+
+class Verdict(NamedTuple):
+    """What :meth:`TorchStep.check` found, before anything is applied (``TorchGuard.check`` returns it).
+
+    Attributes:
+        ok: the step is good: the loss, the gradient norm and the module buffers are finite (on
+            every rank), and no spike is held back (``spike="skip"``).
+        applies: :meth:`TorchStep.commit` will apply the update: ``ok``, or the policy is
+            ``"ignore"``. An update checked afterwards (``verify_updates``) may still be undone.
+        stats: the step's numbers, as floats: ``loss`` (the sum over the micro-batches),
+            ``grad_norm`` (the global L2 norm before clipping), ``loss_finite``,
+            ``grads_finite``, ``buffers_finite``, ``spike`` (1.0 / 0.0), ``lr`` (the rate the
+            update uses, backed off), ``loss_scale``, ``scaler_skip``, and with spike detection
+            ``loss_max`` / ``norm_max``.
+        grads, current, limits: for :meth:`TorchStep.commit`: the gradients, their norm after
+            ``clip_value``, the spike limits.
+    """
+
+    ok: bool
+    applies: bool
+    stats: dict
+    grads: list
+    current: float
+    limits: tuple | None
 
 
 def clamp(grads, bound) -> None:
@@ -79,6 +105,17 @@ class TorchStep:
         scaler = self.state.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
+    def record(self, loss) -> None:
+        """Count a (micro-)batch loss whose backward the caller (a framework) has already run."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            check_loss(loss)  # the same clear errors as for backward
+        self._losses.append(loss.detach().reshape(()))
+
+    @property
+    def pending(self) -> bool:
+        """Whether a loss was backpropagated (or recorded) since the last step."""
+        return bool(self._losses)
+
     def step(self, rate=None, before_unguarded=None) -> dict[str, float]:
         """Check the accumulated gradients and commit or discard; returns the step's statistics.
 
@@ -89,6 +126,11 @@ class TorchStep:
         applied anyway (policy ``ignore``), while the weights are still the
         pre-step ones: the diagnosis runs there, and nothing is copied.
         """
+        return self.commit(self.check(rate), rate, before_unguarded)
+
+    def check(self, rate=None) -> "Verdict":
+        """Measure the accumulated gradients and the losses (the step's one read) and decide; nothing
+        is applied or put back yet (:meth:`commit`, :meth:`discard`)."""
         st, s = self.state, self.settings
         if not self._losses:
             raise RuntimeError("no loss was backpropagated since the last step: call backward(loss) first")
@@ -116,7 +158,14 @@ class TorchStep:
         # A scaler's own overflow: finite loss, non-finite gradients, scale still above the floor.
         if scaler is not None and not ok and loss_ok and buffers_ok and scale >= s.min_loss_scale:
             stats["scaler_skip"] = 1.0
-        commit = ok or not s.guarded
+        return Verdict(ok, ok or not s.guarded, stats, grads, current, limits)
+
+    def commit(self, verdict: "Verdict", rate=None, before_unguarded=None) -> dict[str, float]:
+        """Carry out ``verdict``: clip and update when it applies, else put back what the forward
+        pass changed; returns the step's statistics with ``committed``."""
+        st, s = self.state, self.settings
+        stats, grads, current, limits = dict(verdict.stats), verdict.grads, verdict.current, verdict.limits
+        ok, commit, spike = verdict.ok, verdict.applies, stats["spike"] == 1.0
         if not ok and commit and before_unguarded is not None:
             before_unguarded(stats)
         bound = s.clip_norm
@@ -128,7 +177,7 @@ class TorchStep:
                 torch._foreach_mul_([local(g) for g in grads], coef)
         if commit:
             commit = self._update(stats, rate)
-        elif scaler is not None:
+        elif st.scaler is not None:
             self._scaler_update(keep=stats["scaler_skip"] == 1.0)
         if not commit and s.guarded:
             st.undo_forward()
@@ -136,6 +185,13 @@ class TorchStep:
             st.mark()
         stats["committed"] = float(commit)
         return stats
+
+    def discard(self) -> None:
+        """Drop the step: no update; the gradients and recorded losses go, and the buffers and RNG
+        the forward pass changed are put back. With a ``GradScaler``, its step is not closed."""
+        self._losses.clear()
+        self.state.undo_forward()
+        self.zero_grad()
 
     def _measure(self, loss, grads) -> tuple:
         """The step's numbers in one read from the device: ``(loss, norm, current, loss_ok,
