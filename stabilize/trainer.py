@@ -19,7 +19,7 @@ import numpy as np
 
 from . import logs
 from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm, resolve_loss
-from .frameworks import state_buffer_names
+from .frameworks import input_features as _input_features, state_buffer_names
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
 from .guard.driver import HostDriver, wants_diagnosis
 from .guard.entries import check_keywords, refuse
@@ -224,7 +224,7 @@ class StabilityTrainer:
         """
         from .resume import check_continuation
 
-        check_arrays(x, y, batch_size, epochs)
+        check_arrays(x, y, batch_size, epochs, _input_features(self._spec or self.model))
         if y is not None and not drop_last and rows_of(x) % batch_size == 1 and _has_batchnorm(self.model):
             raise ValueError(f"the last batch would hold 1 row ({rows_of(x)} rows, batch_size={batch_size}), and "
                              f"BatchNorm cannot train on one row: pass drop_last=True or change batch_size")
