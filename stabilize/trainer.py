@@ -286,12 +286,14 @@ class StabilityTrainer:
         state = getattr(self.updater, "state", None)
         if state is not None:
             state.undo_forward()
-        if not self.diagnose or self.supervisor.diagnosis is not None:
+        if not self.diagnose:
             return
-        pending = {"loss": float("nan"), "grad_norm": float("nan"), "lr": self.current_lr(), "batch": batch.position}
-        diagnosis = self._diagnose(xb, yb, None, pending)
-        if diagnosis is not None:
-            exc.add_note(f"stabilize: {diagnosis.line()}")
+        try:
+            self.supervisor.explain(exc, self.backend, self.model, self.loss_fn, xb, yb, self.params,
+                                    lr=self.current_lr(), optimizer=self.optimizer if self._native else None)
+        finally:
+            if state is not None:
+                state.undo_forward()  # the replay's forward pass changed buffers and RNG
 
     def _step_failed_after_the_fact(self, epoch):
         sup = self.supervisor

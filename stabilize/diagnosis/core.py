@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from ..backends.base import FLOAT_INFO
+from .ops import OpEvent, source_line
 from .evidence import Evidence, gather_batch, gather_history, gather_ids, gather_optimizer
 from .report import Diagnosis
 from .rules import ADVICE, RULES, SAFE_CALL, half_first
@@ -211,6 +212,12 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
 
     rule = next(r for r in RULES if r.applies(E))
     ev = _pick(rule.name, E)
+    if ev is None and trace.get("error_at"):  # the step raised: where, in the user's code
+        file, line, function = trace["error_at"]
+        kind = trace["error"].split(":", 1)[0]
+        ev = OpEvent(name=kind, op="raise", phase="forward", file=file, line=line, function=function,
+                     stage="loss" if function and "loss" in function else "model", source=source_line(file, line))
+        ev.extra["error"] = trace["error"]
     if rule.name == "dirty-data":
         origin, phase = "input batch", "forward"
     elif ev is not None:
@@ -219,6 +226,8 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
     elif rule.name == "low-precision":
         origin, phase = f"optimizer update ({E.param_dtype} parameters, epsilon {E.eps})", "backward"
         E.shown.pop("overflowing update", None)  # every gradient is finite and small: the division is the fault
+    elif rule.name == "bad-labels" and E.bad_ids.get("what") == "ids":
+        origin, phase = f"embedding {E.bad_ids.get('where', '')!r} (input ids)", "forward"
     elif "overflowing update" in E.shown:
         origin, phase = E.shown["overflowing update"], "backward"
     else:

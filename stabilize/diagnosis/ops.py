@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["OpEvent", "canonical", "user_frame", "leaves", "source_line", "ctc_infeasible", "SINGULAR", "SOFTMAX",
+__all__ = ["OpEvent", "canonical", "user_frame", "error_frame", "leaves", "source_line", "ctc_infeasible", "SINGULAR", "SOFTMAX",
            "LOGS", "EXPS", "MEAN_LOSSES"]
 
 # Canonical short names (lower case, no "Tensor."/"__"), framework aliases folded.
@@ -83,6 +83,18 @@ def user_frame(depth: int = 2, stop=None):
             return f.f_code.co_filename, f.f_lineno, f.f_code.co_name
         f = f.f_back
     return None, None, None
+
+
+def error_frame(exc) -> tuple | None:
+    """(file, line, function) of the innermost user frame an exception passed through (the
+    traceback starts at the replay that caught it, so every frame below is the user's call)."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if _is_user(code.co_filename):
+            found = (code.co_filename, tb.tb_lineno, code.co_name)
+        tb = tb.tb_next
+    return found
 
 
 def source_line(file, line) -> str:
@@ -198,6 +210,8 @@ class OpEvent:
 
     def detail(self) -> str:
         """``3 inputs exactly 0, d sqrt/dx = inf there``."""
+        if "error" in self.extra:
+            return f"raised {self.extra['error'][:160]}"
         c = self.counts()
         parts = []
         if "infeasible" in self.extra:

@@ -17,7 +17,7 @@ import tensorflow as tf
 from tensorflow.python.framework import op_callbacks
 from tensorflow.python.framework import ops as tf_ops
 
-from .ops import SOFTMAX, OpEvent, canonical, leaves, source_line, user_frame
+from .ops import SOFTMAX, OpEvent, canonical, error_frame, leaves, source_line, user_frame
 
 __all__ = ["trace"]
 
@@ -208,6 +208,7 @@ def trace(model, loss_fn, x, y) -> dict:
         result["param_grads"] = [(nm, None if g is None else _np(tf.convert_to_tensor(g))) for nm, g in zip(names, grads[n:])]
     except Exception as exc:  # noqa: BLE001 - a replay that raises is evidence, not a crash
         result["error"] = f"{type(exc).__name__}: {exc}".strip()[:400]
+        result["error_at"] = error_frame(exc)
     finally:
         tf_ops._gradient_registry = registry
         rec.on = False

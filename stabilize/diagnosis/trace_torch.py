@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
-from .ops import SOFTMAX, OpEvent, canonical, ctc_infeasible, leaves, source_line, user_frame
+from .ops import SOFTMAX, OpEvent, canonical, ctc_infeasible, error_frame, leaves, source_line, user_frame
 
 __all__ = ["trace"]
 
@@ -213,6 +213,7 @@ def trace(model, loss_fn, x, y) -> dict:
             result["param_grads"] = [(name, None if g is None else _np(g)) for (name, _), g in zip(params, grads[n:])]
     except Exception as exc:  # noqa: BLE001 - a replay that raises is evidence, not a crash
         result["error"] = f"{type(exc).__name__}: {exc}".strip()[:400]
+        result["error_at"] = error_frame(exc)
     finally:
         for h in handles:
             h.remove()

@@ -298,6 +298,18 @@ class Supervisor:
             logger.warning(self.diagnosis.line())
         return self.diagnosis
 
+    def explain(self, exc, B, model, loss_fn, x, y, params, *, lr: float = float("nan"), optimizer=None):
+        """The user's forward or loss raised (a label or id out of range raises on the CPU): replay the
+        batch and add the diagnosis to the exception as a note. The run's first diagnosis is kept."""
+        first, self.diagnosis = self.diagnosis, None
+        nan = float("nan")
+        d = self.diagnose(B, model, loss_fn, x, y, params, optimizer=optimizer,
+                          pending={"loss": nan, "grad_norm": nan, "lr": lr})
+        self.diagnosis = first if first is not None else d
+        if d is not None and not any(str(n).startswith("stabilize:") for n in getattr(exc, "__notes__", ())):
+            exc.add_note(f"stabilize: {d.line()}")
+        return d
+
     def raise_for(self, decision: Decision, history: History | None = None) -> None:
         """Raise :class:`NonFiniteError` with the run's report (call when ``decision.stop``)."""
         history = history or self.history()

@@ -8,6 +8,8 @@ are the :class:`~stabilize.guard.supervisor.Supervisor`'s, exactly as in
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import sys
 
@@ -244,6 +246,30 @@ class TorchGuard:
 
     def _weights_finite(self) -> bool:
         return self._step.weights_finite()  # reduced across ranks when distributed
+
+    @contextlib.contextmanager
+    def explain_errors(self, batch):
+        """Wrap a step's forward and loss: an exception raised there (a label or an id out of
+        range raises ``IndexError`` on the CPU) gets the diagnosis of a replay of ``batch``
+        (``(x, y)``, with the guard's ``loss_fn``) as a note naming the values and rows.
+
+        Example::
+
+            with guard.explain_errors((x, y)):
+                loss = loss_fn(model(x), y)
+            guard.step(loss, batch=(x, y))
+        """
+        try:
+            yield
+        except Exception as exc:
+            if self.loss_fn is not None:
+                self.state.undo_forward()
+                try:
+                    self.supervisor.explain(exc, self._step.B, self.model, self.loss_fn, *batch, self.state.params,
+                                            lr=self.lr, optimizer=self.optimizer)
+                finally:
+                    self.state.undo_forward()
+            raise
 
     def _diagnose(self, batch, stats):
         x, y = batch
