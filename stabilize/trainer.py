@@ -109,6 +109,7 @@ class StabilityTrainer:
         self._snapshots = SnapshotStore(self.settings, self.updater.capture, self.updater.restore,
                                         getattr(self.updater, "rebuild", None))
         self._native = not isinstance(optimizer, OptimizerSpec)
+        self._independent: bool | None = None  # may single rows be left out? (see _rows_independent)
 
     # -- setup ----------------------------------------------------------------
     def _updater(self, framework, schedule, scaler, verify_updates):
@@ -216,7 +217,8 @@ class StabilityTrainer:
                 for epoch in range(epochs):
                     for batch in batches(x, y, batch_size=batch_size, shuffle=shuffle, rng=rng, epoch=epoch,
                                          skip_rows=sup.skip_rows, skip_positions=sup.skip_positions,
-                                         drop_last=drop_last):
+                                         drop_last=drop_last, whole=self._independent is False
+                                         or getattr(self.model, "rows_independent", True) is False):
                         if max_steps is not None and sup.step - start >= max_steps:
                             return sup.history(start)
                         if sup.leaves_out(epoch=epoch, batch=batch.position):  # after a spike rewind
@@ -259,12 +261,15 @@ class StabilityTrainer:
             bad_data = not batch_finite(self.backend, xb, yb)
         if bad and hasattr(updater, "on_any_rank"):  # the same verdict on every rank
             bad_data = updater.on_any_rank(bad_data)
+        whole = bad_data and rows is not None and sup.wants_snapshot and not self._rows_independent(batch, rows)
+        if whole:  # never leave single rows out of a batch whose rows depend on each other
+            rows = batch.rows
+        diagnose = (lambda: self._diagnose(xb, yb, pre)) if self.diagnose and hook is None else None  # noqa: E731
         decision = sup.observe(stats, epoch=epoch, batch=batch.position, position=(epoch, batch.position), rows=rows,
-                               bad_data=bad_data)
+                               bad_data=bad_data, diagnose=diagnose)
+        if whole and decision.action == "rolled-back":
+            sup.left_out_whole(epoch=epoch, batch=batch.position)
         nonfinite = any(stats.get(k, 1.0) != 1.0 for k in ("loss_finite", "grads_finite", "weights_finite", "buffers_finite"))
-        if nonfinite and decision.action != "scaler-skip" and sup.diagnosis is None and self.diagnose \
-                and hook is None:
-            self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}", skipped=sup.not_applied,
@@ -279,6 +284,24 @@ class StabilityTrainer:
         if decision.stop:
             sup.raise_for(decision, sup.history())
         return nonfinite
+
+    def _rows_independent(self, batch: Batch, faulty) -> bool:
+        """Whether single rows may be left out of this model's batches: not when the model says so
+        (``rows_independent = False``: a full-graph GNN, a set model, batch statistics it relies on)
+        or when its forward fails on the batch without those rows (asked once, at the first rollback)."""
+        declared = getattr(self.model, "rows_independent", None)
+        if declared is not None:
+            return bool(declared)
+        if self._independent is None:
+            keep = ~np.isin(batch.rows, faulty)
+            take = lambda v: np.asarray(v)[keep]  # noqa: E731
+            xb = {k: take(v) for k, v in batch.x.items()} if isinstance(batch.x, dict) else take(batch.x)
+            try:
+                out = self.updater.predict(self._convert(xb))
+                self._independent = len(out) == int(keep.sum())
+            except Exception:  # noqa: BLE001 - the forward cannot take the batch without the rows
+                self._independent = False
+        return self._independent
 
     def _explain(self, exc, xb, yb, batch):
         """A step raised: put back what its forward pass changed, and add the diagnosis of the

@@ -178,6 +178,10 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
         gather_batch(E, xn, yn, _num_classes(trace, num_classes))
     E.fwd, E.bwd = trace.get("forward"), trace.get("backward")
     E.underflow, E.seen_ops = trace.get("underflow"), trace.get("seen_ops", [])
+    broken = [n for n, w in trace.get("params", []) if not np.all(np.isfinite(w))]
+    E.params_finite = not broken
+    if broken:  # an update was applied before it could be checked (a native optimizer, no snapshot)
+        E.shown["parameters already non-finite at the replay"] = broken[:5]
     gather_ids(E, xn, trace.get("id_ranges"))
     if E.underflow is not None:
         E.shown["first half-precision underflow"] = f"{E.underflow.line_text()}: {E.underflow.extra['underflow']}"

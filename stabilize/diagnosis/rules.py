@@ -172,6 +172,8 @@ def _low_precision(E) -> bool:
         if half(ev.output_dtype) and is_overflow(ev) and ev.extra.get("finite in float32", True):
             return True
     no_op = E.fwd is None and E.bwd is None and E.loss_finite
+    if not E.params_finite:  # an unchecked update already broke the weights: the epsilon is the suspect
+        return eps_underflows(E.eps, E.param_dtype)
     return no_op and (eps_underflows(E.eps, E.param_dtype) or half(E.param_dtype))
 
 

@@ -196,7 +196,9 @@ class StabilizeGuard(keras.callbacks.Callback):
         if stats["weights_finite"] != 1.0 and self._weights_broken():
             stats["weights_broken"] = 1.0  # an earlier update broke them, not just a buffer this step put back
         bad_data = stats["committed"] != 1.0 and int(ops.convert_to_numpy(state.data_ok)) == 0
-        self._decide(sup.observe(stats, epoch=self._epoch, batch=batch, bad_data=bad_data), stats["lr"])
+        diagnose = lambda: self._maybe_diagnose(stats["lr"])  # noqa: E731 - before the policy: the cause decides
+        self._decide(sup.observe(stats, epoch=self._epoch, batch=batch, bad_data=bad_data, diagnose=diagnose),
+                     stats["lr"])
 
     def on_train_end(self, logs=None):
         # The last update has no next step to reveal non-finite weights: look once, now.

@@ -184,7 +184,8 @@ class TorchGuard:
             stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
         bad_data = stats["committed"] != 1.0 and batch is not None and \
             self._step.on_any_rank(not batch_finite(self._step.B, *batch))
-        decision = sup.observe(stats, epoch=0, batch=sup.step, bad_data=bad_data)
+        diagnose = (lambda: self._diagnose(batch, stats)) if batch is not None and self.loss_fn is not None else None
+        decision = sup.observe(stats, epoch=0, batch=sup.step, bad_data=bad_data, diagnose=diagnose)
         if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
                 and self.loss_fn is not None:
             self._diagnose(batch, stats)
