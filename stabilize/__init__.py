@@ -23,8 +23,13 @@ from .trainer import StabilityTrainer
 from .history import Event, History
 from .guard.settings import GuardSettings
 from .guards import keras_guard
+from .losses import keras_loss
 
 __version__ = "0.1.0"
+
+from .frameworks import register_keras_objects as _register_keras_objects
+
+_register_keras_objects()  # keras.models.load_model of a guarded model needs only `import stabilize`
 
 
 def __getattr__(name):
@@ -73,6 +78,7 @@ __all__ = [
     "TorchGuard",
     "GuardSettings",
     "keras_guard",
+    "keras_loss",
     "History",
     "Event",
     "FiniteReport",

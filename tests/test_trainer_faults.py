@@ -54,7 +54,7 @@ def test_skip_leaves_params_optimizer_state_and_schedule_exactly_as_before(backe
         loss, opt = stabilize.safe_mse, FaultySGD(switch, lr=0.01, momentum=0.9)
     schedule_calls = []
     trainer = StabilityTrainer(MLP((3, 8, 1), seed=1), loss, opt, backend=backend, dtype="float32",
-                               schedule=lambda k: schedule_calls.append(k) or 0.5 ** (k // 2), progress=False)
+                               scheduler=lambda k: schedule_calls.append(k) or 0.5 ** (k // 2), progress=False)
     ref.append(trainer.params[0])
     w = _Watch(trainer, switch)
     batches = _batches(X, y)

@@ -8,21 +8,25 @@ are the :class:`~stabilize.guard.supervisor.Supervisor`'s, exactly as in
 
 from __future__ import annotations
 
+import collections
 import logging
+import numbers
 import sys
 
 import torch
 
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
+from ..guard.driver import HostDriver, wants_diagnosis
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
 from .torch_state import Snapshot, TorchState, optimizer_params
 from .torch_deferred import DeferredStep
-from .torch_step import TorchStep
+from .torch_step import TorchStep, Verdict
+from ..names import settings_for
 
-__all__ = ["TorchGuard", "check_model_and_optimizer"]
+__all__ = ["TorchGuard", "check_model_and_optimizer", "check_scheduler"]
 
 logger = logging.getLogger("stabilize")
 
@@ -47,6 +51,19 @@ def check_model_and_optimizer(model, optimizer) -> None:
                          f"over this model's parameters, e.g. torch.optim.Adam(model.parameters())")
 
 
+def check_scheduler(scheduler, optimizer) -> None:
+    """``scheduler=`` is None or a torch scheduler built over ``optimizer``."""
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        raise TypeError(f"scheduler must be a torch.optim.lr_scheduler scheduler of this optimizer (or None), got "
+                        f"{type(scheduler).__name__} {scheduler!r:.60}; e.g. scheduler=torch.optim.lr_scheduler."
+                        f"StepLR(optimizer, step_size=10)")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("the scheduler was built for another optimizer: build it over the optimizer given to "
+                         "TorchGuard")
+
+
 class TorchGuard:
     """Guard a hand-written torch loop: a bad step is never applied, and changes nothing.
 
@@ -67,6 +84,15 @@ class TorchGuard:
     the last: the check happens once, at the optimizer step. Keep a scheduler in
     step with ``if guard.step(loss): scheduler.step()``.
 
+    The step in two halves, for a loop that must act between them: ``verdict =
+    guard.check(loss)`` reads the loss, the gradient norm and the buffers once
+    and decides (a :class:`~stabilize.integrations.torch_step.Verdict`:
+    ``ok``, ``applies``, ``stats``); ``guard.commit(verdict)`` carries it out
+    under the policy, or ``guard.discard()`` drops the step. Where a framework
+    has run the backward pass already (Lightning's ``manual_backward``,
+    accelerate's ``backward``), ``guard.step(loss, backward=False)``.
+    ``epoch=`` and ``batch=`` name the step's place in the events.
+
     A step that is not applied leaves the parameters, the optimizer state, the
     module buffers (BatchNorm statistics), the RNG and the loss scaler as they
     were before the step's forward pass.
@@ -76,7 +102,10 @@ class TorchGuard:
         scaler: a ``torch.amp.GradScaler``; the guard scales, unscales and steps
             through it. Its own overflow skips are recorded as ``"scaler"``
             events, not failures.
-        scheduler: optional, so that a rollback restores its state too.
+        scheduler: a ``torch.optim.lr_scheduler`` scheduler of this optimizer, so that a
+            rollback and a checkpoint restore it too. As in ``StabilityTrainer(scheduler=)``
+            it is stepped once per *applied* step: here your loop does that,
+            ``if guard.step(loss): scheduler.step()`` (the guard never steps it).
         restore_rng: a step that is not applied gives back the RNG draws made
             since the last applied step (Dropout, and anything else drawn in
             between), so a faulted run equals the run without that batch. With
@@ -113,7 +142,8 @@ class TorchGuard:
             raise TypeError("TorchGuard needs the model and its optimizer: TorchGuard(model, optimizer, **settings), "
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
-        self.settings = GuardSettings(**settings)
+        check_scheduler(scheduler, optimizer)
+        self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
         if self.settings.spike == "rewind":  # the guard does not own the data loop
             raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
                              "use spike='skip' or 'clip' with TorchGuard")
@@ -123,6 +153,8 @@ class TorchGuard:
         self.supervisor = Supervisor(self.settings)
         self._step.limits = self.supervisor.spike_limits
         self._deferred = None
+        self._deferred_at: collections.deque = collections.deque()  # sync_free: (epoch, batch) of unread steps
+        self._verdict = None  # (verdict, epoch, batch, data) of a check not yet committed
         if sync_free:
             if verify_updates:
                 raise ValueError("sync_free=True cannot be combined with verify_updates (each update is read "
@@ -132,6 +164,9 @@ class TorchGuard:
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
         self._snapshots = SnapshotStore(self.settings, lambda where: self.state.capture(where=where),
                                         self.state.restore, Snapshot._make)
+        # The host glue (probe, bad data, observe, diagnose, restore/snapshot, stop): guard/driver.py.
+        self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=self._step.weights_finite,
+                                  verifies=self._step.verify)
         self.state.mark()  # a forward pass from here on can be undone
 
     @property
@@ -145,11 +180,9 @@ class TorchGuard:
         if self._deferred is None:
             return
         for stats in self._deferred.collect():
-            bad_data = stats["committed"] != 1.0 and stats.pop("data_finite") != 1.0
-            decision = self.supervisor.observe(stats, epoch=0, batch=self.supervisor.step, bad_data=bad_data)
-            if decision.stop:
-                self._step.zero_grad()
-                self.supervisor.raise_for(decision)
+            epoch, batch = self._deferred_at.popleft() if self._deferred_at else (None, None)
+            decision = self._driver.judge(stats, bad_data=stats["data_finite"] == 0.0, epoch=epoch, batch=batch)
+            self._driver.follow(decision, before_stop=self._step.zero_grad)
 
     @property
     def lr(self) -> float:
@@ -160,40 +193,94 @@ class TorchGuard:
         """Backward one micro-batch of an accumulated step (no update)."""
         (self._deferred or self._step).backward(loss)
 
-    def step(self, loss=None, model=None, optimizer=None, batch=None) -> bool:
-        """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied."""
+    def step(self, loss=None, model=None, optimizer=None, batch=None, *, backward=True, epoch=None,
+             data=None) -> bool:
+        """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied.
+
+        ``backward=False``: the gradients are already computed (Lightning's ``manual_backward``,
+        accelerate's ``backward``); ``loss`` is only read. ``epoch`` and ``batch`` (an int) name
+        the step's place in the events (default: no epoch, batch = the global step). ``data``:
+        the batch's ``(x, y)``, checked on a failed step (policy ``auto`` skips bad data without
+        backing off) and, with ``loss_fn``, replayed for the diagnosis; ``batch=(x, y)`` is
+        still read as ``data``. The same as :meth:`check` then :meth:`commit`.
+        """
         if (model is not None and model is not self.model) or (optimizer is not None and optimizer is not self.optimizer):
             raise ValueError("this guard was built for another model or optimizer; build one TorchGuard per optimizer")
-        if self.supervisor.keeps_snapshot and not self._snapshots.held:
-            self._take_snapshot()
         if self._deferred is not None:  # decided on the device; the last step's numbers judged now
+            epoch, batch, data = self._position(epoch, batch, data, read_late=True)
+            self._driver.start()
             if loss is not None:
-                self._deferred.backward(loss)
+                self._deferred.backward(loss) if backward else self._deferred._losses.append(loss.detach())
             self.flush()
-            applied = self._deferred.step(self.supervisor.lr, batch)
+            applied = self._deferred.step(self.supervisor.rate(), data)
+            self._deferred_at.append((epoch, batch))
             self._step.zero_grad()
             return applied
+        return self.commit(self.check(loss, backward=backward, epoch=epoch, batch=batch, data=data))
+
+    def check(self, loss=None, *, backward=True, epoch=None, batch=None, data=None) -> Verdict:
+        """Read the loss, the gradient norm and the buffers, and decide, once; nothing applied yet.
+
+        Returns a :class:`~stabilize.integrations.torch_step.Verdict` (``ok``: the
+        step is good; ``applies``: :meth:`commit` will apply it; ``stats``: its
+        numbers). Follow it with :meth:`commit` (the policy acts: apply, skip,
+        back off, roll back or raise) or :meth:`discard` (drop the step; the policy
+        is not told). Arguments as for :meth:`step`.
+
+        Example:
+            >>> import torch, stabilize
+            >>> model = torch.nn.Linear(2, 1)
+            >>> guard = stabilize.TorchGuard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> verdict = guard.check(model(torch.ones(4, 2)).sum())
+            >>> verdict.ok, guard.commit(verdict)
+            (True, True)
+        """
+        if self._deferred is not None:
+            raise ValueError("sync_free=True decides on the device: use guard.step(loss), not check/commit")
+        if self._verdict is not None:
+            raise RuntimeError("the last check was neither committed nor discarded: call guard.commit(verdict) "
+                               "or guard.discard() first")
+        self._driver.start()
         if loss is not None:
-            self._step.backward(loss)
+            self._step.backward(loss) if backward else self._step.record(loss)
+        verdict = self._step.check(self.supervisor.rate())
+        self._verdict = (verdict, *self._position(epoch, batch, data))
+        return verdict
+
+    def commit(self, verdict: Verdict) -> bool:
+        """Carry out ``verdict`` (from :meth:`check`) under the policy; returns whether the update was applied."""
+        if self._verdict is None or self._verdict[0] is not verdict:
+            raise RuntimeError("commit() takes the verdict of the last guard.check(), once")
+        _, epoch, batch, data = self._verdict
+        self._verdict = None
         sup = self.supervisor
-        stats = self._step.step(sup.lr)
-        if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
-                and stats["scaler_skip"] != 1.0 and not self._weights_finite():
-            stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
-        bad_data = stats["committed"] != 1.0 and batch is not None and \
-            self._step.on_any_rank(not batch_finite(self._step.B, *batch))
-        decision = sup.observe(stats, epoch=0, batch=sup.step, bad_data=bad_data)
-        if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and batch is not None \
-                and self.loss_fn is not None:
-            self._diagnose(batch, stats)
-        if decision.restore:
-            self._snapshots.restore()
-        if decision.snapshot and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
-            self._take_snapshot()
+        stats = self._step.commit(verdict, sup.rate())
+        bad_data = (lambda: self._step.on_any_rank(not batch_finite(self._step.B, data))) if data is not None else False
+        decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch)
+        if self.loss_fn is not None and isinstance(data, (tuple, list)) and len(data) == 2 \
+                and wants_diagnosis(stats, decision, sup):
+            self._diagnose(data, stats)
+        self._driver.follow(decision, before_stop=self._step.zero_grad)
         self._step.zero_grad()
-        if decision.stop:
-            sup.raise_for(decision)
         return stats["committed"] == 1.0
+
+    def discard(self) -> None:
+        """Drop the step checked (or only backpropagated) since the last one: no update, nothing
+        recorded; the gradients go, and the buffers and RNG its forward pass changed are put back."""
+        self._verdict = None
+        (self._deferred or self._step)._losses.clear()
+        self._step.discard()
+
+    def _position(self, epoch, batch, data, read_late=False):
+        """``(epoch, batch, data)`` with the defaults of :meth:`step`; ``batch=(x, y)`` read as data.
+        ``read_late`` (sync_free): a default batch stays None, to be numbered when the step is read."""
+        if batch is not None and not isinstance(batch, numbers.Integral):
+            if data is not None:
+                raise TypeError("pass the batch's tensors as data=(x, y) and its index as batch=<int>")
+            batch, data = None, batch
+        if batch is None:
+            return (None if epoch is None else int(epoch)), (None if read_late else self.supervisor.step), data
+        return (None if epoch is None else int(epoch)), int(batch), data
 
     # -- durable state ---------------------------------------------------------------
     def save_checkpoint(self, path, **position):
@@ -207,7 +294,7 @@ class TorchGuard:
         whose replicas are identical).
         """
         from ..checkpoint import save
-        from .torch_state import checkpoint_state
+        from .torch_checkpoint import checkpoint_state
 
         self.flush()  # sync_free: the last step's statistics belong to the saved history
 
@@ -218,37 +305,66 @@ class TorchGuard:
     def load_checkpoint(self, path) -> dict:
         """Restore what :meth:`save_checkpoint` wrote; returns its ``position``.
 
-        A missing, truncated or corrupted file, or one from another model,
-        raises :class:`~stabilize.checkpoint.CheckpointError` and leaves the
-        live state untouched.
+        Everything is verified before anything changes: a missing, truncated
+        or corrupted file, one written by something else (``keras_guard``, the
+        trainer) or for another model or optimizer raises
+        :class:`~stabilize.checkpoint.CheckpointError` naming the file and the
+        mismatch, and leaves parameters, buffers, optimizer, scheduler, scaler,
+        RNG, counters and history as they were. The event log (``events_path``)
+        is rewritten to the checkpoint's events: one record per event across resumes.
         """
-        from ..checkpoint import load
-        from .torch_state import load_checkpoint_state
+        from ..checkpoint import CheckpointError, check_policy_state, load
+        from .torch_checkpoint import apply_checkpoint_state, check_checkpoint_state
 
-        saved = load(path)
-        load_checkpoint_state(self.state, saved["torch"], f"checkpoint {str(path)!r}")
+        where = f"checkpoint {str(path)!r}"
+        saved = load(path, kind="TorchGuard", sections={"torch", "supervisor", "position"},
+                     reader="TorchGuard.load_checkpoint")
+        checked = check_checkpoint_state(self.state, saved["torch"], where)
+        check_policy_state(self.settings, saved["supervisor"], where)
+        position = saved["position"]
+        if not isinstance(position, dict) or not all(isinstance(k, str) for k in position):
+            raise CheckpointError(f"{where}: its position is not a dict of names")
+        apply_checkpoint_state(self.state, checked, where)
         self.supervisor.load_state_dict(saved["supervisor"])
+        if self.supervisor.event_log is not None:
+            self.supervisor.event_log.rewrite(self.supervisor.events)
         self._snapshots.clear()
-        if self.supervisor.keeps_snapshot:
-            self._take_snapshot()
-        return dict(saved["position"])
+        self._driver.start()
+        return dict(position)
 
     def held_bytes(self) -> int:
         """Bytes the guard holds in memory across steps: the rollback snapshot (only under
         ``rollback``), the buffers a skipped step puts back, and with ``verify_updates`` the undo copy."""
         return self._snapshots.held_bytes() + (self._deferred or self._step).held_bytes()
 
-    def _take_snapshot(self) -> None:
-        self._snapshots.take()
-        self.supervisor.snapshot_taken()
-
-    def _weights_finite(self) -> bool:
-        return self._step.weights_finite()  # reduced across ranks when distributed
-
     def _diagnose(self, batch, stats):
+        """Replay ``batch`` from the pre-step weights; under gradient accumulation, when an earlier
+        micro-batch had the non-finite loss and ``batch`` (the last one) did not, the replay could not
+        show the fault: the diagnosis says so instead of blaming the micro-batch it was given."""
+        micro = self._step.micro_finite
+        if micro is not None and micro[-1] and not all(micro):
+            self.supervisor.diagnosis = earlier_micro_batch(self.supervisor.step - 1, micro)
+            logger.warning(self.supervisor.diagnosis.line())
+            return
         x, y = batch
         try:
             self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params,
                                      optimizer=self.optimizer)
         finally:
             self.state.undo_forward()  # the replay's forward pass changed buffers and RNG
+
+
+def earlier_micro_batch(step: int, micro: list[bool]):
+    """The diagnosis of an accumulated step whose non-finite loss came from a micro-batch before the
+    last one, which is the batch the guard was given: nothing to replay, and no cause to guess."""
+    from ..diagnose import Diagnosis
+
+    bad = [i + 1 for i, ok in enumerate(micro) if not ok]
+    k = len(micro)
+    where = ", ".join(str(i) for i in bad)
+    return Diagnosis(
+        "unknown", step, step, f"micro-batch {where} of {k}", "forward",
+        evidence={"micro-batches": k, "non-finite micro-batch losses": bad},
+        advice=f"the loss of micro-batch {where} of {k} was non-finite, and step(loss, data=...) was given the last "
+               f"micro-batch, whose loss was finite: check that micro-batch's data (stabilize.check_finite(x)), or "
+               f"run it alone through guard.step(loss, data=(x, y)) to replay and diagnose it")

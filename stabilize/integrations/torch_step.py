@@ -25,11 +25,13 @@ the same numbers, and sharded (FSDP2) gradients give the global norm.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..guard.settings import GuardSettings
+from ..guard.stats import row, scaler_overflow
 from ..backends.torch import global_l2
 from ..registry import get_backend
 from ..distributed import combine
@@ -37,7 +39,32 @@ from ..step import update_ratio
 from .torch_distributed import TorchReducer, local
 from .torch_state import TorchState, UpdateUndo
 
-__all__ = ["TorchStep", "check_loss"]
+__all__ = ["TorchStep", "Verdict", "check_loss"]
+
+
+class Verdict(NamedTuple):
+    """What :meth:`TorchStep.check` found, before anything is applied (``TorchGuard.check`` returns it).
+
+    Attributes:
+        ok: the step is good: the loss, the gradient norm and the module buffers are finite (on
+            every rank), and no spike is held back (``spike="skip"``).
+        applies: :meth:`TorchStep.commit` will apply the update: ``ok``, or the policy is
+            ``"ignore"``. An update checked afterwards (``verify_updates``) may still be undone.
+        stats: the step's numbers, as floats: ``loss`` (the sum over the micro-batches),
+            ``grad_norm`` (the global L2 norm before clipping), ``loss_finite``,
+            ``grads_finite``, ``buffers_finite``, ``spike`` (1.0 / 0.0), ``lr`` (the rate the
+            update uses, backed off), ``loss_scale``, ``scaler_skip``, and with spike detection
+            ``loss_max`` / ``norm_max``.
+        grads, current, limits: for :meth:`TorchStep.commit`: the gradients, their norm after
+            ``clip_value``, the spike limits.
+    """
+
+    ok: bool
+    applies: bool
+    stats: dict
+    grads: list
+    current: float
+    limits: tuple | None
 
 
 def clamp(grads, bound) -> None:
@@ -68,6 +95,7 @@ class TorchStep:
         self.verify = verify_updates or settings.max_update_ratio is not None
         self._undo = UpdateUndo(state) if self.verify else None
         self._losses: list[torch.Tensor] = []
+        self.micro_finite: list[bool] | None = None  # a failed accumulated step: each micro-batch loss finite?
         # ``limits() -> (loss_max, norm_max) | None``: the spike detector's bounds for this step
         # (the Supervisor's ``spike_limits``), compared on the device inside the one read.
         self.limits = None
@@ -79,6 +107,17 @@ class TorchStep:
         scaler = self.state.scaler
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
+    def record(self, loss) -> None:
+        """Count a (micro-)batch loss whose backward the caller (a framework) has already run."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            check_loss(loss)  # the same clear errors as for backward
+        self._losses.append(loss.detach().reshape(()))
+
+    @property
+    def pending(self) -> bool:
+        """Whether a loss was backpropagated (or recorded) since the last step."""
+        return bool(self._losses)
+
     def step(self, rate=None, before_unguarded=None) -> dict[str, float]:
         """Check the accumulated gradients and commit or discard; returns the step's statistics.
 
@@ -89,6 +128,11 @@ class TorchStep:
         applied anyway (policy ``ignore``), while the weights are still the
         pre-step ones: the diagnosis runs there, and nothing is copied.
         """
+        return self.commit(self.check(rate), rate, before_unguarded)
+
+    def check(self, rate=None) -> "Verdict":
+        """Measure the accumulated gradients and the losses (the step's one read) and decide; nothing
+        is applied or put back yet (:meth:`commit`, :meth:`discard`)."""
         st, s = self.state, self.settings
         if not self._losses:
             raise RuntimeError("no loss was backpropagated since the last step: call backward(loss) first")
@@ -106,17 +150,28 @@ class TorchStep:
         limits = self.limits() if self.limits is not None else None
         spike = limits is not None and loss_ok and grads_ok and (loss_v > limits[0] or norm > limits[1])
         ok = loss_ok and grads_ok and buffers_ok and not (spike and s.spike in ("skip", "rewind"))
+        base = float(st.optimizer.param_groups[0]["lr"])
         stats = {"loss": loss_v, "grad_norm": norm, "loss_finite": float(loss_ok), "grads_finite": float(grads_ok),
-                 "buffers_finite": float(buffers_ok), "spike": float(spike)}
+                 "buffers_finite": float(buffers_ok), "spike": float(spike), "weights_finite": 1.0,
+                 "loss_scale": scale, "lr": float(rate(base)) if rate is not None else base,
+                 # A scaler's own overflow (the one rule: non-finite gradients, a finite loss, the scale
+                 # still above the floor); a finite spike held back is the policy's, never the scaler's.
+                 "scaler_skip": float(scaler is not None and not ok
+                                      and scaler_overflow(loss_ok, grads_ok, buffers_ok, scale, s.min_loss_scale))}
         if limits is not None:
             stats["loss_max"], stats["norm_max"] = limits
-        base = float(st.optimizer.param_groups[0]["lr"])
-        stats.update(weights_finite=1.0, update_ratio=0.0, large_update=0.0, scaler_skip=0.0, loss_scale=scale,
-                     lr=float(rate(base)) if rate is not None else base)
-        # A scaler's own overflow: finite loss, non-finite gradients, scale still above the floor.
-        if scaler is not None and not ok and loss_ok and buffers_ok and scale >= s.min_loss_scale:
-            stats["scaler_skip"] = 1.0
-        commit = ok or not s.guarded
+        # A failed step of several micro-batches: which ones had a non-finite loss (one read, only now),
+        # so that a diagnosis never replays a micro-batch that cannot show the fault.
+        self.micro_finite = [bool(v) for v in torch.isfinite(torch.stack([x.double() for x in losses])).tolist()] \
+            if not ok and len(losses) > 1 else None
+        return Verdict(ok, ok or not s.guarded, stats, grads, current, limits)
+
+    def commit(self, verdict: "Verdict", rate=None, before_unguarded=None) -> dict[str, float]:
+        """Carry out ``verdict``: clip and update when it applies, else put back what the forward
+        pass changed; returns the step's statistics with ``committed``."""
+        st, s = self.state, self.settings
+        stats, grads, current, limits = dict(verdict.stats), verdict.grads, verdict.current, verdict.limits
+        ok, commit, spike = verdict.ok, verdict.applies, stats["spike"] == 1.0
         if not ok and commit and before_unguarded is not None:
             before_unguarded(stats)
         bound = s.clip_norm
@@ -128,14 +183,21 @@ class TorchStep:
                 torch._foreach_mul_([local(g) for g in grads], coef)
         if commit:
             commit = self._update(stats, rate)
-        elif scaler is not None:
+        elif st.scaler is not None:
             self._scaler_update(keep=stats["scaler_skip"] == 1.0)
         if not commit and s.guarded:
             st.undo_forward()
         else:
             st.mark()
         stats["committed"] = float(commit)
-        return stats
+        return row(stats)
+
+    def discard(self) -> None:
+        """Drop the step: no update; the gradients and recorded losses go, and the buffers and RNG
+        the forward pass changed are put back. With a ``GradScaler``, its step is not closed."""
+        self._losses.clear()
+        self.state.undo_forward()
+        self.zero_grad()
 
     def _measure(self, loss, grads) -> tuple:
         """The step's numbers in one read from the device: ``(loss, norm, current, loss_ok,
@@ -145,11 +207,11 @@ class TorchStep:
         is. With ranks, one all-reduce comes first."""
         s, st = self.settings, self.state
         scaled = st.scaler is not None and st.scaler.is_enabled()
-        clamp = s.clip_value is not None and grads
+        clamps = s.clip_value is not None and bool(grads)  # not ``clamp``: that is the helper called below
         dev = loss.device
         if self.reducer is not None:  # every number below is then the same on every rank
             pre = cur = TorchReducer.sumsq(grads, dev)
-            if clamp:
+            if clamps:
                 clamp([local(g) for g in grads], s.clip_value)  # the local shards, in place
                 cur = TorchReducer.sumsq(grads, dev)
             vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~st.buffers_finite(), *pre, *cur])
@@ -157,10 +219,10 @@ class TorchStep:
             parts = [loss, norm, current, loss_ok, buffers_ok]
         else:  # the flags are read from the numbers themselves: fewer kernels, the same verdict
             norm = current = global_l2(grads, dev)
-            if clamp:
+            if clamps:
                 clamp(grads, s.clip_value)
                 current = global_l2(grads, dev)
-            parts = [loss, norm, current] if clamp else [loss, norm]
+            parts = [loss, norm, current] if clamps else [loss, norm]
             if st.has_float_buffers:
                 parts.append(st.buffers_finite())  # BatchNorm statistics the forward pass just wrote
         if scaled:
@@ -169,7 +231,7 @@ class TorchStep:
         scale = out.pop() if scaled else 1.0
         if self.reducer is not None:
             return out[0], out[1], out[2], out[3] == 1.0, out[4] == 1.0, scale
-        current = out[2] if clamp else out[1]
+        current = out[2] if clamps else out[1]
         buffers_ok = out[-1] == 1.0 if st.has_float_buffers else True
         return out[0], out[1], current, True, buffers_ok, scale
 
