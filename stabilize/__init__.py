@@ -39,7 +39,7 @@ def __getattr__(name):
         from .integrations.torch_guard import TorchGuard
 
         return TorchGuard
-    if name in ("scenarios", "parity", "integrations", "guard"):
+    if name in ("scenarios", "parity", "integrations", "guard", "lightning", "hf"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
