@@ -20,7 +20,7 @@ def make(seed=0, **settings):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7)
     settings.setdefault("on_nonfinite", "backoff")
-    return stabilize.StabilityTrainer(model, "mse", opt, schedule=sched, progress=False, diagnose=False, **settings)
+    return stabilize.StabilityTrainer(model, "mse", opt, scheduler=sched, progress=False, diagnose=False, **settings)
 
 
 def record(t) -> dict:
