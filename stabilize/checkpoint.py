@@ -380,18 +380,3 @@ def upgrade(path) -> Path:
     header, state = _load(path, legacy=True)
     return save(path, state, meta=header["meta"])
 
-
-def check_policy_state(settings, saved, where: str) -> None:
-    """Verify a saved Supervisor ``state_dict`` on a scratch Supervisor (nothing live changes): the same
-    sections as this version writes, each readable; else CheckpointError naming ``where``."""
-    from .guard.supervisor import Supervisor
-
-    scratch = Supervisor(settings)
-    expected = set(scratch.state_dict())
-    if not isinstance(saved, dict) or set(saved) != expected:
-        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-        raise CheckpointError(f"{where}: its policy state holds {found}, expected {sorted(expected)}")
-    try:
-        scratch.load_state_dict(saved)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise CheckpointError(f"{where}: its policy state cannot be read ({type(exc).__name__}: {exc})") from exc

@@ -33,7 +33,7 @@ from .models import MLP
 from .names import scheduler_from, settings_for
 from .optim import OptimizerSpec
 from .registry import get_backend
-from .resume import Shuffle
+from .resume import Shuffle, checkpoint_plan, fit_plan, load_trainer, save_trainer
 
 __all__ = ["StabilityTrainer"]
 
@@ -223,32 +223,15 @@ class StabilityTrainer:
                 :meth:`load_checkpoint` and the same ``fit`` call finish the interrupted call
                 bit-identically (:mod:`stabilize.resume`): same batches, RNG and records.
         """
-        from .resume import check_continuation
-
         check_arrays(x, y, batch_size, epochs, _input_features(self._spec or self.model))
         if y is not None and not drop_last and rows_of(x) % batch_size == 1 and _has_batchnorm(self.model):
             raise ValueError(f"the last batch would hold 1 row ({rows_of(x)} rows, batch_size={batch_size}), and "
                              f"BatchNorm cannot train on one row: pass drop_last=True or change batch_size")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
-        if (checkpoint_every is not None or checkpoint_epochs) and checkpoint_path is None:
-            raise ValueError("checkpoint_every/checkpoint_epochs need checkpoint_path=, the file to save to")
-        if checkpoint_epochs is None:
-            checkpoint_epochs = checkpoint_path is not None and checkpoint_every is None
+        checkpoint_epochs = checkpoint_plan(checkpoint_path, checkpoint_every, checkpoint_epochs)
         sup = self.supervisor
         call = dict(batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                     rows=len(y) if y is not None else None)
-        resume = self._resume
-        if resume is not None:  # finish the fit a mid-fit checkpoint was taken in
-            check_continuation(resume, **call)
-            self._resume = None
-            first, end, start, skip_before = resume["epoch"], resume["end"], resume["start"], resume["batch"]
-            epoch_skip = set(resume["epoch_skip"])
-        else:
-            first, end, start, skip_before = self._epoch, self._epoch + epochs, sup.step, 0
-            sup.skip_rows.clear()  # what a rollback leaves out is named within one fit's data
-            sup.skip_positions.clear()
-            epoch_skip = None
+        first, end, start, skip_before, epoch_skip = fit_plan(self, call, epochs)  # a resumed fit, or a new one
         self._driver.start()
         total = (end - first) * math.ceil(len(y) / batch_size) if y is not None else None
         if max_steps is not None:
@@ -280,17 +263,17 @@ class StabilityTrainer:
                             self._epoch = epoch + 1
                             return sup.history(start)
                         if checkpoint_every is not None and (sup.step - start) % checkpoint_every == 0:
-                            self._save(checkpoint_path, position(epoch, batch.position + 1))
+                            save_trainer(self, checkpoint_path, position(epoch, batch.position + 1))
                     if checkpoint_epochs and epoch + 1 < end:
                         epoch_skip = set(sup.skip_rows)
                         self._epoch = epoch + 1
-                        self._save(checkpoint_path, position(epoch + 1, 0))
+                        save_trainer(self, checkpoint_path, position(epoch + 1, 0))
                 if self._native and sup.step > start and not self.updater.weights_finite():
                     # The last native update has no next step to reveal it: look once, now.
                     self._step_failed_after_the_fact(end - 1)
             self._epoch = end
             if checkpoint_epochs:
-                self._save(checkpoint_path, None)
+                save_trainer(self, checkpoint_path, None)
             return sup.history(start)
         finally:
             if bar is not None:
@@ -424,22 +407,12 @@ class StabilityTrainer:
         counters, history, the rows a rollback left out, every RNG and the global epoch. ``fit`` again
         with the same ``seed`` after loading continues exactly as an uninterrupted run would; the
         event log starts beside the first checkpoint unless ``events_path`` is set."""
-        from .resume import save_trainer
-
         return save_trainer(self, path, None)
 
-    def _save(self, path, fit_position):
-        from .resume import save_trainer
-
-        save_trainer(self, path, fit_position)
-
     def load_checkpoint(self, path) -> None:
-        """Restore what :meth:`save_checkpoint` (or a ``fit`` with ``checkpoint_path``) wrote.
-
-        Everything is verified before anything changes: a bad, foreign or mismatched file raises
+        """Restore what :meth:`save_checkpoint` (or a ``fit`` with ``checkpoint_path``) wrote. All is
+        verified first: a bad, foreign or mismatched file raises
         :class:`~stabilize.checkpoint.CheckpointError` naming it and leaves the trainer as it was."""
-        from .resume import load_trainer
-
         load_trainer(self, path)
 
     def _updater_checkpoints(self):

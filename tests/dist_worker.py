@@ -58,7 +58,10 @@ def run_ddp(fault, policy, rank, distributed="auto"):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.9)
     spike = {"spike_skip": "skip", "spike_clip": "clip"}.get(policy)
     guard = stabilize.TorchGuard(model, opt, scheduler=sched, on_nonfinite="skip" if spike else policy,
-                                 clip_norm=None if spike else 0.5, max_bad_steps=1, snapshot_every=2, grow_after=None,
+                                 clip_norm=None if spike else 0.5, snapshot_every=2, grow_after=None,
+                                 # one failure rolls back; the other policies keep the default patience (one
+                                 # failure with finite data must not end a skip run: guard/policies.burning)
+                                 max_bad_steps=1 if policy == "rollback" else 3,
                                  distributed=distributed, spike=spike, spike_warmup=3)
     gen = torch.Generator().manual_seed(100 + rank)  # rank-local data
     out = {"actions": [], "lrs": [], "norms": [], "raised_at": None}

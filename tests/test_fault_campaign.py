@@ -146,7 +146,7 @@ def test_full_disk_event_log():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for trial in range(6):
-            train(model, guard, sched, 1, nan_at=(0,))
+            train(model, guard, sched, 2, nan_at=(0,))  # a good step after each bad one
             ok = guard.supervisor.event_log.failures == trial + 1 and len(guard.history.events) == trial + 1
             tally("full-disk-log", "refused" if ok else "silent")
     assert COUNTS["full-disk-log"]["silent"] == 0

@@ -135,3 +135,63 @@ def test_trainer_keras_path_resumes_bitwise(tmp_path):
     assert np.array_equal(resumed.history.losses, straight.history.losses, equal_nan=True)
     assert [str(e) for e in resumed.history.events] == [str(e) for e in straight.history.events]
     assert resumed.applied_steps == straight.applied_steps
+
+
+def _forged(path, target, edit, kind):
+    """A checkpoint with a valid checksum whose late section is wrong: the load must refuse it whole."""
+    from stabilize import checkpoint
+
+    state = checkpoint.load(path)
+    edit(state)
+    return checkpoint.save(target, state, meta={"kind": kind})
+
+
+def _rng_garbage(s):
+    s["rng"]["python"] = (3, (1, 2), None)
+
+
+def _rows(s):
+    s["supervisor"]["rows"] = "x"
+
+
+def _dtype(s):
+    s["keras"]["model"]["values"][0] = s["keras"]["model"]["values"][0].astype("float64")
+
+
+@pytest.mark.parametrize("edit, message", [(_rng_garbage, "RNG"), (_rows, "policy state"), (_dtype, "float32")])
+def test_keras_guard_refuses_a_late_bad_section_before_changing_anything(tmp_path, edit, message):
+    """Issue 17, failure 2 on the keras path: the variables were assigned before the policy state and the
+    RNG were read, so a bad late section left the model overwritten."""
+    X, Y = data()
+    m, o, c = build(0)
+    fit(m, c, X[: N * BS], Y[: N * BS])
+    path = c.save_checkpoint(tmp_path / "run.ckpt", epoch=0)
+    bad = _forged(path, tmp_path / "bad.ckpt", edit, "keras_guard")
+    fit(m, c, X[N * BS:], Y[N * BS:])
+    np.random.seed(11)
+    before, sup_before, draw_state = values(m, o), sup(c), np.random.get_state()[1].copy()
+    with pytest.raises(CheckpointError, match=message):
+        c.load_checkpoint(bad, model=m)
+    assert_same(values(m, o), before)
+    assert sup(c) == sup_before and np.array_equal(np.random.get_state()[1], draw_state)
+
+
+def test_trainer_keras_path_refuses_a_late_bad_section(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    opt = keras.optimizers.Adam(1e-2)
+    t = stabilize.StabilityTrainer(model, "mse", opt, progress=False, diagnose=False)
+    X = np.random.RandomState(0).randn(32, 3).astype("float32")
+    t.fit(X, X.sum(1, keepdims=True), epochs=1, batch_size=8)
+    path = t.save_checkpoint(tmp_path / "t.ckpt")
+    t.fit(X, X.sum(1, keepdims=True), epochs=1, batch_size=8)
+
+    def late(s):
+        s["keras"]["rng"]["python"] = (3, (1, 2), None)
+
+    bad = _forged(path, tmp_path / "bad.ckpt", late, "StabilityTrainer")
+    before, rows = values(model, opt), json.dumps(t.supervisor.state_dict(), sort_keys=True)
+    with pytest.raises(CheckpointError, match="RNG"):
+        t.load_checkpoint(bad)
+    assert_same(values(model, opt), before)
+    assert json.dumps(t.supervisor.state_dict(), sort_keys=True) == rows and t._epoch == 2

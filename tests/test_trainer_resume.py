@@ -19,8 +19,8 @@ def make(seed=0, **settings):
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7)
-    return stabilize.StabilityTrainer(model, "mse", opt, schedule=sched, progress=False, diagnose=False,
-                                      on_nonfinite="backoff", **settings)
+    settings.setdefault("on_nonfinite", "backoff")
+    return stabilize.StabilityTrainer(model, "mse", opt, scheduler=sched, progress=False, diagnose=False, **settings)
 
 
 def record(t) -> dict:
@@ -58,26 +58,36 @@ def test_two_fits_with_a_resume_between_equal_one_fit(tmp_path):
     assert_identical(record(chained), record(straight))
 
 
-@pytest.mark.parametrize("every", [3, 5])
-def test_a_mid_epoch_checkpoint_continues_bit_identically(tmp_path, every):
+ROLLBACK = {"on_nonfinite": "rollback", "max_bad_steps": 1, "snapshot_every": 5}
+X2 = np.where(np.isnan(X), 0.5, X)  # for rollback: one bad row, first met in epoch 0's batch 3, after a
+X2[np.random.default_rng(1).permutation(60)[50], 0] = np.inf  # checkpoint at step 2, snapshot at step 0
+
+
+@pytest.mark.parametrize("every, settings", [(3, {}), (5, {}), (2, ROLLBACK)])
+def test_a_mid_epoch_checkpoint_continues_bit_identically(tmp_path, every, settings):
     """A crash inside fit: the last checkpoint_every checkpoint, loaded by a fresh trainer, and the same
-    fit call finish the run exactly as the uninterrupted one (batches, RNG, records, events)."""
-    straight = make()
+    fit call finish the run exactly as the uninterrupted one (batches, RNG, records, events; under
+    rollback, the snapshot the run held and the rows it left out)."""
+    X = X2 if settings else globals()["X"]
+    straight = make(**settings)
     straight.fit(X, Y, epochs=3, batch_size=16, seed=1)
+    if settings:  # a rollback after the checkpoint: it restores the snapshot the run held
+        assert [e.step for e in straight.supervisor.events if e.action == "rolled-back"] == [3]
     path = tmp_path / "mid.ckpt"
-    crashed = make()
+    crashed = make(**settings)
     crashed.fit(X, Y, epochs=3, batch_size=16, seed=1, checkpoint_path=path, checkpoint_every=every,
-                max_steps=every + 2)  # "killed" two steps after its last checkpoint
-    resumed = make(seed=4)
+                max_steps=every + 1)  # "killed" one step after its last checkpoint
+    resumed = make(seed=4, **settings)
     resumed.load_checkpoint(path)
     assert resumed.step_count == every
     resumed.fit(X, Y, epochs=3, batch_size=16, seed=1, checkpoint_path=path, checkpoint_every=every,
                 checkpoint_epochs=True)
     assert_identical(record(resumed), record(straight))
-    assert [r["epoch"] for r in resumed.supervisor.rows] == [0] * 4 + [1] * 4 + [2] * 4
-    again = make()  # the checkpoint written at the very end of that fit holds the finished run
+    assert [r["epoch"] for r in resumed.supervisor.rows] == [r["epoch"] for r in straight.supervisor.rows]
+    assert resumed.skipped_rows == straight.skipped_rows
+    again = make(**settings)  # the checkpoint written at the very end of that fit holds the finished run
     again.load_checkpoint(path)
-    assert again._resume is None and again._epoch == 3 and again.step_count == 12
+    assert again._resume is None and again._epoch == 3 and again.step_count == straight.step_count
 
 
 def test_epoch_end_checkpoints_and_a_mismatched_continuation(tmp_path):

@@ -117,6 +117,25 @@ class SnapshotStore:
         self._restore(self._held)
         return True
 
+    def durable(self):
+        """The held snapshot on the host (for a checkpoint), or None when none is held."""
+        if self._on_disk:
+            from ..checkpoint import load
+
+            return load(self.path)["snapshot"]
+        return host_copy(self._held) if self._held is not None else None
+
+    def put(self, snap) -> None:
+        """Hold ``snap`` (read back from a checkpoint, plain tuples) as the rollback snapshot."""
+        snap = self._rebuild(snap)
+        if self.where == "disk":
+            from ..checkpoint import save
+
+            save(self.path, {"snapshot": host_copy(snap)}, meta={"kind": "rollback snapshot"})
+            self._on_disk = True
+        else:
+            self._held = snap
+
     def clear(self) -> None:
         """Forget the snapshot (the next fit takes a fresh one); a durable file stays on disk."""
         self._held, self._on_disk = None, False

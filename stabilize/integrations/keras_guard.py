@@ -264,7 +264,8 @@ class StabilizeGuard(keras.callbacks.Callback):
         A missing, truncated or corrupted file, or one of another model, raises
         :class:`~stabilize.checkpoint.CheckpointError` and changes nothing.
         """
-        from ..checkpoint import CheckpointError, check_policy_state, load
+        from ..checkpoint import CheckpointError, load
+        from ..resume import check_policy_state
         from .keras_state import apply_rng_state, assign_variables_state, check_rng_state, check_variables_state
 
         model = self._need_model(model)

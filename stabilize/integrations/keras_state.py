@@ -141,21 +141,21 @@ def _keras_seed_variable():
 
 def rng_state() -> dict:
     """numpy's and Python's global generators, and Keras's global seed generator."""
-    from .. import hostrng
+    from .. import resume
 
     seed = _keras_seed_variable()
-    return {**hostrng.state(), "keras": None if seed is None else np.array(ops.convert_to_numpy(seed), copy=True)}
+    return {**resume.host_rng_state(), "keras": None if seed is None else np.array(ops.convert_to_numpy(seed), copy=True)}
 
 
 def check_rng_state(saved, where: str = "checkpoint") -> tuple:
     """Verify a saved :func:`rng_state` (scratch generators, the Keras seed's shape and dtype); returns
     what :func:`apply_rng_state` sets."""
-    from .. import hostrng
+    from .. import resume
     from ..checkpoint import CheckpointError
 
     if not isinstance(saved, dict) or set(saved) != {"numpy", "python", "keras"}:
         raise CheckpointError(f"{where}: its RNG section is not the numpy/Python/Keras generators' state")
-    host = hostrng.check(saved, where)
+    host = resume.check_host_rng(saved, where)
     seed, value = _keras_seed_variable(), saved["keras"]
     if seed is not None and value is not None:
         live = np.asarray(ops.convert_to_numpy(seed))
@@ -165,10 +165,10 @@ def check_rng_state(saved, where: str = "checkpoint") -> tuple:
 
 
 def apply_rng_state(checked: tuple) -> None:
-    from .. import hostrng
+    from .. import resume
 
     host, value = checked
-    hostrng.apply(host)
+    resume.apply_host_rng(host)
     seed = _keras_seed_variable()
     if seed is not None and value is not None:
         seed.assign(value)

@@ -119,6 +119,10 @@ def check_checkpoint_state(state: "TorchState", saved, where: str = "checkpoint"
     if not isinstance(sharded, dict) or set(sharded) != {"params", "buffers", "optimizer"} \
             or not all(isinstance(v, list) for v in sharded.values()):
         raise CheckpointError(f"{where}: its list of sharded entries is malformed")
+    for name, live in (("params", state.params), ("buffers", state.buffers)):
+        if any(type(i) is int and 0 <= i < len(live) and not is_dtensor(live[i]) for i in sharded[name]):
+            raise CheckpointError(f"{where} holds sharded (FSDP) {name}, and the live ones are not sharded: "
+                                  f"apply the same fully_shard to the model before loading")
     _check_tensors(saved["params"], state.params, where, "params")
     _check_tensors(saved["buffers"], state.buffers, where, "buffers")
     _check_optimizer(saved["optimizer"], state, where)

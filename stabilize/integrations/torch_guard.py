@@ -333,7 +333,8 @@ class TorchGuard:
         RNG, counters and history as they were. The event log (``events_path``)
         is rewritten to the checkpoint's events: one record per event across resumes.
         """
-        from ..checkpoint import CheckpointError, check_policy_state, load
+        from ..checkpoint import CheckpointError, load
+        from ..resume import check_policy_state
         from .torch_checkpoint import apply_checkpoint_state, check_checkpoint_state
 
         where = f"checkpoint {str(path)!r}"

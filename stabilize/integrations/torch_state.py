@@ -174,9 +174,9 @@ class TorchState:
 
 def rng_state_dict() -> dict:
     """Every RNG a run may draw from: torch (CPU, CUDA), numpy's global one, Python's ``random``."""
-    from .. import hostrng
+    from .. import resume
 
-    return {"torch": _rng_state(), **hostrng.state()}
+    return {"torch": _rng_state(), **resume.host_rng_state()}
 
 
 def load_rng_state_dict(state: dict, where: str = "checkpoint") -> None:
@@ -185,7 +185,7 @@ def load_rng_state_dict(state: dict, where: str = "checkpoint") -> None:
 
 def check_rng_state_dict(saved, where: str) -> tuple:
     """``saved`` (from :func:`rng_state_dict`) verified on scratch generators: ``(torch, host)``."""
-    from .. import hostrng
+    from .. import resume
     from ..checkpoint import CheckpointError
 
     if not isinstance(saved, dict) or set(saved) != {"torch", "numpy", "python"}:
@@ -204,14 +204,14 @@ def check_rng_state_dict(saved, where: str) -> tuple:
                     raise ValueError("a CUDA generator state is not a byte tensor")
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{where}: its torch RNG state cannot be restored ({exc})") from exc
-    return t, hostrng.check(saved, where)
+    return t, resume.check_host_rng(saved, where)
 
 
 def apply_rng_state(checked: tuple) -> None:
-    from .. import hostrng
+    from .. import resume
 
     _set_rng_state(checked[0])
-    hostrng.apply(checked[1])
+    resume.apply_host_rng(checked[1])
 
 
 class UpdateUndo:
