@@ -11,7 +11,6 @@ Run: python examples/parity_demo.py [--dtype float64|float32|both] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 import numpy as np
 
 from stabilize import parity, scenarios
-from stabilize.logs import quiet_framework_import
+from stabilize.logs import held_lines, print_held, quiet_framework_import
 
 
 def plot(name: str, reports: list, out_dir: str) -> str:
@@ -76,36 +75,25 @@ def main(argv=None) -> int:
     dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
     os.makedirs(args.out, exist_ok=True)
     quiet_framework_import("tensorflow")  # TensorFlow's start-up banners would land in the table
-    # The trainer logs one line per diagnosis; keep them for after the table.
-    held = []
-    handler = logging.Handler()
-    handler.emit = lambda record: held.append(record.getMessage())
-    logger = logging.getLogger("stabilize")
-    logger.addHandler(handler)
-    logger.propagate = False
     start = time.time()
     print(f"{'scenario':16s} {'variant':13s} {'dtype':8s} {'first non-finite step':30s} {'max rel diff':>10s} "
           f"parity  does what it claims")
     all_ok = True
-    for name in scenarios.names():
-        for_plot = []
-        for dtype in dtypes:
-            for variant in scenarios.variants(name):
-                report = parity.compare(name, variant, dtype=dtype)
-                claims = all(t.ok for t in report.trajectories.values())
-                all_ok &= report.ok and claims
-                print(report.row(), " ", "as claimed" if claims else "NOT AS CLAIMED", flush=True)
-                if dtype == dtypes[0]:
-                    for_plot.append(report)
-        if not args.no_plots:
-            print(f"  -> {plot(name, for_plot, args.out)}")
-    logger.removeHandler(handler)
-    logger.propagate = True
+    with held_lines() as held:  # the trainer logs one line per diagnosis: kept for after the table
+        for name in scenarios.names():
+            for_plot = []
+            for dtype in dtypes:
+                for variant in scenarios.variants(name):
+                    report = parity.compare(name, variant, dtype=dtype)
+                    claims = all(t.ok for t in report.trajectories.values())
+                    all_ok &= report.ok and claims
+                    print(report.row(), " ", "as claimed" if claims else "NOT AS CLAIMED", flush=True)
+                    if dtype == dtypes[0]:
+                        for_plot.append(report)
+            if not args.no_plots:
+                print(f"  -> {plot(name, for_plot, args.out)}")
     print(f"\n{'all parity bars met' if all_ok else 'SOME PARITY BARS FAILED'} ({time.time() - start:.0f} s)")
-    if held:
-        print(f"\n{len(held)} diagnosis line(s) logged during the runs (distinct ones):", file=sys.stderr)
-        for line in dict.fromkeys(held):
-            print(f"  {line}", file=sys.stderr)
+    print_held(held)
     return 0 if all_ok else 1
 
 

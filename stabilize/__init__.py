@@ -10,6 +10,7 @@ from .errors import (
     BackendNotAvailableError,
     ConfigError,
     NonFiniteError,
+    RankLostError,
     StabilizeError,
     UnknownBackendError,
 )
@@ -23,8 +24,13 @@ from .trainer import StabilityTrainer
 from .history import Event, History
 from .guard.settings import GuardSettings
 from .guards import keras_guard
+from .losses import keras_loss
 
 __version__ = "0.1.0"
+
+from .frameworks import register_keras_objects as _register_keras_objects
+
+_register_keras_objects()  # keras.models.load_model of a guarded model needs only `import stabilize`
 
 
 def __getattr__(name):
@@ -73,6 +79,7 @@ __all__ = [
     "TorchGuard",
     "GuardSettings",
     "keras_guard",
+    "keras_loss",
     "History",
     "Event",
     "FiniteReport",
@@ -82,4 +89,5 @@ __all__ = [
     "UnknownBackendError",
     "BackendNotAvailableError",
     "NonFiniteError",
+    "RankLostError",
 ]

@@ -7,6 +7,7 @@ the measured figures and the remedy:
 * ``constant-columns``: one value in every row (min-max scaling divides 0 by 0);
 * ``unscaled-inputs``: feature means or standard deviations beyond ``scale_limit``,
   or scales differing by orders of magnitude, naming the columns that drive it;
+  ``outlier-rows`` instead when a few rows alone cause it (a corrupted sample);
 * ``huge-targets``: targets whose squared error, and its gradient, explode;
 * ``bad-labels`` and ``label-dtype`` (with ``num_classes=``): class labels out
   of ``0..num_classes-1``, not whole numbers, or stored as floats;
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .diagnose import SCALE_LIMIT, TARGET_LIMIT
-from .measures import Table, as_table, column_stats, is_batches, nonfinite_cells, row_positions, take_batches
+from .measures import Table, as_table, column_stats, is_batches, nonfinite_cells, outlier_rows, row_positions
+from .measures import output_table, take_batches
 
 __all__ = ["Finding", "AuditReport", "audit"]
 
@@ -134,6 +136,14 @@ def _unscaled(T: Table, limit: float, scaled: bool) -> Finding | None:
     checked = T.scale_checked() & (st.n_finite > 0) & ~(st.min == st.max)  # a constant column is reported as such
     far = np.flatnonzero(checked & ((np.abs(st.mean) > limit) | (st.std > limit)))
     far = far[np.argsort(-np.maximum(np.abs(st.mean[far]), st.std[far]), kind="stable")]
+    odd = outlier_rows(T.values[:, checked], limit) if far.size else ()
+    if len(odd):  # a few rows, not the columns, are out of scale: name them
+        one = len(odd) == 1
+        return Finding("outlier-rows", f"{'row' if one else 'rows'} {_rows(T, odd)} ({len(odd)} of {T.n_rows}) "
+                       f"{'makes' if one else 'make'} {far.size} column(s) look unscaled",
+                       {f"row {T.row(i)} largest |value|": float(np.nanmax(np.abs(T.values[i]))) for i in odd[:SHOWN]},
+                       f"inspect {'that row' if one else 'those rows'} (a corrupted sample, a sentinel such as 3e38?) "
+                       "and fix or drop it deliberately; rescaling every column would not fix it")
     spreadable = np.flatnonzero(checked & (st.std > 0) & np.isfinite(st.std))
     spread = 1.0
     if spreadable.size >= 2:
@@ -289,24 +299,6 @@ def _check_scaler(scaler, X, T: Table, train_index):
                    "fit the scaler on X[train_index] (the raw rows), and pass that same X and train_index here"), scaled
 
 
-def _output_table(scaler, scaled: np.ndarray, T: Table) -> Table:
-    """``scaler.transform(X)`` as a table: its output names (a ColumnTransformer reorders and
-    renames columns), each input column keeping its kind (ids stay ids)."""
-    names = None
-    if hasattr(scaler, "get_feature_names_out"):
-        try:
-            names = [str(c) for c in scaler.get_feature_names_out()]
-        except Exception:  # some transformers cannot name their outputs
-            names = None
-    if names is None or len(names) != scaled.shape[1]:
-        if scaled.shape == T.values.shape:
-            return Table(scaled, T.columns, T.kinds, T.rows, named=T.named, float_dtype=T.float_dtype)
-        names = [f"col {j}" for j in range(scaled.shape[1])]
-    kind = dict(zip(T.columns, T.kinds))
-    return Table(scaled, names, [kind.get(c, "float") for c in names], T.rows, named=T.named,
-                 float_dtype=[True] * len(names))
-
-
 def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None = None, ignore_index: int | None = None,
           scale_limit: float = SCALE_LIMIT, target_limit: float = TARGET_LIMIT, max_batches: int = 100) -> AuditReport:
     """Audit inputs (and targets) before training.
@@ -379,7 +371,7 @@ def audit(X, y=None, *, train_index=None, scaler=None, num_classes: int | None =
     checks = (_nonfinite(T, "inputs"), None if Y is None else _nonfinite(Y, what_y), _constant(T))
     findings = [f for f in checks if f]
     leak, scaled = _check_scaler(scaler, X, T, train_index) if scaler is not None else (None, None)
-    shown = T if scaled is None else _output_table(scaler, scaled, T)
+    shown = T if scaled is None else output_table(scaler, scaled, T)
     findings += [f for f in [_unscaled(shown, scale_limit, scaled is not None)] if f]
     if Y is not None and num_classes is None:
         findings += [f for f in [_huge_targets(Y, target_limit, what_y or "y")] if f]

@@ -99,6 +99,7 @@ def cmd_run(args) -> int:
 
 def cmd_parity(args) -> int:
     from . import parity, scenarios
+    from .logs import held_lines, print_held
 
     unknown = [n for n in args.names if n not in scenarios.names()]
     if unknown:
@@ -115,11 +116,14 @@ def cmd_parity(args) -> int:
     ok = True
     print(f"{'scenario':16s} {'variant':13s} {'dtype':8s} {'first non-finite step':30s} {'max rel diff':>10s} parity",
           flush=True)
-    for name in names:
-        for variant in [args.variant] if args.variant else scenarios.variants(name):
-            report = parity.compare(name, variant, backends=backends, dtype=args.dtype)
-            ok &= report.ok
-            print(report.row(), flush=True)
+    with held_lines() as held:  # diagnosis lines go after the table, not between its rows
+        for name in names:
+            for variant in [args.variant] if args.variant else scenarios.variants(name):
+                report = parity.compare(name, variant, backends=backends, dtype=args.dtype)
+                ok &= report.ok
+                print(report.row(), flush=True)
+    if logging.getLogger("stabilize").isEnabledFor(logging.WARNING):  # -q: errors only
+        print_held(held)
     return EXIT_OK if ok else EXIT_FINDINGS
 
 
@@ -158,7 +162,7 @@ def cmd_audit(args) -> int:
                          + (f" (non-numeric: {', '.join(map(str, text))}; encode them as numbers)" if text else ""))
     if text:
         logging.getLogger("stabilize").warning(
-            "note: non-numeric columns not audited (encode them to include them): %s", ", ".join(map(str, text)))
+            "stabilize: note: non-numeric columns not audited (encode them to include them): %s", ", ".join(map(str, text)))
         X = X.drop(columns=text)
     report = audit(X, y)
     print(report)

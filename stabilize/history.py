@@ -16,7 +16,8 @@ class Event:
     Attributes:
         step: the 0-based step index (every attempted step counts).
         batch_index: the batch's position in its epoch.
-        epoch: the epoch.
+        epoch: the epoch; None where the loop's epochs are not known (a ``TorchGuard`` step not
+            told them): the event then names the step alone.
         kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound), ``"spike"``
             (a finite loss or gradient norm above the spike detector's limit),
             ``"scaler"`` (a loss scaler skipped an overflowing step; not a failure) or ``"lr-growth"``.
@@ -35,7 +36,7 @@ class Event:
 
     step: int
     batch_index: int
-    epoch: int
+    epoch: int | None
     kind: str
     nonfinite: tuple[str, ...]
     action: str
@@ -50,7 +51,8 @@ class Event:
                                              "left-out": "a batch after a spike rewind"}.get(
                                                  self.kind, "update ratio over the bound")
         return (
-            f"step {self.step} (epoch {self.epoch}, batch {self.batch_index}): {self.kind} [{what}]; "
+            f"step {self.step}{'' if self.epoch is None else f' (epoch {self.epoch}, batch {self.batch_index})'}: "
+            f"{self.kind} [{what}]; "
             f"loss={self.loss:.6g} grad_norm={self.grad_norm:.6g} lr={self.lr:.3g} -> {self.action}"
             + (f" ({self.steps_lost} applied steps lost)" if self.steps_lost else "")
             + (f"; replay: {self.replay}" if self.replay else "")
@@ -96,6 +98,14 @@ class History:
         idx = np.flatnonzero(self.committed)
         return float(self.losses[idx[-1]]) if idx.size else float("nan")
 
+    def _final(self) -> str:
+        """The report's loss phrase: the last applied step's loss, or that no step was applied (a NaN
+        there would read as a diverged loss when the losses may have been finite and the gradients not)."""
+        if n := len(self.losses):
+            if not self.committed.any():
+                return f"no step applied (the weights are as they were at the start; last loss {self.losses[n - 1]:.6g})"
+        return f"final loss {self.final_loss:.6g}"
+
     @property
     def skipped_steps(self) -> int:
         """Steps whose update was not applied (for any reason: non-finite, spike, scaler overflow)."""
@@ -111,7 +121,7 @@ class History:
         n = len(self.losses)
         lines = [
             f"{n} steps, {int(self.committed.sum())} applied, {self.skipped_steps} not applied, {self.spikes} "
-            f"spikes, final loss {self.final_loss:.6g}, first non-finite step: {self.first_nonfinite_step}"
+            f"spikes, {self._final()}, first non-finite step: {self.first_nonfinite_step}"
         ]
         events = self.events
         if len(events) > 12:  # the first ones say what happened; the rest repeat it

@@ -8,6 +8,10 @@ redirects it the usual way::
 
 stabilize adds no handler to that logger (a library must not); with none
 configured, Python's last-resort handler prints WARNING and above on stderr.
+A line names its source once: ``stabilize: ...`` when it goes to that
+last-resort handler (which prints the message alone), and the bare message
+when the application has configured handlers, whose format names the logger
+(``%(name)s: %(message)s`` would otherwise read ``stabilize: stabilize: ...``).
 While a tqdm progress bar is on screen, :func:`warning` clears the bar, logs,
 and redraws it, so the line neither breaks the bar nor bypasses the logger
 (``tqdm.write`` would do both).
@@ -25,9 +29,23 @@ import logging
 import os
 import sys
 
-__all__ = ["logger", "warning", "log", "quiet_framework_import"]
+__all__ = ["logger", "warning", "log", "held_lines", "print_held", "quiet_framework_import"]
 
 logger = logging.getLogger("stabilize")
+PREFIX = "stabilize: "
+
+
+class _NameOnce(logging.Filter):
+    """Messages are written with the ``stabilize: `` tag; keep it only where no handler's format adds the name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(PREFIX) and logger.hasHandlers():
+            record.msg = record.msg[len(PREFIX):]
+        return True
+
+
+if not any(isinstance(f, _NameOnce) for f in logger.filters):  # once, even if this module is reloaded
+    logger.addFilter(_NameOnce())
 
 
 def log(level: int, message: str, bar=None) -> None:
@@ -58,6 +76,37 @@ def log(level: int, message: str, bar=None) -> None:
 def warning(message: str, bar=None) -> None:
     """:func:`log` at WARNING: the level of a diagnosis line."""
     log(logging.WARNING, message, bar)
+
+
+@contextlib.contextmanager
+def held_lines():
+    """Hold the ``stabilize`` logger's lines while a table is printed; yields the list they go to.
+
+    For programs that print a table row by row on stdout (the parity command, the demo): a diagnosis
+    line logged between two rows would land inside the table on a terminal. The caller prints the
+    held lines after the table. The logger is put back as it was.
+    """
+    held: list[str] = []
+    handler = logging.Handler(logging.NOTSET)
+    handler.emit = lambda record: held.append(record.getMessage())
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield held
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def print_held(held: list[str], stream=None) -> None:
+    """Print the distinct held lines after the table, each tagged ``stabilize: `` once."""
+    stream = stream or sys.stderr
+    lines = list(dict.fromkeys(line if line.startswith(PREFIX) else PREFIX + line for line in held))
+    if lines:
+        print(f"\n{len(lines)} line(s) logged during the runs (distinct ones):", file=stream)
+        for line in lines:
+            print(f"  {line}", file=stream)
 
 
 def progress_bar(total: int | None, show: bool | None):

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CATEGORY_LIMIT", "Table", "as_table", "ColumnStats", "column_stats", "Nonfinite", "nonfinite_cells", "is_batches",
+__all__ = ["CATEGORY_LIMIT", "Table", "as_table", "ColumnStats", "column_stats", "outlier_rows", "output_table", "Nonfinite", "nonfinite_cells", "is_batches",
            "take_batches", "row_positions"]
 
 CATEGORY_LIMIT = 20  # a float column of at most this many distinct whole numbers holds codes, not a quantity
@@ -258,6 +258,47 @@ def column_stats(values: np.ndarray) -> ColumnStats:
     lo = np.where(some, np.where(finite, values, np.inf).min(axis=0, initial=np.inf), np.nan)
     hi = np.where(some, np.where(finite, values, -np.inf).max(axis=0, initial=-np.inf), np.nan)
     return ColumnStats(mean, std, lo, hi, n)
+
+
+def outlier_rows(values: np.ndarray, limit: float, share: float = 0.01) -> np.ndarray:
+    """The few rows that alone make columns look unscaled, or an empty array.
+
+    A row is an outlier when, in some column, its magnitude exceeds ``limit`` times that column's
+    ``1 - share`` quantile of magnitudes (an image with one corrupted 3e38 sample among pixels in
+    [0, 1]). They are returned only when they are at most ``share`` of the rows (at least one) and,
+    without them, no column's ``|mean|`` or std exceeds ``limit``: then the rows, not the columns,
+    are the problem. Non-finite cells are left to the ``nonfinite`` check.
+    """
+    n = values.shape[0]
+    if n < 3 or values.shape[1] == 0:
+        return np.array([], dtype=np.int64)
+    mag = np.abs(np.where(np.isfinite(values), values, 0.0))
+    typical = np.maximum(np.quantile(mag, 1.0 - share, axis=0), np.finfo(np.float64).tiny)
+    rows = np.flatnonzero((mag > limit * typical).any(axis=1))
+    if not rows.size or rows.size > max(1, int(share * n)):
+        return np.array([], dtype=np.int64)
+    rest = column_stats(np.delete(values, rows, axis=0))
+    with np.errstate(invalid="ignore"):
+        calm = ~((np.abs(rest.mean) > limit) | (rest.std > limit))
+    return rows if calm.all() else np.array([], dtype=np.int64)
+
+
+def output_table(scaler, scaled: np.ndarray, T: Table) -> Table:
+    """``scaler.transform(X)`` as a table: its output names (a ColumnTransformer reorders and
+    renames columns), each input column keeping its kind (ids stay ids)."""
+    names = None
+    if hasattr(scaler, "get_feature_names_out"):
+        try:
+            names = [str(c) for c in scaler.get_feature_names_out()]
+        except Exception:  # some transformers cannot name their outputs
+            names = None
+    if names is None or len(names) != scaled.shape[1]:
+        if scaled.shape == T.values.shape:
+            return Table(scaled, T.columns, T.kinds, T.rows, named=T.named, float_dtype=T.float_dtype)
+        names = [f"col {j}" for j in range(scaled.shape[1])]
+    kind = dict(zip(T.columns, T.kinds))
+    return Table(scaled, names, [kind.get(c, "float") for c in names], T.rows, named=T.named,
+                 float_dtype=[True] * len(names))
 
 
 @dataclass

@@ -225,7 +225,8 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
     if B.shape(pred) != B.shape(target):
         raise ValueError(
             f"safe_mse: pred has shape {B.shape(pred)} but target has shape {B.shape(target)}; "
-            f"reshape one of them (e.g. target.reshape(pred.shape)) so they match exactly"
+            f"reshape one of them (e.g. target.reshape(pred.shape)) so they match exactly, or check that the "
+            f"model's output has one column per target column"
         )
     acc = _wider(ACCUMULATE[dt_p], ACCUMULATE[dt_t])
     n = B.numel(pred, acc)
@@ -259,6 +260,12 @@ def safe_mse(pred, target, reduction: str = "mean", *, backend: str | None = Non
     return B.custom_grad(forward, backward)(pred, target)
 
 
+# Keras calls a loss as loss(y_true, y_pred) and passes sparse labels as floats: the usual cause of the two
+# shape errors below when a stabilize loss is given to model.compile directly.
+_ORDER = ("; stabilize losses take (logits, labels), torch's order, but Keras calls loss(y_true, y_pred) "
+          "with float labels: compile with loss=stabilize.keras_loss('cross_entropy')")
+
+
 def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str | None = None):
     """Softmax cross-entropy computed from logits: the real fix for ``log(softmax(z))``.
 
@@ -285,7 +292,7 @@ def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str 
     dt = float_dtype(B, logits, "safe_cross_entropy")
     shape = B.shape(logits)
     if len(shape) != 2 or shape[1] is None:
-        raise ValueError(f"safe_cross_entropy: logits must be (N, C) with C known, got shape {shape}")
+        raise ValueError(f"safe_cross_entropy: logits must be (N, C) with C known, got shape {shape}{_ORDER}")
     acc = ACCUMULATE[dt]
     labels = convert(B, labels, "safe_cross_entropy", "labels")
     lshape = B.shape(labels)
@@ -296,7 +303,7 @@ def safe_cross_entropy(logits, labels, reduction: str = "mean", *, backend: str 
     else:
         raise ValueError(
             f"safe_cross_entropy: labels must be integer ids of shape {shape[:1]} or "
-            f"one-hot/probabilities of shape {shape}; got {B.dtype(labels)} of shape {lshape}"
+            f"one-hot/probabilities of shape {shape}; got {B.dtype(labels)} of shape {lshape}{_ORDER}"
         )
     z = B.cast(logits, acc)
     m = B.stop_gradient(B.amax(z, axis=-1, keepdims=True))

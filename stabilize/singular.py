@@ -32,6 +32,7 @@ import math
 
 from .backends.base import ACCUMULATE, FLOAT_INFO
 from .ops import grad_bound
+from .names import axis_from
 from .registry import backend_for
 
 __all__ = ["safe_sqrt", "safe_norm", "safe_pow", "safe_acos", "safe_asin", "masked_softmax", "safe_var", "safe_std"]
@@ -91,8 +92,10 @@ def safe_sqrt(x, eps: float | None = None, *, backend: str | None = None):
     return B.custom_grad(forward, backward)(x)
 
 
-def safe_norm(x, axis=None, keepdims: bool = False, *, backend: str | None = None):
+def safe_norm(x, axis=None, keepdims: bool = False, *, backend: str | None = None, dim=None, keepdim=None):
     """The Euclidean norm, finite with gradient 0 at the zero vector.
+
+    ``axis``/``keepdims`` (numpy, Keras) and torch's ``dim``/``keepdim`` are the same arguments.
 
     Accumulates and returns in at least float32 (like :func:`stabilize.safe_mse`),
     computed on ``x / max|x|`` so squares cannot overflow. The gradient is
@@ -104,6 +107,7 @@ def safe_norm(x, axis=None, keepdims: bool = False, *, backend: str | None = Non
         >>> float(stabilize.safe_norm(np.array([3.0, 4.0]), backend="numpy"))
         5.0
     """
+    axis, keepdims = axis_from("safe_norm", axis, dim, keepdims, keepdim)
     B = backend_for(x, backend=backend)
     x = B.convert(x)
     acc = ACCUMULATE[_float(B, x, "safe_norm")]
@@ -237,14 +241,14 @@ def safe_asin(x, *, backend: str | None = None):
     return B.custom_grad(forward, backward)(x)
 
 
-def masked_softmax(logits, mask=None, axis: int = -1, *, backend: str | None = None):
+def masked_softmax(logits, mask=None, axis: int | None = None, *, backend: str | None = None, dim=None):
     """Softmax over the entries where ``mask`` is True; a row with none gives zeros, not NaN.
 
     Args:
         logits: a floating tensor.
         mask: a boolean tensor broadcastable to ``logits`` (True = attend), or
             None to mask the ``-inf`` entries (the ``masked_fill(-inf)`` idiom).
-        axis: the softmax axis.
+        axis: the softmax axis (default -1); ``dim`` is torch's name for it.
 
     A fully masked row (a padded sequence, a query with no valid key) has
     output 0 and gradient 0. Masked entries are never read, so garbage there
@@ -257,6 +261,8 @@ def masked_softmax(logits, mask=None, axis: int = -1, *, backend: str | None = N
         >>> stabilize.masked_softmax(z, backend="numpy").tolist()
         [[0.5, 0.5], [0.0, 0.0]]
     """
+    axis = axis_from("masked_softmax", axis, dim)[0]
+    axis = -1 if axis is None else axis
     B = backend_for(logits, backend=backend)
     logits = B.convert(logits)
     dt = _float(B, logits, "masked_softmax")
@@ -272,8 +278,11 @@ def masked_softmax(logits, mask=None, axis: int = -1, *, backend: str | None = N
     return B.cast(e / B.where(s == 0, 1.0, s), dt)  # NaN == 0 is False: a NaN row stays NaN
 
 
-def safe_var(x, axis=None, ddof: int = 0, keepdims: bool = False, *, backend: str | None = None):
+def safe_var(x, axis=None, ddof: int = 0, keepdims: bool = False, *, backend: str | None = None, dim=None,
+             keepdim=None):
     """The variance with divisor ``max(n - ddof, 1)``: 0, not NaN, for one element.
+
+    ``dim``/``keepdim`` are torch's names for ``axis``/``keepdims``.
 
     ``torch.var``/``torch.std`` default to ``ddof=1``, which divides by 0 for
     a last batch of one sample. Accumulates and returns in at least float32.
@@ -284,6 +293,7 @@ def safe_var(x, axis=None, ddof: int = 0, keepdims: bool = False, *, backend: st
         >>> float(stabilize.safe_var(np.array([3.0]), ddof=1, backend="numpy"))
         0.0
     """
+    axis, keepdims = axis_from("safe_var", axis, dim, keepdims, keepdim)
     B = backend_for(x, backend=backend)
     x = B.convert(x)
     xa = B.cast(x, ACCUMULATE[_float(B, x, "safe_var")])
@@ -295,7 +305,8 @@ def safe_var(x, axis=None, ddof: int = 0, keepdims: bool = False, *, backend: st
     return B.sum(d * d, axis=axis, keepdims=keepdims) / denom
 
 
-def safe_std(x, axis=None, ddof: int = 0, keepdims: bool = False, *, backend: str | None = None):
+def safe_std(x, axis=None, ddof: int = 0, keepdims: bool = False, *, backend: str | None = None, dim=None,
+             keepdim=None):
     """``safe_sqrt(safe_var(x))``: 0 with gradient 0 over one element or constant values.
 
     ``torch.std`` of constant values has a finite value but a 0/0 gradient;
@@ -306,4 +317,5 @@ def safe_std(x, axis=None, ddof: int = 0, keepdims: bool = False, *, backend: st
         >>> float(stabilize.safe_std(np.array([1.0, 3.0]), backend="numpy"))
         1.0
     """
+    axis, keepdims = axis_from("safe_std", axis, dim, keepdims, keepdim)
     return safe_sqrt(safe_var(x, axis=axis, ddof=ddof, keepdims=keepdims, backend=backend), backend=backend)

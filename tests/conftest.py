@@ -9,7 +9,8 @@ matplotlib or tqdm from ``scenarios``, or a framework not named in
 ``STABILIZE_TEST_BACKENDS``) is skipped, naming the module and the extra: a
 torch-only install (``pip install -e '.[torch,test]'`` with
 ``STABILIZE_TEST_BACKENDS=torch``) runs everything it can and skips the rest.
-The rule is applied once, here (``pytest_runtest_call``), not test by test.
+The rule is applied once, here (``pytest_runtest_call``, and ``pytest.importorskip``),
+not test by test.
 """
 
 import importlib.util
@@ -34,10 +35,31 @@ OPTIONAL = {
     "tensorflow": ("tensorflow", "tensorflow"),
     "keras": ("tensorflow", "tensorflow"),
     "torch": ("torch", "torch"),
+    "mkdocs": ("docs", None),
+    "material": ("docs", None),
+    "mkdocstrings": ("docs", None),
     "lightning": ("lightning", None),
     "transformers": ("hf", None),
     "accelerate": ("hf", None),
 }
+
+
+def _importorskip(modname, *args, **kwargs):
+    """``pytest.importorskip`` under the same rule: a missing optional module skips naming its extra
+    (pytest's own reason, "could not import 'keras'", does not say what to install), and a module of a
+    backend that ``STABILIZE_TEST_BACKENDS`` asks for fails instead of skipping."""
+    top = modname.split(".")[0]
+    if top in OPTIONAL and importlib.util.find_spec(top) is None:
+        extra, backend = OPTIONAL[top]
+        if backend in REQUIRED:
+            pytest.fail(f"{top} is needed by the backend {backend}, which STABILIZE_TEST_BACKENDS asks for",
+                        pytrace=False)
+        pytest.skip(f"needs {top} (the '{extra}' extra), not installed", allow_module_level=True)
+    return _pytest_importorskip(modname, *args, **kwargs)
+
+
+_pytest_importorskip = pytest.importorskip
+pytest.importorskip = _importorskip  # the tests' own calls, module-level ones included, follow the rule
 
 
 def _missing_optional(exc):

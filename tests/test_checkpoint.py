@@ -1,5 +1,6 @@
 """Durable checkpoints: atomic writes, verified reads, no unpickling, bit-identical resume."""
 
+import hashlib
 import json
 import os
 import signal
@@ -40,7 +41,8 @@ def test_unsupported_values_are_refused_with_a_clear_error(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda b: b[: len(b) - 10], "truncated: .* payload bytes"),
     (lambda b: b[:20], "truncated"),
-    (lambda b: b[:-5] + bytes([b[-5] ^ 0xFF]) + b[-4:], "corrupted: the SHA-256"),
+    (lambda b: b[:-45] + bytes([b[-45] ^ 0xFF]) + b[-44:], "corrupted or truncated: the SHA-256"),
+    (lambda b: b[:40] + bytes([b[40] ^ 0x01]) + b[41:], "corrupted or truncated: the SHA-256"),  # in the header
     (lambda b: b"PK" + b[2:], "not a stabilize checkpoint"),
 ])
 def test_damaged_files_give_a_clear_error(tmp_path, damage, message):
@@ -55,8 +57,8 @@ def test_damaged_files_give_a_clear_error(tmp_path, damage, message):
 
 def test_another_version_is_named(tmp_path):
     path = checkpoint.save(tmp_path / "a.ckpt", {"w": 1})
-    data = path.read_bytes().replace(b'"version": 1', b'"version": 9')
-    path.write_bytes(data)
+    data = path.read_bytes()[:-32].replace(b'"version": 2', b'"version": 9')
+    path.write_bytes(data + hashlib.sha256(data).digest())  # a well-formed file of a future version
     with pytest.raises(CheckpointError, match="format version 9"):
         checkpoint.load(path)
 
@@ -79,13 +81,21 @@ def test_a_pickled_object_is_never_run(tmp_path):
     buf = io.BytesIO()
     torch.save({"tensors": [Evil()], "kinds": ["torch"]}, buf)
     payload = buf.getvalue()
-    header = json.dumps({"format": "stabilize-checkpoint", "version": 1, "codec": "torch",
-                         "payload_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-                         "structure": {"__tensor__": 0}, "meta": {}}).encode()
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(checkpoint.MAGIC + struct.pack(">Q", len(header)) + header + payload)
+    header = json.dumps({"format": "stabilize-checkpoint", "version": 2, "codec": "torch",
+                         "payload_bytes": len(payload), "structure": {"__tensor__": 0}, "meta": {}}).encode()
+    body = checkpoint.MAGIC + struct.pack(">Q", len(header)) + header + payload
+    path.write_bytes(body + hashlib.sha256(body).digest())
     with pytest.raises(CheckpointError, match="cannot be read"):
         checkpoint.load(path)
+    legacy = json.dumps({"format": "stabilize-checkpoint", "version": 1, "codec": "torch",  # the old format too
+                         "payload_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+                         "structure": {"__tensor__": 0}, "meta": {}}).encode()
+    path.write_bytes(checkpoint.MAGIC + struct.pack(">Q", len(legacy)) + legacy + payload)
+    with pytest.raises(CheckpointError, match="format version 1"):
+        checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        checkpoint.upgrade(path)
     assert not marker.exists()
 
 
@@ -230,9 +240,16 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
         finally:
             proc.kill()
             proc.wait(timeout=30)
-        state = checkpoint.load(path)  # loading also removes the dead writer's temp file
+        state = checkpoint.load(path)  # a load never deletes anything
         if state["step"] == 1:
             break
         path.unlink()
     assert state["step"] == 1 and torch.equal(state["w"], torch.arange(1000, dtype=torch.float64))
+    left = [p for p in tmp_path.iterdir() if p.name != "run.ckpt"]
+    assert len(left) == 1 and left[0].name.startswith(".run.ckpt.tmp-")
+    checkpoint.save(path, {"step": 3})  # another writer's recent temp file: left alone (it may be live)
+    assert left[0].exists()
+    old = time.time() - checkpoint.STALE_AFTER - 60
+    os.utime(left[0], (old, old))
+    checkpoint.save(path, {"step": 4})  # older than STALE_AFTER: a dead writer's, removed by the writer
     assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]

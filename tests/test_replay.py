@@ -28,7 +28,7 @@ def _torch_setup(**kw):
                                 torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)).double()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    return model, StabilityTrainer(model, "mse", opt, schedule=sched, progress=False, **{**ROLLBACK, **kw})
+    return model, StabilityTrainer(model, "mse", opt, scheduler=sched, progress=False, **{**ROLLBACK, **kw})
 
 
 def _data(nan_at=None):

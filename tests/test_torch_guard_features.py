@@ -191,7 +191,7 @@ def test_trainer_accepts_a_torch_scheduler_and_a_skipped_step_does_not_advance_i
     X = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
     y = X.sum(1, keepdims=True)
     y[8:16] = np.nan  # the second batch
-    t = stabilize.StabilityTrainer(model, "mse", opt, schedule=sched, progress=False)
+    t = stabilize.StabilityTrainer(model, "mse", opt, scheduler=sched, progress=False)
     h = t.fit(X, y, batch_size=8, shuffle=False)
     assert h.committed.tolist() == [True, False, True, True]
     assert h.lrs.tolist() == [0.1, 0.05, 0.05, 0.025] and opt.param_groups[0]["lr"] == 0.0125

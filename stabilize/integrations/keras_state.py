@@ -32,12 +32,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import random
 
 import numpy as np
 from keras import ops
 
 __all__ = [
+    "apply_rng_state",
+    "assign_variables_state",
+    "check_rng_state",
+    "check_variables_state",
     "load_rng_state",
     "load_variables_state",
     "model_variables",
@@ -76,22 +79,37 @@ def variables_state(groups: dict) -> dict:
             for name, vs in groups.items()}
 
 
-def load_variables_state(groups: dict, saved: dict, where: str = "checkpoint") -> None:
-    """Assign ``saved`` (from :func:`variables_state`) to the live ``groups``: all checked first, all or nothing."""
+def check_variables_state(groups: dict, saved, where: str = "checkpoint") -> None:
+    """Verify ``saved`` (from :func:`variables_state`) against the live ``groups``: every group and
+    variable by name, shape and dtype, nothing assigned. Raises CheckpointError on the first mismatch."""
     from ..checkpoint import CheckpointError
 
+    if not isinstance(saved, dict) or set(saved) != set(groups):
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"{where} holds variable groups {found}, expected {sorted(groups)}")
     for name, vs in groups.items():
-        if name not in saved:
-            raise CheckpointError(f"{where} holds no {name!r} state")
-        spec, values = saved[name]["spec"], saved[name]["values"]
+        group = saved[name]
+        if not isinstance(group, dict) or set(group) != {"spec", "values"} or not isinstance(group["spec"], list) \
+                or not isinstance(group["values"], list) or len(group["spec"]) != len(group["values"]):
+            raise CheckpointError(f"{where}: its {name} variables are not a list of specs and values")
+        spec, values = group["spec"], group["values"]
         live = _describe(vs)
         if len(spec) != len(live):
             raise CheckpointError(f"{where}: {len(spec)} {name} variables saved, {len(live)} here (another model "
                                   f"or optimizer?)")
-        for (path, shape, dtype), (lpath, lshape, ldtype), value in zip(spec, live, values):
-            if list(shape) != lshape or dtype != ldtype or list(np.shape(value)) != lshape:
-                raise CheckpointError(f"{where}: {name} variable {path!r} is {dtype}{list(shape)}, but "
-                                      f"{lpath!r} here is {ldtype}{lshape}")
+        for entry, (lpath, lshape, ldtype), value in zip(spec, live, values):
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise CheckpointError(f"{where}: a {name} variable's spec is {entry!r:.60}")
+            path, shape, dtype = entry
+            if list(shape) != lshape or dtype != ldtype or not isinstance(value, np.ndarray) \
+                    or list(value.shape) != lshape or str(value.dtype) != ldtype:
+                got = f"{value.dtype}{list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
+                raise CheckpointError(f"{where}: {name} variable {path!r} is {dtype}{list(shape)} (holding {got}), "
+                                      f"but {lpath!r} here is {ldtype}{lshape}")
+
+
+def assign_variables_state(groups: dict, saved: dict) -> None:
+    """Assign what :func:`check_variables_state` verified; all or nothing."""
     before = {name: [np.array(ops.convert_to_numpy(v), copy=True) for v in vs] for name, vs in groups.items()}
     try:
         for name, vs in groups.items():
@@ -102,6 +120,12 @@ def load_variables_state(groups: dict, saved: dict, where: str = "checkpoint") -
             for v, value in zip(vs, before[name]):
                 v.assign(value)
         raise
+
+
+def load_variables_state(groups: dict, saved: dict, where: str = "checkpoint") -> None:
+    """Assign ``saved`` (from :func:`variables_state`) to the live ``groups``: all checked first, all or nothing."""
+    check_variables_state(groups, saved, where)
+    assign_variables_state(groups, saved)
 
 
 def _keras_seed_variable():
@@ -117,18 +141,38 @@ def _keras_seed_variable():
 
 def rng_state() -> dict:
     """numpy's and Python's global generators, and Keras's global seed generator."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    from .. import hostrng
+
     seed = _keras_seed_variable()
-    return {"numpy": {"kind": kind, "keys": keys, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
-            "python": random.getstate(),
-            "keras": None if seed is None else np.array(ops.convert_to_numpy(seed), copy=True)}
+    return {**hostrng.state(), "keras": None if seed is None else np.array(ops.convert_to_numpy(seed), copy=True)}
 
 
-def load_rng_state(state: dict) -> None:
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+def check_rng_state(saved, where: str = "checkpoint") -> tuple:
+    """Verify a saved :func:`rng_state` (scratch generators, the Keras seed's shape and dtype); returns
+    what :func:`apply_rng_state` sets."""
+    from .. import hostrng
+    from ..checkpoint import CheckpointError
+
+    if not isinstance(saved, dict) or set(saved) != {"numpy", "python", "keras"}:
+        raise CheckpointError(f"{where}: its RNG section is not the numpy/Python/Keras generators' state")
+    host = hostrng.check(saved, where)
+    seed, value = _keras_seed_variable(), saved["keras"]
+    if seed is not None and value is not None:
+        live = np.asarray(ops.convert_to_numpy(seed))
+        if not isinstance(value, np.ndarray) or value.shape != live.shape or value.dtype != live.dtype:
+            raise CheckpointError(f"{where}: its Keras seed state is not a {live.dtype}{list(live.shape)} array")
+    return host, value
+
+
+def apply_rng_state(checked: tuple) -> None:
+    from .. import hostrng
+
+    host, value = checked
+    hostrng.apply(host)
     seed = _keras_seed_variable()
-    if seed is not None and state.get("keras") is not None:
-        seed.assign(state["keras"])
+    if seed is not None and value is not None:
+        seed.assign(value)
+
+
+def load_rng_state(state: dict, where: str = "checkpoint") -> None:
+    apply_rng_state(check_rng_state(state, where))

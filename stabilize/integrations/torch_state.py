@@ -16,18 +16,7 @@ counts, a ``GradScaler`` moves its scale. :class:`TorchState` knows all of it:
 * :class:`UpdateUndo`: the parameters and optimizer state before one update,
   in preallocated storage, so that an update found bad afterwards (non-finite
   weights, an update too large) is undone exactly.
-* :func:`checkpoint_state` / :func:`load_checkpoint_state`: the durable form.
-  Under FSDP2 (``fully_shard``) the parameters and the optimizer state built
-  from them are ``DTensor`` objects; a checkpoint stores each as this rank's **local
-  shard**, a plain tensor, and lists which entries were sharded
-  (:func:`to_local_state`). Three reasons: ``torch.load(weights_only=True)``
-  reads a pickled ``DTensor`` only once ``torch.distributed.tensor`` is
-  imported, and only on torch versions that allow-list it (not 2.4/2.5); a
-  pickled ``DTensor`` carries the ``DeviceMesh`` of the run that wrote it; and
-  each rank saves and loads its own shard (one file per rank) anyway. On load
-  (:func:`from_local_state`) each listed entry is wrapped back with
-  ``DTensor.from_local`` on the live parameter's mesh and placements, after the
-  local shapes are checked: resuming needs the same world size and layout.
+* the durable form (checkpoints, FSDP2 shards) is :mod:`.torch_checkpoint`.
 """
 
 from __future__ import annotations
@@ -39,8 +28,8 @@ import torch
 
 from ..guard.snapshots import nbytes
 
-__all__ = ["TorchState", "Snapshot", "UpdateUndo", "optimizer_params", "checkpoint_state", "load_checkpoint_state",
-           "rng_state_dict", "load_rng_state_dict", "is_dtensor", "to_local_state", "from_local_state"]
+__all__ = ["TorchState", "Snapshot", "UpdateUndo", "optimizer_params", "rng_state_dict", "load_rng_state_dict",
+           "check_rng_state_dict", "apply_rng_state"]
 
 
 def optimizer_params(optimizer) -> list[torch.Tensor]:
@@ -185,139 +174,44 @@ class TorchState:
 
 def rng_state_dict() -> dict:
     """Every RNG a run may draw from: torch (CPU, CUDA), numpy's global one, Python's ``random``."""
-    import random
+    from .. import hostrng
 
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": _rng_state(), "numpy": {"kind": kind, "keys": keys, "pos": int(pos), "has_gauss": int(has_gauss),
-                                             "cached": float(cached)}, "python": random.getstate()}
+    return {"torch": _rng_state(), **hostrng.state()}
 
 
-def load_rng_state_dict(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    _set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+def load_rng_state_dict(state: dict, where: str = "checkpoint") -> None:
+    apply_rng_state(check_rng_state_dict(state, where))
 
 
-def checkpoint_state(state: "TorchState") -> dict:
-    """The durable form of a :class:`TorchState`: tensors and plain values only (see :mod:`stabilize.checkpoint`)."""
-    snap = state.capture()
-    # FSDP2: sharded entries as this rank's local shard, plain tensors (see the module docstring)
-    return to_local_state({"params": snap.params, "buffers": snap.buffers, "optimizer": snap.optimizer,
-                           "scheduler": snap.scheduler, "scaler": snap.scaler, "rng": rng_state_dict()})
-
-
-def load_checkpoint_state(state: "TorchState", saved: dict, where: str = "checkpoint") -> None:
-    """Put a verified checkpoint back; on any mismatch raise before (or undo after) touching the live state."""
+def check_rng_state_dict(saved, where: str) -> tuple:
+    """``saved`` (from :func:`rng_state_dict`) verified on scratch generators: ``(torch, host)``."""
+    from .. import hostrng
     from ..checkpoint import CheckpointError
-    saved = from_local_state(saved, state.params, state.buffers, where)  # FSDP2 shards back to DTensors
 
-    def shapes(xs):
-        return [tuple(x.shape) for x in xs]
-
-    for name, live in (("params", state.params), ("buffers", state.buffers)):
-        if shapes(saved[name]) != shapes(live):
-            raise CheckpointError(f"{where} holds {len(saved[name])} {name} of shapes {shapes(saved[name])[:4]}..., "
-                                  f"the live model {len(live)} of shapes {shapes(live)[:4]}...: another model")
-    for name, obj in (("scheduler", state.scheduler), ("scaler", state.scaler)):
-        if (saved[name] is None) != (obj is None):
-            raise CheckpointError(f"{where} was saved {'with' if saved[name] is not None else 'without'} a {name}; "
-                                  f"pass the same {name} (or none) to load it")
-    before = state.capture()
-    rng = rng_state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"torch", "numpy", "python"}:
+        raise CheckpointError(f"{where}: its RNG section is not the torch/numpy/Python generators' state")
+    t = saved["torch"]
     try:
-        state.restore(Snapshot(saved["params"], saved["buffers"], saved["optimizer"], saved["scheduler"],
-                               saved["scaler"], saved["rng"]["torch"], {}))
-        load_rng_state_dict(saved["rng"])
-        state.mark()
-    except Exception as exc:
-        state.restore(before)
-        load_rng_state_dict(rng)
-        raise CheckpointError(f"{where} does not fit this model/optimizer ({type(exc).__name__}: {exc}); "
-                              f"the training state was left as it was") from exc
+        if not isinstance(t, dict) or not set(t) <= {"cpu", "cuda"} or "cpu" not in t:
+            raise ValueError(f"entries {sorted(t) if isinstance(t, dict) else type(t).__name__}")
+        torch.Generator().set_state(t["cpu"])  # a scratch generator: raises on a malformed state
+        if "cuda" in t:
+            if not torch.cuda.is_available() or len(t["cuda"]) != torch.cuda.device_count():
+                raise ValueError(f"it holds the CUDA generators of {len(t['cuda'])} GPU(s); this process has "
+                                 f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+            for c in t["cuda"]:
+                if not (torch.is_tensor(c) and c.dtype == torch.uint8):
+                    raise ValueError("a CUDA generator state is not a byte tensor")
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{where}: its torch RNG state cannot be restored ({exc})") from exc
+    return t, hostrng.check(saved, where)
 
 
-# -- FSDP2 shards in a checkpoint (see the module docstring) --------------------------------------
+def apply_rng_state(checked: tuple) -> None:
+    from .. import hostrng
 
-def is_dtensor(t) -> bool:
-    """A ``DTensor`` (checked by its interface: torch.distributed.tensor is never imported here)."""
-    return hasattr(t, "to_local") and hasattr(t, "device_mesh") and hasattr(t, "placements")
-
-
-def _local(t):
-    return t.to_local().detach().clone() if is_dtensor(t) else t
-
-
-def to_local_state(state: dict) -> dict:
-    """``state`` (``params``, ``buffers``, an optimizer ``state_dict``) with every DTensor replaced by
-    its local shard, and ``sharded`` listing where they were: indices, and ``[param_index, key]``.
-
-    Example (nothing sharded: the state passes through, with an empty list):
-        >>> import torch
-        >>> state = {"params": [torch.zeros(2)], "buffers": [], "optimizer": {"state": {}, "param_groups": []}}
-        >>> to_local_state(state)["sharded"]
-        {'params': [], 'buffers': [], 'optimizer': []}
-    """
-    sharded = {name: [i for i, t in enumerate(state[name]) if is_dtensor(t)] for name in ("params", "buffers")}
-    opt = state["optimizer"]
-    sharded["optimizer"] = [[int(i), key] for i, entry in opt["state"].items()
-                            for key, value in entry.items() if is_dtensor(value)]
-    out = dict(state, params=[_local(t) for t in state["params"]], buffers=[_local(t) for t in state["buffers"]],
-               sharded=sharded)
-    out["optimizer"] = dict(opt, state={i: {k: _local(v) for k, v in entry.items()}
-                                        for i, entry in opt["state"].items()})
-    return out
-
-
-def _wrap(saved, live, where: str, what: str):
-    """``saved`` (a local shard) as a DTensor laid out like ``live``; raises CheckpointError on a shape
-    mismatch."""
-    from ..checkpoint import CheckpointError
-
-    if not is_dtensor(live):
-        raise CheckpointError(f"{where} holds a sharded (FSDP) {what}, and the live one is not sharded: "
-                              f"apply the same fully_shard to the model before loading")
-    local = live.to_local()
-    if tuple(saved.shape) != tuple(local.shape):
-        raise CheckpointError(f"{where} holds a shard of shape {tuple(saved.shape)} for {what}; this rank's "
-                              f"shard is {tuple(local.shape)}: it was saved with another world size or "
-                              f"sharding (load each rank's own file on the same world size)")
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(saved.to(device=local.device, dtype=local.dtype), live.device_mesh, live.placements,
-                              shape=live.shape, stride=live.stride(), run_check=False)
-
-
-def from_local_state(saved: dict, params: list, buffers: list, where: str = "checkpoint") -> dict:
-    """Undo :func:`to_local_state` against the live ``params`` and ``buffers`` (a state saved
-    without ``sharded`` is returned as it is)."""
-    sharded = saved.get("sharded")
-    if not sharded or not any(sharded.values()):
-        return saved
-    from ..checkpoint import CheckpointError
-
-    out = dict(saved, params=list(saved["params"]), buffers=list(saved["buffers"]))
-    for name, live in (("params", params), ("buffers", buffers)):
-        for i in sharded[name]:
-            if i >= len(live) or i >= len(out[name]):
-                raise CheckpointError(f"{where} lists sharded {name} entry {i}, and there are only {len(live)}")
-            out[name][i] = _wrap(out[name][i], live[i], where, f"{name}[{i}]")
-    opt = saved["optimizer"]
-    state = {i: dict(entry) for i, entry in opt["state"].items()}
-    for i, key in sharded["optimizer"]:
-        entry = state.get(i, state.get(str(i)))
-        if entry is None or i >= len(params):
-            raise CheckpointError(f"{where} lists optimizer state {key!r} of parameter {i}, which it does not hold")
-        entry[key] = _wrap(entry[key], params[i], where, f"the optimizer's {key!r} of parameter {i}")
-    out["optimizer"] = dict(opt, state=state)
-    return out
+    _set_rng_state(checked[0])
+    hostrng.apply(checked[1])
 
 
 class UpdateUndo:

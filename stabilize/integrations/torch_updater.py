@@ -114,19 +114,24 @@ class TorchUpdater:
         self.applied = snap.extra["applied"]
 
     def checkpoint_state(self) -> dict:
-        """The torch training state as tensors and plain values (:func:`torch_state.checkpoint_state`)."""
-        from .torch_state import checkpoint_state
+        """The torch training state as tensors and plain values (:func:`torch_checkpoint.checkpoint_state`)."""
+        from .torch_checkpoint import checkpoint_state
 
         return {"torch": checkpoint_state(self.state)}
 
-    def load_checkpoint_state(self, saved: dict, where: str = "checkpoint") -> None:
-        """Put a verified checkpoint (the trainer's whole dict) back; a mismatch raises before anything changes."""
-        from ..checkpoint import CheckpointError
-        from .torch_state import load_checkpoint_state
+    checkpoint_sections = {"torch"}
 
-        if "torch" not in saved:
-            raise CheckpointError(f"{where} is not a checkpoint of a torch StabilityTrainer (it holds {sorted(saved)})")
-        load_checkpoint_state(self.state, saved["torch"], where)
+    def check_checkpoint_state(self, saved: dict, where: str = "checkpoint"):
+        """Verify the torch section against the live state, changing nothing; returns what
+        :meth:`apply_checkpoint_state` puts back."""
+        from .torch_checkpoint import check_checkpoint_state
+
+        return check_checkpoint_state(self.state, saved["torch"], where)
+
+    def apply_checkpoint_state(self, checked, where: str = "checkpoint") -> None:
+        from .torch_checkpoint import apply_checkpoint_state
+
+        apply_checkpoint_state(self.state, checked, where)
 
     def on_any_rank(self, flag: bool) -> bool:
         return self._step.on_any_rank(flag)
