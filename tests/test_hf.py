@@ -161,3 +161,7 @@ def test_resume_from_a_checkpoint_after_a_skip_is_bit_identical(tmp_path):
 def test_settings_are_checked_with_torchguards_messages():
     with pytest.raises(ValueError, match="on_nonfinite"):
         stabilize.hf.StabilityCallback(on_nonfinite="skipp")
+    with pytest.raises(TypeError, match="did you mean clip_norm="):
+        stabilize.hf.StabilityCallback(clip_nrom=1.0)
+    with pytest.raises(ValueError, match="sync_free"):
+        stabilize.hf.StabilityCallback(sync_free=True)

@@ -92,6 +92,9 @@ def test_settings_are_checked_with_torchguards_messages():
         stabilize.lightning.StabilityCallback(on_nonfinite="skipp")
     with pytest.raises(ValueError, match="spike='rewind'"):
         stabilize.lightning.StabilityCallback(spike="rewind")
+    with pytest.raises(TypeError, match="did you mean clip_norm="):
+        stabilize.lightning.StabilityCallback(clip_nrom=1.0)
+    assert stabilize.lightning.StabilityCallback(max_norm=2.0)._settings == {"max_norm": 2.0}  # torch's name
 
 
 def test_resume_from_a_lightning_checkpoint_after_a_skip_is_bit_identical(tmp_path):

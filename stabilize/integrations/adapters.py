@@ -13,8 +13,6 @@ either; each framework steps its scheduler itself, so the adapter puts the sched
 
 from __future__ import annotations
 
-from ..guard.settings import GuardSettings
-
 __all__ = ["check_settings", "SchedulerHold", "step_metrics"]
 
 # Settings the callbacks pass to TorchGuard itself rather than to GuardSettings.
@@ -22,15 +20,15 @@ GUARD_ARGS = ("verify_updates", "restore_rng", "loss_fn")
 
 
 def check_settings(where: str, settings: dict) -> dict:
-    """Validate ``settings`` now, with TorchGuard's messages (the guard itself is built when training
-    starts, once the framework has made the optimizer); returns them unchanged."""
-    GuardSettings(**{k: v for k, v in settings.items() if k not in GUARD_ARGS})
-    if settings.get("spike") == "rewind":
-        raise ValueError(f"spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                         f"use spike='skip' or 'clip' with {where}")
+    """Validate ``settings`` now, as TorchGuard does, with its messages (the guard itself is built when
+    training starts, once the framework has made the optimizer); returns them unchanged."""
+    from .torch_guard import guard_settings
+
     if settings.get("sync_free"):
         raise ValueError(f"{where} decides on the host before the framework's optimizer step; sync_free is "
                          f"for TorchGuard in a hand-written loop")
+    given = {k: v for k, v in settings.items() if k not in GUARD_ARGS}
+    guard_settings(where, given, verify_updates=settings.get("verify_updates", False), own=GUARD_ARGS)
     return settings
 
 
