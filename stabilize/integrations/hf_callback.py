@@ -89,7 +89,10 @@ class StabilityCallback(TrainerCallback, ExportableState):
         torch_opt = getattr(optimizer, "optimizer", optimizer)
         settings = dict(self._settings)
         kwargs_ = {k: settings.pop(k) for k in GUARD_ARGS if k in settings}
-        self.guard = TorchGuard(model, torch_opt, scheduler=lr_scheduler, **kwargs_, **settings)
+        self.guard = TorchGuard(model, torch_opt, **kwargs_, **settings)
+        # The Trainer builds its scheduler over accelerate's wrapper of this optimizer (TorchGuard's check
+        # wants the optimizer itself); a rollback restores it all the same.
+        self.guard.state.scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
         self._accelerated = optimizer if optimizer is not torch_opt else None
         saved = self._loaded
         if saved is None and state.global_step > 0:  # resumed: the checkpoint's trainer_state.json
