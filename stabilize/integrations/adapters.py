@@ -1,6 +1,6 @@
 """What the framework callbacks (Lightning, Hugging Face) share: settings checked up front, the
 guard built over the framework's model and optimizer, the scheduler held back on a step that was
-not applied, and the per-step metrics written to the framework's logger.
+not applied (the per-step metrics are :func:`stabilize.tensorboard.step_metrics`).
 
 Both callbacks run the one guarded torch step (:class:`~stabilize.integrations.torch_guard.TorchGuard`
 with ``backward=False``) inside the hook the framework calls just before its own
@@ -13,7 +13,7 @@ either; each framework steps its scheduler itself, so the adapter puts the sched
 
 from __future__ import annotations
 
-__all__ = ["check_settings", "SchedulerHold", "step_metrics"]
+__all__ = ["check_settings", "SchedulerHold"]
 
 # Settings the callbacks pass to TorchGuard itself rather than to GuardSettings.
 GUARD_ARGS = ("verify_updates", "restore_rng", "loss_fn")
@@ -56,23 +56,3 @@ class SchedulerHold:
         for g, lr in zip(self.optimizer.param_groups, lrs):
             g["lr"] = lr
         return True
-
-
-def step_metrics(guard, applied: bool) -> dict[str, float]:
-    """The last step's numbers and the run's counters, keyed ``stabilize/...`` for a framework logger.
-
-    ``loss``, ``grad_norm`` and ``lr`` are the step's (the loss summed over micro-batches, the
-    norm before clipping, the rate the update used); ``applied`` is 1.0 or 0.0; ``skipped``
-    counts the steps not applied so far, ``spikes`` the spikes seen, ``backoffs`` the current
-    back-off level, ``events`` every event recorded (the JSON-lines ``events_path`` keeps them).
-    """
-    sup = guard.supervisor
-    row = sup.rows[-1] if sup.rows else {}
-    return {"stabilize/loss": float(row.get("loss", float("nan"))),
-            "stabilize/grad_norm": float(row.get("grad_norm", float("nan"))),
-            "stabilize/lr": float(row.get("lr", float("nan"))),
-            "stabilize/applied": float(applied),
-            "stabilize/skipped": float(sup.not_applied),
-            "stabilize/spikes": float(sup.spikes.spikes if sup.spikes is not None else 0),
-            "stabilize/backoffs": float(sup.policy.backoffs),
-            "stabilize/events": float(len(sup.events))}

@@ -47,7 +47,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .adapters import GUARD_ARGS, check_settings, step_metrics
+from ..tensorboard import step_metrics
+from .adapters import GUARD_ARGS, check_settings
 
 __all__ = ["StabilityCallback"]
 
@@ -138,7 +139,7 @@ class StabilityCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log or self.guard is None or not self.guard.supervisor.rows:
             return
-        metrics = step_metrics(self.guard, bool(self.applied))
+        metrics = step_metrics(self.guard.supervisor)
         if logs is not None:
             logs.update(metrics)
         if state.log_history:

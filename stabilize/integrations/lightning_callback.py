@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from .adapters import GUARD_ARGS, SchedulerHold, check_settings, step_metrics
+from ..tensorboard import step_metrics
+from .adapters import GUARD_ARGS, SchedulerHold, check_settings
 
 __all__ = ["StabilityCallback"]
 
@@ -129,7 +130,7 @@ class StabilityCallback(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._held.put_back()
         if self._stepped and self.log:
-            pl_module.log_dict(step_metrics(self.guard, self.applied), on_step=True, on_epoch=False,
+            pl_module.log_dict(step_metrics(self.guard.supervisor), on_step=True, on_epoch=False,
                                batch_size=1, sync_dist=False)
         self._stepped = False
 
