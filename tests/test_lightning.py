@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("lightning")
+pl = pytest.importorskip("lightning.pytorch")
 
 import stabilize.lightning  # noqa: E402
 from lightning_models import BNModule, assert_same, data, loader, state, trainer  # noqa: E402
@@ -58,6 +58,25 @@ def test_accumulation_marks_once_per_window_and_skips_the_whole_window():
     assert_same(ref, got)
     assert [(e.batch_index, e.step) for e in cb.guard.history.events] == [(3, 1)]
     assert cb.guard.supervisor.step == 3  # one guarded step per window of two micro-batches
+
+
+class _AtBatchEnd(pl.Callback):
+    def __init__(self):
+        self.at = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.at[batch_idx] = state(pl_module, trainer)
+
+
+def test_a_rollback_brings_the_scheduler_back_with_the_snapshot():
+    cb = stabilize.lightning.StabilityCallback(on_nonfinite="rollback", max_bad_steps=1, snapshot_every=2)
+    probe = _AtBatchEnd()
+    trainer([cb, probe]).fit(BNModule(), loader(data(bad=3)))
+    # the snapshot was taken at step 1 (2 applied steps), inside the step, before Lightning stepped the
+    # scheduler; after the rollback at step 3 the scheduler is as it was after that step, with the rest
+    assert_same(probe.at[1], probe.at[3])
+    assert [(e.step, e.action) for e in cb.guard.history.events] == [(3, "rolled-back")]
+    assert probe.at[3]["sched"]["last_epoch"] == 2
 
 
 def test_manual_optimization():

@@ -33,26 +33,49 @@ def check_settings(where: str, settings: dict) -> dict:
 
 
 class SchedulerHold:
-    """The state of learning-rate schedulers and their optimizer's rates, put back after the framework
-    has stepped them for an optimizer step that was not applied."""
+    """Learning-rate schedulers kept in step with the guard where the framework steps them itself.
+
+    The framework steps its schedulers after its optimizer step, applied or not. Around each guarded
+    step: :meth:`before_step` (nothing stepped yet), :meth:`after_step` (the guard decided), then,
+    once the framework has stepped its schedulers, :meth:`after_framework`: a step not applied gets
+    the schedulers' state and the rates back as they were before it; a rollback gets them as they
+    were when the restored snapshot was taken (the guard's snapshot is taken inside its step, before
+    the framework's scheduler step, so the schedulers' state is recorded here, after it).
+    """
 
     def __init__(self, schedulers, optimizer):
         self.schedulers = [s for s in schedulers if s is not None and hasattr(s, "state_dict")]
         self.optimizer = optimizer
-        self._held = None
+        self._before = self._at_snapshot = None
+        self._put_back = self._rolled_back = self._refresh = False
 
-    def hold(self) -> None:
-        """Remember the schedulers and rates as they are now (before the framework steps them)."""
-        self._held = ([s.state_dict() for s in self.schedulers], [g["lr"] for g in self.optimizer.param_groups])
+    def _state(self):
+        return [s.state_dict() for s in self.schedulers], [g["lr"] for g in self.optimizer.param_groups]
 
-    def put_back(self) -> bool:
-        """Put back what :meth:`hold` saw, once; returns whether anything was held."""
-        if self._held is None:
-            return False
-        states, lrs = self._held
-        self._held = None
+    def _load(self, saved) -> None:
+        states, lrs = saved
         for s, state in zip(self.schedulers, states):
             s.load_state_dict(state)
         for g, lr in zip(self.optimizer.param_groups, lrs):
             g["lr"] = lr
-        return True
+
+    def before_step(self, guard) -> None:
+        self._before = self._state()
+        if guard.supervisor.keeps_snapshot and not guard._snapshots.held:
+            self._at_snapshot = self._before  # the guard takes its first snapshot in this step, before any update
+
+    def after_step(self, guard, applied: bool) -> None:
+        sup = guard.supervisor
+        last = sup.events[-1] if sup.events else None
+        self._rolled_back = last is not None and last.step == sup.step - 1 and last.action in ("rolled-back", "rewound")
+        self._put_back = not applied
+        self._refresh = applied and sup.keeps_snapshot and sup.steps_since_snapshot() == 0
+
+    def after_framework(self) -> None:
+        if self._rolled_back and self._at_snapshot is not None:
+            self._load(self._at_snapshot)
+        elif self._put_back and self._before is not None:
+            self._load(self._before)
+        if self._refresh:
+            self._at_snapshot = self._state()
+        self._before, self._put_back, self._rolled_back, self._refresh = None, False, False, False

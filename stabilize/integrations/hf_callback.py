@@ -48,7 +48,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..tensorboard import step_metrics
-from .adapters import GUARD_ARGS, check_settings
+from .adapters import GUARD_ARGS, SchedulerHold, check_settings
 
 __all__ = ["StabilityCallback"]
 
@@ -94,6 +94,7 @@ class StabilityCallback(TrainerCallback, ExportableState):
         # The Trainer builds its scheduler over accelerate's wrapper of this optimizer (TorchGuard's check
         # wants the optimizer itself); a rollback restores it all the same.
         self.guard.state.scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        self._held = SchedulerHold([self.guard.state.scheduler], torch_opt)
         self._accelerated = optimizer if optimizer is not torch_opt else None
         saved = self._loaded
         if saved is None and state.global_step > 0:  # resumed: the checkpoint's trainer_state.json
@@ -128,13 +129,18 @@ class StabilityCallback(TrainerCallback, ExportableState):
                              "forward pass, and this model returned none (pass labels), or the loss is computed "
                              "outside the model (a custom compute_loss): use TorchGuard in that loop instead")
         epoch = int(math.floor(state.epoch or 0.0))
+        self._held.before_step(self.guard)
         self.applied = self.guard.step(backward=False, epoch=epoch, batch=state.global_step)
+        self._held.after_step(self.guard, self.applied)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         acc = self._accelerated
         if acc is not None and getattr(acc, "scaler", None) is None:
             # the Trainer's own test for "do not step the scheduler" (accelerate has no public setter)
             acc._is_overflow = not self.applied
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._held.after_framework()  # a rollback: the scheduler as it was at the restored snapshot
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log or self.guard is None or not self.guard.supervisor.rows:

@@ -117,18 +117,18 @@ class StabilityCallback(pl.Callback):
         if optimizer is not self.guard.optimizer:
             raise ValueError("StabilityCallback was built for the first optimizer of configure_optimizers")
         data, self._batches, self._open = self._batches, [], False
+        self._held.before_step(self.guard)
         if not self.guard._step.pending:  # training_step returned None: Lightning skips; undo its forward too
             self.guard.discard()
-            self._held.hold()
+            self._held.after_step(self.guard, applied=False)
             return
         epoch, batch = self._position
         self.applied = self.guard.step(backward=False, epoch=epoch, batch=batch, data=data)
-        if not self.applied:
-            self._held.hold()  # Lightning steps its schedulers next; put back at batch end
+        self._held.after_step(self.guard, self.applied)  # Lightning steps its schedulers next: see batch end
         self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._held.put_back()
+        self._held.after_framework()
         if self._stepped and self.log:
             pl_module.log_dict(step_metrics(self.guard.supervisor), on_step=True, on_epoch=False,
                                batch_size=1, sync_dist=False)
