@@ -125,6 +125,13 @@ def test_a_bad_step_leaves_params_adam_and_scheduler_as_they_were(tmp_path, kind
     assert entry["stabilize/skipped"] == 1.0 and entry["stabilize/applied"] == 0.0
 
 
+def test_a_rollback_brings_the_scheduler_back_with_the_snapshot(tmp_path):
+    settings = {"on_nonfinite": "rollback", "max_bad_steps": 1, "snapshot_every": 2}
+    _, cb, probe = _train(tmp_path, Data(bad=3), settings=settings, max_grad_norm=0.0)
+    _same(probe.after[1], probe.after[3])  # the snapshot of step 1, scheduler included
+    assert [(e.step, e.action) for e in cb.guard.history.events] == [(3, "rolled-back")]
+
+
 def test_max_grad_norm_still_catches_a_nan(tmp_path):
     tr, cb, probe = _train(tmp_path, Data(bad=2), max_grad_norm=1.0)
     _same(probe.before[2], probe.after[2])
