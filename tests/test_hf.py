@@ -172,3 +172,5 @@ def test_settings_are_checked_with_torchguards_messages():
         stabilize.hf.StabilityCallback(clip_nrom=1.0)
     with pytest.raises(ValueError, match="sync_free"):
         stabilize.hf.StabilityCallback(sync_free=True)
+    with pytest.raises(ValueError, match="takes no loss_fn"):
+        stabilize.hf.StabilityCallback(loss_fn=lambda p, y: p)

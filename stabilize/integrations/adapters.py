@@ -16,7 +16,7 @@ from __future__ import annotations
 __all__ = ["check_settings", "SchedulerHold"]
 
 # Settings the callbacks pass to TorchGuard itself rather than to GuardSettings.
-GUARD_ARGS = ("verify_updates", "restore_rng", "loss_fn")
+GUARD_ARGS = ("verify_updates", "restore_rng")
 
 
 def check_settings(where: str, settings: dict) -> dict:
@@ -24,6 +24,9 @@ def check_settings(where: str, settings: dict) -> dict:
     training starts, once the framework has made the optimizer); returns them unchanged."""
     from .torch_guard import guard_settings
 
+    if "loss_fn" in settings:
+        raise ValueError(f"{where} takes no loss_fn: the framework owns the forward pass, so a failing step is not "
+                         f"replayed for a diagnosis; use TorchGuard(model, optimizer, loss_fn=...) in a hand-written loop")
     if settings.get("sync_free"):
         raise ValueError(f"{where} decides on the host before the framework's optimizer step; sync_free is "
                          f"for TorchGuard in a hand-written loop")

@@ -42,6 +42,7 @@ and is read back on ``resume_from_checkpoint``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from transformers import TrainerCallback
@@ -155,4 +156,5 @@ class StabilityCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         """For ``trainer_state.json``: the settings (``args``) and the guard's counters, rows and events."""
         saved = self.guard.supervisor.state_dict() if self.guard is not None else self._loaded
-        return {"args": dict(self._settings, log=self.log), "attributes": {"_loaded": saved}}
+        args = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in self._settings.items()}
+        return {"args": dict(args, log=self.log), "attributes": {"_loaded": saved}}

@@ -46,7 +46,7 @@ class StabilityCallback(pl.Callback):
     """Guard every optimizer step of a Lightning ``Trainer``: a bad step is never applied, and changes nothing.
 
     Args:
-        verify_updates, restore_rng, loss_fn: as for :class:`~stabilize.TorchGuard`.
+        verify_updates, restore_rng: as for :class:`~stabilize.TorchGuard`.
         log: write the step's metrics (``stabilize/loss``, ``grad_norm``, ``lr``, ``applied``,
             ``skipped``, ``spikes``, ``backoffs``, ``events``) with ``pl_module.log``, so they reach
             the loggers the Trainer has (CSV, TensorBoard, W&B).
