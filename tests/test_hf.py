@@ -153,6 +153,7 @@ def test_gradient_accumulation_skips_the_whole_window(tmp_path):
     assert [e.step for e in cb.guard.history.events] == [2]
 
 
+@pytest.mark.slow  # three trainer runs
 def test_resume_from_a_checkpoint_after_a_skip_is_bit_identical(tmp_path):
     settings = {"on_nonfinite": "backoff", "backoff_factor": 0.5}  # the back-off rides in the checkpoint
     _, ref_cb, ref = _train(tmp_path / "ref", Data(bad=1), settings=settings)

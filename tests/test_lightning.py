@@ -116,6 +116,7 @@ def test_settings_are_checked_with_torchguards_messages():
     assert stabilize.lightning.StabilityCallback(max_norm=2.0)._settings == {"max_norm": 2.0}  # torch's name
 
 
+@pytest.mark.slow  # three trainer runs
 def test_resume_from_a_lightning_checkpoint_after_a_skip_is_bit_identical(tmp_path):
     settings = {"on_nonfinite": "backoff", "backoff_factor": 0.5}  # the back-off rides in the checkpoint
     ref, _, ref_cb = _fit(data(bad=2), settings=settings, max_epochs=2)
