@@ -17,10 +17,11 @@ A writer is used through its own API, never created behind the user's back, unle
 
 This module imports no framework; a writer's module is imported by the writer's owner.
 
-Example:
-    >>> import stabilize, stabilize.tensorboard  # doctest: +SKIP
-    >>> guard = stabilize.TorchGuard(model, opt, on_nonfinite="skip")
-    >>> stabilize.tensorboard.attach(guard, torch.utils.tensorboard.SummaryWriter("runs/exp1"))
+Example::
+
+    import stabilize, stabilize.tensorboard
+    guard = stabilize.TorchGuard(model, opt, on_nonfinite="skip")
+    stabilize.tensorboard.attach(guard, torch.utils.tensorboard.SummaryWriter("runs/exp1"))
 """
 
 from __future__ import annotations

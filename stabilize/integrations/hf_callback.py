@@ -1,9 +1,10 @@
 """``stabilize.hf.StabilityCallback``: the guarded torch step inside a Hugging Face ``transformers.Trainer``.
 
-Example:
-    >>> from transformers import Trainer  # doctest: +SKIP
-    >>> import stabilize.hf
-    >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[stabilize.hf.StabilityCallback(on_nonfinite="skip")])
+Example::
+
+    import transformers, stabilize.hf
+    trainer = transformers.Trainer(model, args, train_dataset=ds,
+                                   callbacks=[stabilize.hf.StabilityCallback(on_nonfinite="skip")])
 
 How it sits in the Trainer's loop (transformers 4.46+ / 5.x, accelerate under it):
 

@@ -1,8 +1,9 @@
 """``stabilize.lightning.StabilityCallback``: the guarded torch step inside a Lightning ``Trainer``.
 
-Example:
-    >>> import lightning.pytorch as L, stabilize.lightning  # doctest: +SKIP
-    >>> trainer = L.Trainer(callbacks=[stabilize.lightning.StabilityCallback(on_nonfinite="skip", spike="skip")])
+Example::
+
+    import lightning.pytorch as L, stabilize.lightning
+    trainer = L.Trainer(callbacks=[stabilize.lightning.StabilityCallback(on_nonfinite="skip", spike="skip")])
 
 How it sits in Lightning's loop (lightning 2.x; automatic and manual optimization alike):
 
