@@ -52,6 +52,13 @@ def test_a_clean_run_is_bit_identical_to_the_trainer_without_the_callback(precis
     assert cb.guard.supervisor.applied == 12 and cb.guard.history.events == []
 
 
+def test_bf16_mixed_nan_batch_equals_the_run_without_it():
+    got, _, cb = _fit(data(bad=2), precision="bf16-mixed")
+    ref, _, _ = _fit(data(drop=(2,)), precision="bf16-mixed")
+    assert_same(ref, got)
+    assert [(e.step, e.action) for e in cb.guard.history.events] == [(2, "skipped")]
+
+
 def test_accumulation_marks_once_per_window_and_skips_the_whole_window():
     got, _, cb = _fit(data(bad=3), accumulate_grad_batches=2)
     ref, _, _ = _fit(data(drop=(2, 3)), accumulate_grad_batches=2)
