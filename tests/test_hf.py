@@ -175,3 +175,16 @@ def test_settings_are_checked_with_torchguards_messages():
         stabilize.hf.StabilityCallback(sync_free=True)
     with pytest.raises(ValueError, match="takes no loss_fn"):
         stabilize.hf.StabilityCallback(loss_fn=lambda p, y: p)
+
+
+def test_report_to_tensorboard_gets_the_counters_with_the_callback_first(tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_tensorboard import _read
+
+    cb = stabilize.hf.StabilityCallback(on_nonfinite="skip")
+    tr = transformers.Trainer(model=_model(), args=_args(tmp_path, report_to=["tensorboard"]), train_dataset=Data(bad=3))
+    tr.callback_handler.callbacks.insert(0, cb)  # report_to callbacks come first otherwise (see hf_callback)
+    tr.train()
+    (events,) = tmp_path.glob("runs/*")
+    scalars, _ = _read(events)
+    assert [v for s, v in scalars["train/stabilize/skipped"] if s <= 8][:8] == [0, 0, 0, 1, 1, 1, 1, 1]
