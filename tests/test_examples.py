@@ -26,10 +26,23 @@ def _run(args, env_extra=None, cwd=None):
     "torch_user.py",
     pytest.param("keras_user.py", marks=pytest.mark.needs("tensorflow")),
     pytest.param("quickstart.py", marks=pytest.mark.needs("tensorflow")),
+    pytest.param("lightning_guard.py", marks=pytest.mark.needs("lightning")),
+    pytest.param("hf_guard.py", marks=pytest.mark.needs("transformers", "accelerate")),
 ])
 def test_example_runs(script):
-    out = _run([str(ROOT / "examples" / script)])
+    out = _run([str(ROOT / "examples" / script)], {"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
+    for line in EXPECTED.get(script, ()):
+        assert line in out.stdout, out.stdout[-2000:]
+
+
+# what the framework examples must print: the bad steps skipped, the schedule held back, the logger fed
+EXPECTED = {
+    "lightning_guard.py": ("24 steps, 21 applied, 3 not applied", "scheduler steps: 21 for 24 batches",
+                           "stabilize/skipped in the CSV log, last value: 3.0"),
+    "hf_guard.py": ("12 steps, 11 applied, 1 not applied", "scheduler steps: 11 for 12 optimizer steps",
+                    "(8, 1.0)"),
+}
 
 
 @pytest.mark.needs("tensorflow")

@@ -125,6 +125,13 @@ def test_a_bad_step_leaves_params_adam_and_scheduler_as_they_were(tmp_path, kind
     assert entry["stabilize/skipped"] == 1.0 and entry["stabilize/applied"] == 0.0
 
 
+def test_a_rollback_brings_the_scheduler_back_with_the_snapshot(tmp_path):
+    settings = {"on_nonfinite": "rollback", "max_bad_steps": 1, "snapshot_every": 2}
+    _, cb, probe = _train(tmp_path, Data(bad=3), settings=settings, max_grad_norm=0.0)
+    _same(probe.after[1], probe.after[3])  # the snapshot of step 1, scheduler included
+    assert [(e.step, e.action) for e in cb.guard.history.events] == [(3, "rolled-back")]
+
+
 def test_max_grad_norm_still_catches_a_nan(tmp_path):
     tr, cb, probe = _train(tmp_path, Data(bad=2), max_grad_norm=1.0)
     _same(probe.before[2], probe.after[2])
@@ -146,6 +153,7 @@ def test_gradient_accumulation_skips_the_whole_window(tmp_path):
     assert [e.step for e in cb.guard.history.events] == [2]
 
 
+@pytest.mark.slow  # three trainer runs
 def test_resume_from_a_checkpoint_after_a_skip_is_bit_identical(tmp_path):
     settings = {"on_nonfinite": "backoff", "backoff_factor": 0.5}  # the back-off rides in the checkpoint
     _, ref_cb, ref = _train(tmp_path / "ref", Data(bad=1), settings=settings)
@@ -161,3 +169,22 @@ def test_resume_from_a_checkpoint_after_a_skip_is_bit_identical(tmp_path):
 def test_settings_are_checked_with_torchguards_messages():
     with pytest.raises(ValueError, match="on_nonfinite"):
         stabilize.hf.StabilityCallback(on_nonfinite="skipp")
+    with pytest.raises(TypeError, match="did you mean clip_norm="):
+        stabilize.hf.StabilityCallback(clip_nrom=1.0)
+    with pytest.raises(ValueError, match="sync_free"):
+        stabilize.hf.StabilityCallback(sync_free=True)
+    with pytest.raises(ValueError, match="takes no loss_fn"):
+        stabilize.hf.StabilityCallback(loss_fn=lambda p, y: p)
+
+
+def test_report_to_tensorboard_gets_the_counters_with_the_callback_first(tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_tensorboard import _read
+
+    cb = stabilize.hf.StabilityCallback(on_nonfinite="skip")
+    tr = transformers.Trainer(model=_model(), args=_args(tmp_path, report_to=["tensorboard"]), train_dataset=Data(bad=3))
+    tr.callback_handler.callbacks.insert(0, cb)  # report_to callbacks come first otherwise (see hf_callback)
+    tr.train()
+    (events,) = tmp_path.glob("runs/*")
+    scalars, _ = _read(events)
+    assert [v for s, v in scalars["train/stabilize/skipped"] if s <= 8][:8] == [0, 0, 0, 1, 1, 1, 1, 1]

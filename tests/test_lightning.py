@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("lightning")
+pl = pytest.importorskip("lightning.pytorch")
 
 import stabilize.lightning  # noqa: E402
 from lightning_models import BNModule, assert_same, data, loader, state, trainer  # noqa: E402
@@ -52,12 +52,38 @@ def test_a_clean_run_is_bit_identical_to_the_trainer_without_the_callback(precis
     assert cb.guard.supervisor.applied == 12 and cb.guard.history.events == []
 
 
+def test_bf16_mixed_nan_batch_equals_the_run_without_it():
+    got, _, cb = _fit(data(bad=2), precision="bf16-mixed")
+    ref, _, _ = _fit(data(drop=(2,)), precision="bf16-mixed")
+    assert_same(ref, got)
+    assert [(e.step, e.action) for e in cb.guard.history.events] == [(2, "skipped")]
+
+
 def test_accumulation_marks_once_per_window_and_skips_the_whole_window():
     got, _, cb = _fit(data(bad=3), accumulate_grad_batches=2)
     ref, _, _ = _fit(data(drop=(2, 3)), accumulate_grad_batches=2)
     assert_same(ref, got)
     assert [(e.batch_index, e.step) for e in cb.guard.history.events] == [(3, 1)]
     assert cb.guard.supervisor.step == 3  # one guarded step per window of two micro-batches
+
+
+class _AtBatchEnd(pl.Callback):
+    def __init__(self):
+        self.at = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.at[batch_idx] = state(pl_module, trainer)
+
+
+def test_a_rollback_brings_the_scheduler_back_with_the_snapshot():
+    cb = stabilize.lightning.StabilityCallback(on_nonfinite="rollback", max_bad_steps=1, snapshot_every=2)
+    probe = _AtBatchEnd()
+    trainer([cb, probe]).fit(BNModule(), loader(data(bad=3)))
+    # the snapshot was taken at step 1 (2 applied steps), inside the step, before Lightning stepped the
+    # scheduler; after the rollback at step 3 the scheduler is as it was after that step, with the rest
+    assert_same(probe.at[1], probe.at[3])
+    assert [(e.step, e.action) for e in cb.guard.history.events] == [(3, "rolled-back")]
+    assert probe.at[3]["sched"]["last_epoch"] == 2
 
 
 def test_manual_optimization():
@@ -92,8 +118,12 @@ def test_settings_are_checked_with_torchguards_messages():
         stabilize.lightning.StabilityCallback(on_nonfinite="skipp")
     with pytest.raises(ValueError, match="spike='rewind'"):
         stabilize.lightning.StabilityCallback(spike="rewind")
+    with pytest.raises(TypeError, match="did you mean clip_norm="):
+        stabilize.lightning.StabilityCallback(clip_nrom=1.0)
+    assert stabilize.lightning.StabilityCallback(max_norm=2.0)._settings == {"max_norm": 2.0}  # torch's name
 
 
+@pytest.mark.slow  # three trainer runs
 def test_resume_from_a_lightning_checkpoint_after_a_skip_is_bit_identical(tmp_path):
     settings = {"on_nonfinite": "backoff", "backoff_factor": 0.5}  # the back-off rides in the checkpoint
     ref, _, ref_cb = _fit(data(bad=2), settings=settings, max_epochs=2)

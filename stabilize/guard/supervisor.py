@@ -127,6 +127,8 @@ class Supervisor:
         self._pending: Event | None = None  # an event held back from the log until its replay's verdict
         self._ran_with = (0, 0)  # (back-offs, lowered) when the last observed step ran: its rate
         self.event_log = EventLog(settings.events_path) if settings.events_path else None
+        # ``listener(supervisor, decision)`` after each observed step (stabilize.tensorboard.attach)
+        self.listeners: list = []
         self._announced: set[tuple[str, str]] = set()  # (kind, action) of the events already logged
 
     # -- what the adapter asks --------------------------------------------------
@@ -192,6 +194,8 @@ class Supervisor:
         held = decision.action not in ("applied", "clipped")
         self.not_applied += held
         self._recent.append(held)
+        for listen in self.listeners:  # e.g. stabilize.tensorboard.attach: the row, its events and counters are in
+            listen(self, decision)
         window = self.settings.skip_alarm_window
         if self.settings.skip_alarm != "off" and len(self._recent) == window and not decision.stop \
                 and sum(self._recent) > self.settings.skip_alarm_fraction * window:

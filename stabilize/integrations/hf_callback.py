@@ -1,9 +1,10 @@
 """``stabilize.hf.StabilityCallback``: the guarded torch step inside a Hugging Face ``transformers.Trainer``.
 
-Example:
-    >>> from transformers import Trainer  # doctest: +SKIP
-    >>> import stabilize.hf
-    >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[stabilize.hf.StabilityCallback(on_nonfinite="skip")])
+Example::
+
+    import transformers, stabilize.hf
+    trainer = transformers.Trainer(model, args, train_dataset=ds,
+                                   callbacks=[stabilize.hf.StabilityCallback(on_nonfinite="skip")])
 
 How it sits in the Trainer's loop (transformers 4.46+ / 5.x, accelerate under it):
 
@@ -42,12 +43,14 @@ and is read back on ``resume_from_checkpoint``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .adapters import GUARD_ARGS, check_settings, step_metrics
+from ..tensorboard import step_metrics
+from .adapters import GUARD_ARGS, SchedulerHold, check_settings
 
 __all__ = ["StabilityCallback"]
 
@@ -89,7 +92,11 @@ class StabilityCallback(TrainerCallback, ExportableState):
         torch_opt = getattr(optimizer, "optimizer", optimizer)
         settings = dict(self._settings)
         kwargs_ = {k: settings.pop(k) for k in GUARD_ARGS if k in settings}
-        self.guard = TorchGuard(model, torch_opt, scheduler=lr_scheduler, **kwargs_, **settings)
+        self.guard = TorchGuard(model, torch_opt, **kwargs_, **settings)
+        # The Trainer builds its scheduler over accelerate's wrapper of this optimizer (TorchGuard's check
+        # wants the optimizer itself); a rollback restores it all the same.
+        self.guard.state.scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        self._held = SchedulerHold([self.guard.state.scheduler], torch_opt)
         self._accelerated = optimizer if optimizer is not torch_opt else None
         saved = self._loaded
         if saved is None and state.global_step > 0:  # resumed: the checkpoint's trainer_state.json
@@ -124,7 +131,9 @@ class StabilityCallback(TrainerCallback, ExportableState):
                              "forward pass, and this model returned none (pass labels), or the loss is computed "
                              "outside the model (a custom compute_loss): use TorchGuard in that loop instead")
         epoch = int(math.floor(state.epoch or 0.0))
+        self._held.before_step(self.guard)
         self.applied = self.guard.step(backward=False, epoch=epoch, batch=state.global_step)
+        self._held.after_step(self.guard, self.applied)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         acc = self._accelerated
@@ -132,10 +141,13 @@ class StabilityCallback(TrainerCallback, ExportableState):
             # the Trainer's own test for "do not step the scheduler" (accelerate has no public setter)
             acc._is_overflow = not self.applied
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self._held.after_framework()  # a rollback: the scheduler as it was at the restored snapshot
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log or self.guard is None or not self.guard.supervisor.rows:
             return
-        metrics = step_metrics(self.guard, bool(self.applied))
+        metrics = step_metrics(self.guard.supervisor)
         if logs is not None:
             logs.update(metrics)
         if state.log_history:
@@ -145,4 +157,5 @@ class StabilityCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         """For ``trainer_state.json``: the settings (``args``) and the guard's counters, rows and events."""
         saved = self.guard.supervisor.state_dict() if self.guard is not None else self._loaded
-        return {"args": dict(self._settings, log=self.log), "attributes": {"_loaded": saved}}
+        args = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in self._settings.items()}
+        return {"args": dict(args, log=self.log), "attributes": {"_loaded": saved}}

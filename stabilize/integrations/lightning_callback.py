@@ -1,8 +1,9 @@
 """``stabilize.lightning.StabilityCallback``: the guarded torch step inside a Lightning ``Trainer``.
 
-Example:
-    >>> import lightning.pytorch as L, stabilize.lightning  # doctest: +SKIP
-    >>> trainer = L.Trainer(callbacks=[stabilize.lightning.StabilityCallback(on_nonfinite="skip", spike="skip")])
+Example::
+
+    import lightning.pytorch as L, stabilize.lightning
+    trainer = L.Trainer(callbacks=[stabilize.lightning.StabilityCallback(on_nonfinite="skip", spike="skip")])
 
 How it sits in Lightning's loop (lightning 2.x; automatic and manual optimization alike):
 
@@ -36,7 +37,8 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
-from .adapters import GUARD_ARGS, SchedulerHold, check_settings, step_metrics
+from ..tensorboard import step_metrics
+from .adapters import GUARD_ARGS, SchedulerHold, check_settings
 
 __all__ = ["StabilityCallback"]
 
@@ -45,7 +47,7 @@ class StabilityCallback(pl.Callback):
     """Guard every optimizer step of a Lightning ``Trainer``: a bad step is never applied, and changes nothing.
 
     Args:
-        verify_updates, restore_rng, loss_fn: as for :class:`~stabilize.TorchGuard`.
+        verify_updates, restore_rng: as for :class:`~stabilize.TorchGuard`.
         log: write the step's metrics (``stabilize/loss``, ``grad_norm``, ``lr``, ``applied``,
             ``skipped``, ``spikes``, ``backoffs``, ``events``) with ``pl_module.log``, so they reach
             the loggers the Trainer has (CSV, TensorBoard, W&B).
@@ -116,20 +118,20 @@ class StabilityCallback(pl.Callback):
         if optimizer is not self.guard.optimizer:
             raise ValueError("StabilityCallback was built for the first optimizer of configure_optimizers")
         data, self._batches, self._open = self._batches, [], False
+        self._held.before_step(self.guard)
         if not self.guard._step.pending:  # training_step returned None: Lightning skips; undo its forward too
             self.guard.discard()
-            self._held.hold()
+            self._held.after_step(self.guard, applied=False)
             return
         epoch, batch = self._position
         self.applied = self.guard.step(backward=False, epoch=epoch, batch=batch, data=data)
-        if not self.applied:
-            self._held.hold()  # Lightning steps its schedulers next; put back at batch end
+        self._held.after_step(self.guard, self.applied)  # Lightning steps its schedulers next: see batch end
         self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._held.put_back()
+        self._held.after_framework()
         if self._stepped and self.log:
-            pl_module.log_dict(step_metrics(self.guard, self.applied), on_step=True, on_epoch=False,
+            pl_module.log_dict(step_metrics(self.guard.supervisor), on_step=True, on_epoch=False,
                                batch_size=1, sync_dist=False)
         self._stepped = False
 

@@ -38,6 +38,19 @@ logger = logging.getLogger("stabilize")
 _OWN = ("scaler", "scheduler", "verify_updates", "restore_rng", "loss_fn", "process_group", "sync_free")
 
 
+def guard_settings(where: str, settings: dict, *, scaler=None, verify_updates=False, sync_free=False,
+                   own=_OWN) -> GuardSettings:
+    """``settings`` checked as TorchGuard checks them (a wrong keyword, torch's own names, the table of
+    refusals), for TorchGuard and the framework callbacks built on it (``where`` names the caller)."""
+    check_keywords(where, settings, own)
+    checked = GuardSettings(**settings_for("torch", settings, where))
+    values = dict(dataclasses.asdict(checked), scaler=scaler, verify_updates=verify_updates, ranks=_ranks())
+    refuse("TorchGuard", values, settings)  # the one table (guard/entries.py)
+    if sync_free:
+        refuse("TorchGuard(sync_free)", values, settings, lead="sync_free=True cannot be combined with")
+    return checked
+
+
 def _ranks() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -155,12 +168,8 @@ class TorchGuard:
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
-        check_keywords("TorchGuard", settings, _OWN)
-        self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
-        values = dict(dataclasses.asdict(self.settings), scaler=scaler, verify_updates=verify_updates, ranks=_ranks())
-        refuse("TorchGuard", values, settings)  # the one table (guard/entries.py)
-        if sync_free:
-            refuse("TorchGuard(sync_free)", values, settings, lead="sync_free=True cannot be combined with")
+        self.settings = guard_settings("TorchGuard", settings, scaler=scaler, verify_updates=verify_updates,
+                                       sync_free=sync_free)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
