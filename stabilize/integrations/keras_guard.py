@@ -112,10 +112,13 @@ class StabilizeGuard(keras.callbacks.Callback):
         train_step = type(model).train_step.__get__(model)
 
         state = self.guarded.ensure_state()
+        state.tracks_apply = outer is not None  # only a scaler around the guard may skip its apply
+        # Only policy ``auto`` treats a batch with non-finite values differently: the others trace no data check.
+        checks_data = self.settings.on_nonfinite == "auto"
 
         def guarded_train_step(data):  # Python runs here only while fit's step is traced
             self.tracing_count += 1
-            state.begin(data)
+            state.begin(data if checks_data else None)
             logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
             self._shadow(model, outer)
             scale = None if outer is None else outer.dynamic_scale
@@ -160,6 +163,24 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._sync_shadows()
         self._set_inputs()
         self._driver.start()
+        self._explain_errors(self.model)
+
+    def _explain_errors(self, model):
+        """A step that raises (a label or an id out of range: ``InvalidArgumentError``) gets the
+        diagnosis of a replay of ``diagnose_data`` as a note; wraps this model's train function only."""
+        step = getattr(model, "train_function", None)
+        if step is None or self.diagnose_data is None or self.loss_fn is None or getattr(step, "_stabilize", None):
+            return
+
+        def explained(iterator):
+            try:
+                return step(iterator)
+            except Exception as exc:
+                self._maybe_diagnose(explain=exc)
+                raise
+
+        explained._stabilize = True
+        model.train_function = explained
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -172,7 +193,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         if sup.spikes is not None:
             stats.update(state.limits_now())  # the limits this step was judged against
         decision = self._driver.judge(stats, bad_data=lambda: int(ops.convert_to_numpy(state.data_ok)) == 0,
-                                      epoch=self._epoch, batch=batch)
+                                      epoch=self._epoch, batch=batch, diagnose=self._maybe_diagnose)
         self._decide(decision, stats)
 
     def on_train_end(self, logs=None):
@@ -279,10 +300,11 @@ class StabilizeGuard(keras.callbacks.Callback):
 
         return {"model": model_variables(model), "optimizer": optimizer_variables(model.optimizer, model)}
 
-    def _maybe_diagnose(self):
-        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step ones)."""
+    def _maybe_diagnose(self, explain=None):
+        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step
+        ones), or after a step raised ``explain`` (then the diagnosis is added to it as a note)."""
         sup = self.supervisor
-        if sup.diagnosis is not None or self.diagnose_data is None or self.loss_fn is None:
+        if (sup.diagnosis is not None and explain is None) or self.diagnose_data is None or self.loss_fn is None:
             return
         from ..registry import get_backend
 
@@ -291,7 +313,10 @@ class StabilizeGuard(keras.callbacks.Callback):
         if isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras"):
             loss = lambda pred, target, f=loss: f(target, pred)  # Keras order: (y_true, y_pred)
         x, y = self.diagnose_data
-        sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
+        if explain is not None:
+            sup.explain(explain, B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
+        else:
+            sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
 
 
 def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
