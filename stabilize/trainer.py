@@ -268,8 +268,8 @@ class StabilityTrainer:
                         epoch_skip = set(sup.skip_rows)
                         self._epoch = epoch + 1
                         save_trainer(self, checkpoint_path, position(epoch + 1, 0))
-                if self._native and sup.step > start and not self.updater.weights_finite():
-                    # The last native update has no next step to reveal it: look once, now.
+                if sup.step > start:
+                    # The last native update has no next step to reveal it: look once, now (guard/driver.py).
                     self._step_failed_after_the_fact(end - 1)
             self._epoch = end
             if checkpoint_epochs:
@@ -365,18 +365,9 @@ class StabilityTrainer:
                 state.undo_forward()  # the replay's forward pass changed buffers and RNG
 
     def _step_failed_after_the_fact(self, epoch):
-        sup = self.supervisor
-        last = dict(sup.rows[-1])
-        last.update(committed=0.0, weights_broken=1.0)
-        sup.rows.pop()  # the step is recorded again, now with what it did to the weights
-        decision = sup.observe(last, epoch=epoch, batch=last.get("batch", 0))
-        if decision.restore:
-            self._restore_snapshot()
-        if decision.stop:
-            sup.raise_for(decision)
-
-    def _restore_snapshot(self):
-        self._snapshots.restore()
+        found = self._driver.last_step_broke()
+        if found is not None:
+            self._driver.follow(found[0])
 
     def held_bytes(self) -> int:
         """Bytes the guard holds in memory across steps: the rollback snapshot (only under

@@ -129,5 +129,18 @@ class HostDriver:
                 before_stop()
             sup.raise_for(decision, sup.history())
 
+    def last_step_broke(self) -> tuple[Decision, dict] | None:
+        """After the last step: a native update has no next step to reveal non-finite weights, so
+        look once; if it broke them (and the policy guards), the last step is recorded again as not
+        committed with ``weights_broken``, and the decision for it is returned with its row (the
+        adapter follows it). Under ``ignore`` nothing is re-recorded: the step was committed."""
+        sup = self.supervisor
+        if not (self.native and sup.settings.guarded and sup.rows and self.weights_finite is not None) \
+                or self.weights_finite():
+            return None
+        last = dict(sup.rows.pop(), committed=0.0, weights_broken=1.0)  # recorded again, with what it did
+        decision = sup.observe(last, epoch=last.get("epoch"), batch=last.get("batch", 0))
+        return decision, last
+
     def _may_keep(self) -> bool:
         return not self.native or self.verifies or self.weights_finite is None or self.weights_finite()

@@ -72,6 +72,11 @@ REFUSALS: tuple[Refusal, ...] = (
             "(a LossScaleOptimizer), a stabilize.optim spec does not scale"),
     Refusal("verify_updates", ("trainer-keras", "trainer-neutral"), lambda v, g: bool(v.get("verify_updates")),
             "these steps check every candidate update before it is committed: there is nothing to verify after"),
+    Refusal("a GradScaler", ("keras_guard",), lambda v, g: v.get("scaler") is not None,
+            "scaler= is torch's GradScaler; give keras_guard a keras.optimizers.LossScaleOptimizer instead"),
+    Refusal("verify_updates", ("keras_guard",), lambda v, g: bool(v.get("verify_updates")),
+            "the guarded Keras optimizer checks every update before it is applied (max_update_ratio undoes a "
+            "large one on the device): there is nothing to verify after"),
 )
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 
 from ..distributed import is_main
+from .stats import verdict as step_verdict
 
 __all__ = ["VERDICTS", "verdict", "replay_step", "replay_failed_step"]
 
@@ -55,15 +56,12 @@ logger = logging.getLogger("stabilize")
 
 VERDICTS = ("transient", "reproducible")
 
-# Every statistic that must read "clean" (1.0) for the replay to count as transient.
-_FINITE = ("loss_finite", "grads_finite", "weights_finite", "buffers_finite")
-
-
 def verdict(stats: dict, weights_ok: bool = True) -> str:
-    """``"transient"`` when the replayed step is clean (finite everywhere, no spike, no update
-    over the bound, finite weights after it), else ``"reproducible"``."""
-    clean = all(stats.get(k, 1.0) == 1.0 for k in _FINITE) and stats.get("spike", 0.0) != 1.0 \
-        and stats.get("large_update", 0.0) != 1.0 and weights_ok
+    """``"transient"`` when the replayed step is clean (the one step verdict,
+    :func:`stabilize.guard.stats.verdict`, says ``"committed"``: finite everywhere, no spike, no
+    update over the bound; and finite weights after it), else ``"reproducible"``. A flag the entry
+    point does not measure (NaN) is no evidence either way."""
+    clean = step_verdict(dict(stats, committed=stats.get("committed", 1.0))) == "committed" and weights_ok
     return "transient" if clean else "reproducible"
 
 

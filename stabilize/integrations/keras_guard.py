@@ -197,11 +197,9 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._decide(decision, stats)
 
     def on_train_end(self, logs=None):
-        # The last update has no next step to reveal non-finite weights: look once, now.
-        sup = self.supervisor
-        if self.settings.guarded and sup.rows and self._weights_broken():
-            last = dict(sup.rows.pop(), committed=0.0, weights_broken=1.0)  # recorded again, with what it did
-            self._decide(sup.observe(last, epoch=last.get("epoch", self._epoch), batch=last.get("batch", 0)), last)
+        found = self._driver.last_step_broke()  # the last update has no next step to reveal broken weights
+        if found is not None:
+            self._decide(*found)
 
     def _weights_broken(self) -> bool:
         return not bool(ops.convert_to_numpy(all_finite(self.model.trainable_variables)))
@@ -340,8 +338,8 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
     model at the first bad step and attaches a diagnosis.
     """
     check_optimizer(optimizer, "keras_guard")
+    refuse("keras_guard", settings, settings)  # the one table (replay=, torch's scaler=), before anything is built
     check_keywords("keras_guard", settings)
-    refuse("keras_guard", {}, settings)  # settings no guard acts on (replay=), before any is built
     if isinstance(optimizer, GuardedOptimizer):  # a reloaded model's optimizer: a callback for it
         if settings:
             raise ValueError(f"this optimizer is already guarded with its own settings; pass no settings "

@@ -300,8 +300,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         ratio, large = nan, nan  # not measured without max_update_ratio
         if pre is not None:
             w0 = pre[: len(tvs)]
-            delta = global_norm([ops.cast(v.value, "float32") - ops.cast(p, "float32") for v, p in zip(tvs, w0)])
-            ratio = delta / (global_norm(w0) + 1e-12)
+            dt = _acc(tvs[0].dtype)  # float64 weights: the ratio in float64 (was float32 over float64: a dtype error)
+            delta = global_norm([ops.cast(v.value, dt) - ops.cast(p, dt) for v, p in zip(tvs, w0)])
+            ratio = delta / (ops.cast(global_norm(w0), delta.dtype) + 1e-12)
             large = ~(ratio <= s.max_update_ratio)
             weights_ok = all_finite([v.value for v in tvs])
             undo = applied & (large | ~(weights_ok & buffers_ok)) if s.guarded else ops.convert_to_tensor(False)

@@ -46,10 +46,9 @@ import time
 
 import torch
 
-from ..backends.torch import global_l2
 from ..guard.snapshots import nbytes
 from ..guard.stats import check_names, from_values
-from .torch_step import check_loss, clamp
+from .torch_step import check_loss, norms
 
 __all__ = ["DeferredStep"]
 
@@ -89,11 +88,7 @@ class DeferredStep:
         with torch.no_grad():
             loss = losses[0].double() if len(losses) == 1 else torch.stack([x.double() for x in losses]).sum()
             dev = loss.device
-            norm = global_l2(grads, dev)
-            current = norm
-            if s.clip_value is not None and grads:
-                clamp(grads, s.clip_value)
-                current = global_l2(grads, dev)
+            norm, current = norms(grads, s.clip_value, dev)  # the synchronous step's measurement
             ok = torch.isfinite(loss) & torch.isfinite(norm)
             buffers_ok = st.buffers_finite() if st.has_float_buffers else torch.ones((), dtype=torch.bool, device=dev)
             ok &= buffers_ok

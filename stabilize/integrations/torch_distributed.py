@@ -114,14 +114,17 @@ class TorchReducer:
                              f"ranks cannot decide together any more. Restart every rank from the last checkpoint. "
                              f"({type(exc).__name__}: {str(exc)[:200]})")
 
-    def step(self, loss, grads, clipped, buffers_ok, device):
-        """The shared ``(loss, norm, current, loss_ok, grads_ok, buffers_ok)`` of one step.
+    def step(self, loss, grads, buffers_ok, device, clamp=None):
+        """The shared ``(loss, norm, current, loss_ok, grads_ok, buffers_ok)`` of one step, in one
+        all-reduce: the synchronous torch step's measurement with several ranks.
 
-        ``grads`` are the gradients as the step found them, ``clipped`` the
-        same after ``clip_value`` (or None when not clamped).
+        ``clamp``, when given, clamps ``grads`` in place (``clip_value``) between the two
+        measurements: ``norm`` is before it, ``current`` after.
         """
-        sq = self.sumsq(grads, device)
-        cur = self.sumsq(clipped, device) if clipped is not None else sq
+        sq = cur = self.sumsq(grads, device)
+        if clamp is not None:
+            clamp()
+            cur = self.sumsq(grads, device)
         vec = self.all_reduce([loss, ~torch.isfinite(loss), ~buffers_ok, sq[0], sq[1], cur[0], cur[1]])
         return combine(vec, self.world, torch.sqrt, torch.isfinite)
 

@@ -34,7 +34,6 @@ from ..guard.settings import GuardSettings
 from ..guard.stats import row, scaler_overflow
 from ..backends.torch import global_l2
 from ..registry import get_backend
-from ..distributed import combine
 from ..step import update_ratio
 from .torch_distributed import TorchReducer, local
 from .torch_state import TorchState, UpdateUndo
@@ -71,6 +70,17 @@ def clamp(grads, bound) -> None:
     """Clamp every gradient element to ``[-bound, bound]`` in place (``clip_value``)."""
     torch._foreach_clamp_min_(grads, -bound)  # clamping keeps NaN
     torch._foreach_clamp_max_(grads, bound)
+
+
+def norms(grads, clip_value, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm, current)`` on the device, the one measurement of both torch steps (synchronous and
+    sync-free): the global L2 norm of the gradients, and after clamping them in place by
+    ``clip_value`` (None: ``current`` is ``norm``), partial norms in one pass combined in float64."""
+    norm = current = global_l2(grads, device)
+    if clip_value is not None and grads:
+        clamp(grads, clip_value)
+        current = global_l2(grads, device)
+    return norm, current
 
 
 def check_loss(loss) -> torch.Tensor:
@@ -214,18 +224,12 @@ class TorchStep:
         clamps = s.clip_value is not None and bool(grads)  # not ``clamp``: that is the helper called below
         dev = loss.device
         if self.reducer is not None:  # every number below is then the same on every rank
-            pre = cur = TorchReducer.sumsq(grads, dev)
-            if clamps:
-                clamp([local(g) for g in grads], s.clip_value)  # the local shards, in place
-                cur = TorchReducer.sumsq(grads, dev)
-            vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~st.buffers_finite(), *pre, *cur])
-            loss, norm, current, loss_ok, _, buffers_ok = combine(vec, self.reducer.world, torch.sqrt, torch.isfinite)
+            clamp_now = (lambda: clamp([local(g) for g in grads], s.clip_value)) if clamps else None  # local shards
+            loss, norm, current, loss_ok, _, buffers_ok = self.reducer.step(loss, grads, st.buffers_finite(), dev,
+                                                                            clamp_now)
             parts = [loss, norm, current, loss_ok, buffers_ok]
         else:  # the flags are read from the numbers themselves: fewer kernels, the same verdict
-            norm = current = global_l2(grads, dev)
-            if clamps:
-                clamp(grads, s.clip_value)
-                current = global_l2(grads, dev)
+            norm, current = norms(grads, s.clip_value, dev)
             parts = [loss, norm, current] if clamps else [loss, norm]
             if st.has_float_buffers:
                 parts.append(st.buffers_finite())  # BatchNorm statistics the forward pass just wrote
