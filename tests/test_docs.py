@@ -5,7 +5,7 @@ and the documentation site builds with ``mkdocs build --strict``.
   a block that needs a framework that is not installed skips its page through the conftest rule,
   naming the extra.
 * ```` ```bash ```` blocks: lines that call ``stabilize`` run through ``python -m stabilize`` and
-  must exit 0, or the code their ``# exit N`` comment states. A block preceded by
+  must exit 0, or the code their comment states when it starts with ``exit N``. A block preceded by
   ``<!-- not run: reason -->`` (installing packages, several processes, the whole test suite) is
   listed with its reason instead; every other bash block fails this test.
 * ```` ```toml ```` blocks must parse; ```` ```text ```` blocks are output, not code.
@@ -71,7 +71,7 @@ def _cli_lines(body):
         if not line or line.startswith("#"):
             continue
         command, _, comment = line.partition("#")
-        expect = re.search(r"exit (\d)", comment)
+        expect = re.match(r"\s*exit (\d)\b", comment)  # a comment that starts "exit N" states the code
         yield shlex.split(command), int(expect.group(1)) if expect else 0
 
 
