@@ -75,6 +75,7 @@ def _cli_lines(body):
         yield shlex.split(command), int(expect.group(1)) if expect else 0
 
 
+@pytest.mark.slow  # one process per command, each importing the frameworks
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b[0] == "bash" for b in blocks(p))], ids=_id)
 def test_bash_blocks_run_or_say_why_not(page, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -128,6 +129,7 @@ def test_the_cause_catalogue_page_lists_every_cause_in_order():
     assert "<!-- causes -->" in (ROOT / "docs" / "guides" / "diagnosis.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # a subprocess that imports the package for the API reference
 @pytest.mark.needs("mkdocs", "material", "mkdocstrings")
 def test_mkdocs_build_strict(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), NO_MKDOCS_2_WARNING="1")
