@@ -10,6 +10,7 @@ from .errors import (
     BackendNotAvailableError,
     ConfigError,
     NonFiniteError,
+    RankLostError,
     StabilizeError,
     UnknownBackendError,
 )
@@ -27,6 +28,10 @@ from .losses import keras_loss
 
 __version__ = "0.1.0"
 
+from .frameworks import register_keras_objects as _register_keras_objects
+
+_register_keras_objects()  # keras.models.load_model of a guarded model needs only `import stabilize`
+
 
 def __getattr__(name):
     """Load on first use what would import a framework or a heavy subpackage (PEP 562)."""
@@ -34,7 +39,7 @@ def __getattr__(name):
         from .integrations.torch_guard import TorchGuard
 
         return TorchGuard
-    if name in ("scenarios", "parity", "integrations", "guard"):
+    if name in ("scenarios", "parity", "integrations", "guard", "lightning", "hf"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
@@ -84,4 +89,5 @@ __all__ = [
     "UnknownBackendError",
     "BackendNotAvailableError",
     "NonFiniteError",
+    "RankLostError",
 ]

@@ -61,8 +61,13 @@ def check_arrays(x, y, batch_size, epochs, features: int | None = None) -> None:
                          f"{np.shape(x)[1]} inputs")
 
 
-def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions, drop_last=False) -> Iterator[Batch]:
-    """Yield the batches of one epoch, leaving out what a rollback implicated."""
+def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions, drop_last=False,
+            whole=False) -> Iterator[Batch]:
+    """Yield the batches of one epoch, leaving out what a rollback implicated.
+
+    ``whole``: the model's batch is not a set of independent rows (a full-graph GNN): a batch that
+    holds a left-out row is left out whole, never trimmed.
+    """
     if y is None:  # a DataLoader, a tf.data.Dataset, or any iterable of (x, y)
         for i, item in enumerate(x):
             if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -72,11 +77,15 @@ def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions,
         return
     n = len(y)
     order = rng.permutation(n) if shuffle else np.arange(n)
-    if skip_rows:
-        order = order[~np.isin(order, np.fromiter(skip_rows, dtype=np.int64))]
-        if order.size == 0:
-            raise ValueError("every row has been left out after rollbacks: the data cannot be trained on "
-                             "as they are (check them with stabilize.audit / stabilize.check_finite)")
+    skipped = np.fromiter(skip_rows, dtype=np.int64) if skip_rows else None
+    if skip_rows and not whole:
+        order = order[~np.isin(order, skipped)]
+    if skip_rows and (order.size == 0 or (whole and all(np.isin(order[i : i + batch_size], skipped).any()
+                                                        for i in range(0, len(order), batch_size)))):
+        raise ValueError("every row has been left out after rollbacks (rows with non-finite values" +
+                         (", and the batches that hold them: the model's rows depend on each other" if whole else "") +
+                         "): the data cannot be trained on as they are (check them with stabilize.audit / "
+                         "stabilize.check_finite)")
     x_arr = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
     y_arr = np.asarray(y)
     in_order = not shuffle and not skip_rows  # batches are then views of the arrays, not copies
@@ -84,6 +93,8 @@ def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions,
         idx = order[start : start + batch_size]
         if drop_last and len(idx) < batch_size:
             return
+        if whole and skip_rows and np.isin(idx, skipped).any():
+            continue
         take = slice(start, start + len(idx)) if in_order else idx
         xb = {k: v[take] for k, v in x_arr.items()} if isinstance(x_arr, dict) else x_arr[take]
         yield Batch(i, xb, y_arr[take], idx)

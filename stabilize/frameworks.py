@@ -124,3 +124,58 @@ def _watched(fn, loss):
         return fn(pred, target)
 
     return watched
+
+
+
+def register_keras_objects() -> None:
+    """Make stabilize's Keras classes (``GuardedOptimizer``) known to ``keras.saving``, so that
+    ``keras.models.load_model`` of a guarded model needs nothing but ``import stabilize``.
+
+    Keras is never imported here: when it is already imported, the classes are registered now;
+    otherwise a one-shot import hook registers them right after ``import keras`` finishes and then
+    removes itself from ``sys.meta_path``. A registration that fails is logged, never raised.
+    """
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "saving"):
+        _register()
+    elif not any(isinstance(f, _AfterKeras) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterKeras())
+
+
+def _register() -> None:
+    try:
+        from .integrations import keras_optimizer  # noqa: F401 - its decorator registers the class
+    except Exception as exc:  # noqa: BLE001 - a broken TensorFlow must not break import keras
+        import logging
+
+        logging.getLogger("stabilize").debug("stabilize: Keras classes not registered (%s: %s)", type(exc).__name__, exc)
+
+
+class _AfterKeras:
+    """A meta-path finder that only watches for ``keras``: it lets the normal finder load it, then
+    registers stabilize's classes once its module has run, and removes itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "keras":
+            return None
+        import importlib.machinery
+
+        self._remove()
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        loader = getattr(spec, "loader", None) if spec is not None else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register()
+
+        loader.exec_module = exec_module  # this spec's own loader instance only
+        return spec
+
+    def _remove(self) -> None:
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .guard.supervisor import STAT_FIELDS
+from .guard.stats import check_names
 from .ops import _leaves, _rebuild, clip_grads, global_norm
 
-__all__ = ["STAT_FIELDS", "make_step", "flatten_state", "unflatten_state", "update_ratio"]
+__all__ = ["NAMES", "make_step", "flatten_state", "unflatten_state", "update_ratio"]
+
+
+# The order of the step's one vector: StepStats fields by name (the host reads it with stats.from_values).
+NAMES = check_names(("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio",
+                     "large_update", "committed", "spike"))
 
 
 def update_ratio(B, new, old):
@@ -51,7 +56,7 @@ def make_step(
     guard: bool = True,
     spike: str | None = None,
 ):
-    """Build ``step(x, y, lr, loss_max, norm_max) -> stats`` (``STAT_FIELDS`` + ``spike``) for one backend.
+    """Build ``step(x, y, lr, loss_max, norm_max) -> stats`` (a vector in :data:`NAMES` order) for one backend.
 
     ``guard=False`` commits every update whatever it holds: the plain loop
     whose failure the scenarios reproduce. ``loss_max`` and ``norm_max`` are
@@ -71,11 +76,15 @@ def make_step(
             else:
                 grads, norm = clip_grads(grads, max_norm=clip_norm, max_value=clip_value, backend=B)
             # ``norm`` is the pre-clip norm: the spike verdict compares it, as torch's step does.
-            is_spike = B.isfinite(loss) & B.isfinite(norm) & ((loss > loss_max) | (norm > norm_max))
+            # The limits are float64 variables, compared in float64 as the torch and Keras steps do (rounded
+            # to the parameters' dtype, a limit just below a float32 loss would read as equal to it).
+            is_spike = B.isfinite(loss) & B.isfinite(norm) & \
+                ((B.cast(loss, "float64") > loss_max) | (B.cast(norm, "float64") > norm_max))
             if spike == "clip":  # ZClip: the norm after any clip_norm/clip_value, scaled down to norm_max
                 current = norm if clip_norm is None and clip_value is None else global_norm(grads, backend=B)
-                over = is_spike & (current > norm_max)
-                coef = B.where(over, norm_max / (current + 1e-6), B.full_like(current, 1.0))
+                over = is_spike & (B.cast(current, "float64") > norm_max)
+                limit = B.cast(norm_max, B.dtype(current))
+                coef = B.where(over, limit / (current + 1e-6), B.full_like(current, 1.0))
                 grads = [g * coef for g in grads]
             state = unflatten_state(state_template, paths, state_vars)
             new_params, new_state = optimizer.update(B, params, grads, state, lr)
@@ -91,15 +100,13 @@ def make_step(
                 ok = ok & small
                 large = ~small
             else:
-                ratio = large = B.full_like(norm, 0.0)  # not measured
+                ratio = large = B.full_like(norm, float("nan"))  # not measured
             commit = ok if guard else B.full_like(ok, True)
             for p, n in zip(params, new_params):
                 B.assign(p, B.where(commit, n, p))
             _, new_values = flatten_state(new_state)
             for var, n in zip(state_vars, new_values):
                 B.assign(var, B.where(commit, n, var))
-            no_scaler = B.full_like(norm, 0.0)
-            return B.stack([loss, norm, loss_ok, grads_ok, weights_ok, ratio, large, no_scaler, commit, is_spike],
-                           "float64")
+            return B.stack([loss, norm, loss_ok, grads_ok, weights_ok, ratio, large, commit, is_spike], "float64")
 
     return B.compile(step)

@@ -12,8 +12,8 @@ failing step is replayed once:
 * from the same pre-step state: the step was not committed, so the live
   parameters, optimizer state and (put back by the step) buffers and RNG are
   the ones it started from;
-* on the same batch, with the same rate (:meth:`Supervisor.replay_lr
-  <stabilize.guard.supervisor.Supervisor.replay_lr>`) and the same spike limits;
+* on the same batch, with the same rate (:meth:`Supervisor.replay_rate
+  <stabilize.guard.supervisor.Supervisor.replay_rate>`) and the same spike limits;
 * without keeping anything: the updater's own ``capture()`` is taken first and
   ``restore()`` puts back parameters, buffers, optimizer, scheduler, loss
   scaler, RNG and the applied-step count, bit for bit, whatever the replay did.
@@ -92,7 +92,7 @@ def replay_failed_step(updater, supervisor, xb, yb) -> str | None:
     never raised (it must not take the run down), and gives no verdict."""
     result = None
     try:
-        stats, weights_ok = replay_step(updater, xb, yb, supervisor.replay_lr)
+        stats, weights_ok = replay_step(updater, xb, yb, supervisor.replay_rate())
         result = verdict(stats, weights_ok)
     except Exception as exc:  # noqa: BLE001 - reported; the rewind or rollback still happens
         if is_main():

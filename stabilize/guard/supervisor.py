@@ -1,8 +1,9 @@
 """The host side of a guarded step, written once for the trainer and both guards.
 
 A framework adapter runs the step on the device and reads its statistics once
-(:data:`STAT_FIELDS`; ``committed`` is the device's own decision, which the
-host reads and never re-derives). :meth:`Supervisor.observe` then records the
+(a :class:`~stabilize.guard.stats.StepStats` record; ``committed`` is the
+device's own decision, which the host reads and never re-derives, and
+:func:`~stabilize.guard.stats.verdict` names what the step was). :meth:`Supervisor.observe` then records the
 row, asks the policy what to do, and answers with a :class:`Decision`: restore
 the last rollback snapshot, take a new one, or stop. Step numbers are global
 (they count across ``fit`` calls and guard steps alike); epoch and batch labels
@@ -11,8 +12,11 @@ are what the adapter passes.
 A loss scaler's own overflow skip (``scaler_skip``) is recorded as a
 ``"scaler"`` event and is not a training failure: the policy never hears of it.
 
-After a spike rewind, the rate is multiplied by ``spike_lr_factor`` for the
-next ``spike_lr_steps`` applied steps (PaLM, Chowdhery et al. 2022, sec. 5.1).
+The rate is handed out whole, as a :class:`Rate` (the back-off factor and its
+``min_lr`` floor, and the spike lowering: after a rewind the rate is multiplied
+by ``spike_lr_factor`` for the next ``spike_lr_steps`` applied steps; PaLM,
+Chowdhery et al. 2022, sec. 5.1): every adapter applies it as given, on the
+host (:meth:`Rate.apply`) or on the device (the same formula over its ops).
 An adapter that replays a failing step before restoring a snapshot
 (``replays``; :mod:`~stabilize.guard.replay`) gets ``Decision.replay``, and the
 event reaches the JSON-lines log only once :meth:`Supervisor.replayed` has added
@@ -34,19 +38,34 @@ from .policies import Policy
 from .settings import GuardSettings
 from ..eventlog import EventLog
 from .spikes import SpikeDetector
+from .stats import FIELDS, flag, nonfinite_parts, row, verdict
 
-__all__ = ["STAT_FIELDS", "Decision", "Supervisor"]
+__all__ = ["STAT_FIELDS", "Decision", "Rate", "Supervisor"]
 
 logger = logging.getLogger("stabilize")
 
-# What every adapter reads from the device, as floats (flags are 1.0 / 0.0).
-# ``large_update`` is the device's comparison of the applied update with
-# ``max_update_ratio``; ``scaler_skip`` marks a loss scaler's own overflow skip.
-STAT_FIELDS = ("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "update_ratio",
-               "large_update", "scaler_skip", "committed")
+STAT_FIELDS = FIELDS  # kept for callers: the fields of :class:`~stabilize.guard.stats.StepStats`
 
-_PARTS = (("loss", "loss_finite"), ("gradients", "grads_finite"), ("weights", "weights_finite"),
-          ("buffers", "buffers_finite"))
+
+class Rate(NamedTuple):
+    """The whole rate the next step uses, for a base rate the user's schedule gives.
+
+    ``apply(base) = max(base * factor, min(floor, base)) * after``: ``factor`` is the
+    back-off (``backoff_factor**k``), ``floor`` is ``min_lr`` (a schedule already below it
+    is left as it is), ``after`` is ``spike_lr_factor`` while a rewind lowers the rate, else 1.
+    With ``factor == after == 1`` it is ``base`` exactly.
+    """
+
+    factor: float = 1.0
+    floor: float = 0.0
+    after: float = 1.0
+
+    def apply(self, base: float) -> float:
+        if self.factor == 1.0 and self.after == 1.0:
+            return base
+        return max(base * self.factor, min(self.floor, base)) * self.after
+
+    __call__ = apply  # a Rate is also the ``rate(base) -> lr`` callable the adapters take
 
 
 _NO_SNAPSHOT = ("an update was applied before it could be checked (a native optimizer) and left non-finite "
@@ -93,7 +112,7 @@ class Supervisor:
         self.diagnosis = None
         self.skip_rows: set[int] = set()
         self.skip_positions: set[tuple[int, int]] = set()
-        self._streak: list[tuple[Any, Any]] = []  # (position, rows) of the current run of bad steps
+        self._streak: list[tuple] = []  # (position, rows, bad data) of the current run of bad steps
         self._snapshot_applied: int | None = None
         # Whether the adapter holds a snapshot: for ``rollback``, and for a native optimizer whose
         # update is applied before it can be checked (weights it breaks come back from the snapshot).
@@ -116,18 +135,26 @@ class Supervisor:
         """The global index of the next step."""
         return len(self.rows)
 
+    def rate(self) -> Rate:
+        """The whole rate of the next step (back-off, floor, spike lowering), for the device."""
+        return self._rate(self.policy.backoffs, self.lowered)
+
+    def replay_rate(self) -> Rate:
+        """The rate the last observed step ran with (its replay must use it, not the next one's)."""
+        return self._rate(*self._ran_with)
+
     def lr(self, base: float) -> float:
-        """The rate for the next step when the user's schedule gives ``base`` (backed off, and
-        lowered by ``spike_lr_factor`` for ``spike_lr_steps`` applied steps after a rewind)."""
-        return self._rate(base, self.policy.backoffs, self.lowered)
+        """The rate for the next step when the user's schedule gives ``base``: :meth:`rate` applied."""
+        return self.rate().apply(base)
 
     def replay_lr(self, base: float) -> float:
-        """The rate the last observed step ran with (its replay must use it, not the next one's)."""
-        return self._rate(base, *self._ran_with)
+        """The rate the last observed step ran with, for ``base``."""
+        return self.replay_rate().apply(base)
 
-    def _rate(self, base: float, backoffs: int, lowered: int) -> float:
-        rate = self.policy.lr(base, backoffs)
-        return rate * self.settings.spike_lr_factor if lowered > 0 else rate
+    def _rate(self, backoffs: int, lowered: int) -> Rate:
+        s = self.settings
+        return Rate(s.backoff_factor**backoffs if backoffs else 1.0, s.min_lr,
+                    s.spike_lr_factor if lowered > 0 else 1.0)
 
     @property
     def wants_snapshot(self) -> bool:
@@ -147,17 +174,21 @@ class Supervisor:
 
     # -- one step ---------------------------------------------------------------
     def observe(self, stats: dict, *, epoch: int = 0, batch: int = 0, position: Any = None, rows=None,
-                bad_data: bool = False) -> Decision:
+                bad_data: bool = False, diagnose=None) -> Decision:
         """Record one step read from the device and decide what follows.
 
         ``bad_data``: the adapter found non-finite values in the batch itself
         (policy ``auto`` skips such a batch without backing off).
 
+        ``diagnose``: called with no argument at the first non-finite step, before the policy
+        decides, so that the cause decides (a cause no smaller rate cures stops a failure that
+        every batch repeats; :mod:`~stabilize.guard.policies`). It calls :meth:`diagnose`.
+
         ``position`` names the batch for a rollback to leave out (default
         ``(epoch, batch)``); ``rows`` are its sample indices when known.
         """
         self._ran_with = (self.policy.backoffs, self.lowered)
-        decision = self._decide(stats, epoch, batch, position, rows, bad_data)
+        decision = self._decide(stats, epoch, batch, position, rows, bad_data, diagnose)
         held = decision.action not in ("applied", "clipped")
         self.not_applied += held
         self._recent.append(held)
@@ -175,21 +206,21 @@ class Supervisor:
                 logger.warning(message)
         return decision
 
-    def _decide(self, stats, epoch, batch, position, rows, bad_data) -> Decision:
+    def _decide(self, stats, epoch, batch, position, rows, bad_data, diagnose=None) -> Decision:
         step = self.step
-        stats = dict(stats, step=step, epoch=epoch, batch=batch)
+        stats = dict(row(stats), step=step, epoch=epoch, batch=batch)
         self.rows.append(stats)
-        broken = stats.get("weights_broken", 0.0) == 1.0
-        bad = [name for name, key in _PARTS if stats.get(key, 1.0) != 1.0 or (name == "weights" and broken)]
-        large = stats.get("large_update", 0.0) == 1.0
-        committed = stats["committed"] == 1.0
+        kind = verdict(stats)  # the one verdict; ``committed`` is the device's own
+        broken = flag(stats["weights_broken"])
+        bad = list(nonfinite_parts(stats))
+        committed = flag(stats["committed"])
         if bad and self.first_bad is None:
             self.first_bad = step
-        if stats.get("scaler_skip", 0.0) == 1.0 and not committed:
+        if kind == "scaler-skip":
             event = self._event(stats, "scaler", bad, "scaler-skip")
             return Decision("scaler-skip", event=event)
-        spike = stats.get("spike", 0.0) == 1.0 and not bad
-        if spike and not committed and not large:  # spike="skip": held back on the device
+        spike = kind == "spike"
+        if spike and not committed:  # spike="skip": held back on the device
             self.spikes.spikes += 1
             if self.settings.spike == "rewind":  # PaLM: back to the last snapshot, then leave batches out
                 self.leave_out = self.settings.spike_skip_batches
@@ -198,7 +229,7 @@ class Supervisor:
                                     log=not self.replays)
                 return Decision("rolled-back", restore=True, event=event, replay=self.replays)
             return Decision("skipped", event=self._event(stats, "spike", (), "skipped"))
-        if committed and not bad and not large:
+        if committed and kind in ("committed", "spike"):
             self._streak.clear()
             self.applied += 1
             self.lowered = max(self.lowered - 1, 0)
@@ -206,13 +237,17 @@ class Supervisor:
                 if spike:  # spike="clip": applied with the norm clipped to the limit (ZClip)
                     self.spikes.spikes += 1
                     self._event(stats, "spike", (), "clipped")
-                self.spikes.update(stats["loss"], min(stats["grad_norm"], stats.get("norm_max", math.inf)))
+                norm_max = stats["norm_max"] if not math.isnan(stats["norm_max"]) else math.inf
+                self.spikes.update(stats["loss"], min(stats["grad_norm"], norm_max))
             grew = self.policy.on_good()
             event = self._event(stats, "lr-growth", (), grew) if grew else None
             snap = self.keeps_snapshot and self.applied % self.settings.snapshot_every == 0
             return Decision("clipped" if spike else "applied", snapshot=snap, event=event)
-        self._streak.append(((epoch, batch) if position is None else position, rows))
-        action = self.policy.on_bad(bad_data)
+        self._streak.append(((epoch, batch) if position is None else position, rows, bad_data))
+        if diagnose is not None and self.diagnosis is None and any(p in bad for p in ("loss", "gradients", "weights")):
+            diagnose()  # before the policy: the cause decides
+        cause = self.diagnosis.cause if self.diagnosis is not None else None
+        action = self.policy.on_bad(bad_data, cause, at_weights="loss" in bad or "gradients" in bad)
         if broken and self.settings.guarded:
             # An earlier update (a native optimizer's, applied before it could be checked) left
             # non-finite weights: they cannot be un-updated, so the last snapshot comes back,
@@ -234,14 +269,28 @@ class Supervisor:
         replay = self.replays and action == "rolled-back"
         event = self._event(stats, kind, bad, "raised" if action == "raise" else action, log=not replay)
         if action == "rolled-back":
-            for pos, idx in self._streak:
+            for pos, idx, dirty in self._streak:
+                if not dirty:  # the data were finite: nothing in them to leave out
+                    continue
                 if idx is None:
                     self.skip_positions.add(pos)
                 else:
                     self.skip_rows.update(int(i) for i in idx)
             self._streak.clear()
             return Decision(action, restore=True, event=event, replay=replay)
-        return Decision(action, stop=action == "raise", event=event)
+        reason = ""
+        if action == "raise" and not bad_data and self.policy.burning(cause):
+            n = self.policy.stuck
+            reason = (f"the step failed on {n} batches in a row whose data are finite: {self.settings.on_nonfinite!r} "
+                      f"cannot cure a failure every batch repeats" + (f" (cause {cause}: "
+                      f"{self.diagnosis.advice.split(';')[0]})" if self.diagnosis is not None else ""))
+        return Decision(action, stop=action == "raise", event=event, reason=reason)
+
+    def left_out_whole(self, *, epoch: int, batch: int) -> None:
+        """Record that a rollback leaves the failing batch out whole: the model's batch is not a set of
+        independent rows (it declares ``rows_independent = False``, or its forward fails without a row)."""
+        nan = float("nan")
+        self._record(Event(self.step - 1, batch, epoch, "left-out", (), "whole-batch", nan, nan, nan))
 
     def replayed(self, verdict: str | None) -> Event | None:
         """Add a replay's verdict (``"transient"``, ``"reproducible"``, None: no verdict) to the
@@ -298,6 +347,18 @@ class Supervisor:
         if is_main():  # every rank records; only rank 0 prints
             logger.warning(self.diagnosis.line())
         return self.diagnosis
+
+    def explain(self, exc, B, model, loss_fn, x, y, params, *, lr: float = float("nan"), optimizer=None):
+        """The user's forward or loss raised (a label or id out of range raises on the CPU): replay the
+        batch and add the diagnosis to the exception as a note. The run's first diagnosis is kept."""
+        first, self.diagnosis = self.diagnosis, None
+        nan = float("nan")
+        d = self.diagnose(B, model, loss_fn, x, y, params, optimizer=optimizer,
+                          pending={"loss": nan, "grad_norm": nan, "lr": lr})
+        self.diagnosis = first if first is not None else d
+        if d is not None and not any(str(n).startswith("stabilize:") for n in getattr(exc, "__notes__", ())):
+            exc.add_note(f"stabilize: {d.line()}")
+        return d
 
     def raise_for(self, decision: Decision, history: History | None = None) -> None:
         """Raise :class:`NonFiniteError` with the run's report (call when ``decision.stop``)."""

@@ -16,23 +16,20 @@ trainer's data loop and is refused here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 from keras import ops
 
+from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.settings import GuardSettings
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from .keras_optimizer import GuardedOptimizer, Protected, _scaler, all_finite, copy_values
 from ..names import settings_for
 
-__all__ = ["StabilizeGuard", "check_optimizer", "keras_guard", "policy_factor"]
-
-
-def policy_factor(sup: Supervisor) -> float:
-    """The back-off factor the device multiplies onto the user's rate (1.0 when not backed off)."""
-    factor = getattr(sup, "lr_factor", None)
-    return float(sup.policy.factor if factor is None else factor)
+__all__ = ["StabilizeGuard", "check_optimizer", "keras_guard"]
 
 
 def check_optimizer(optimizer, what: str):
@@ -59,15 +56,14 @@ class StabilizeGuard(keras.callbacks.Callback):
         super().__init__()
         self.guarded = guarded
         self.settings = guarded.settings
-        if self.settings.spike == "rewind":  # the callback does not own fit's data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with keras_guard")
+        refuse("keras_guard", dataclasses.asdict(self.settings))  # the one table (guard/entries.py)
         self.supervisor = Supervisor(self.settings)
         self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
         self._epoch = 0
         # The rollback snapshot, held only under on_nonfinite="rollback" (guard/snapshots.py): host
         # numpy copies for "device" and "host" alike, a durable file for "disk".
         self._snapshots = SnapshotStore(self.settings, lambda where: copy_values(self._variables()), self._restore_values)
+        self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=lambda: not self._weights_broken())
         self._protected = self._outer = self._outer_protected = None
         self._outer_loss = None
         self.tracing_count = 0  # traces of fit's step (one per replica under a strategy); 1 per model and signature
@@ -116,10 +112,13 @@ class StabilizeGuard(keras.callbacks.Callback):
         train_step = type(model).train_step.__get__(model)
 
         state = self.guarded.ensure_state()
+        state.tracks_apply = outer is not None  # only a scaler around the guard may skip its apply
+        # Only policy ``auto`` treats a batch with non-finite values differently: the others trace no data check.
+        checks_data = self.settings.on_nonfinite == "auto"
 
         def guarded_train_step(data):  # Python runs here only while fit's step is traced
             self.tracing_count += 1
-            state.begin(data)
+            state.begin(data if checks_data else None)
             logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
             self._shadow(model, outer)
             scale = None if outer is None else outer.dynamic_scale
@@ -163,8 +162,25 @@ class StabilizeGuard(keras.callbacks.Callback):
             self._shadow(self.model, self._outer)
         self._sync_shadows()
         self._set_inputs()
-        if self.supervisor.keeps_snapshot and not self._snapshots.held:
-            self._take()
+        self._driver.start()
+        self._explain_errors(self.model)
+
+    def _explain_errors(self, model):
+        """A step that raises (a label or an id out of range: ``InvalidArgumentError``) gets the
+        diagnosis of a replay of ``diagnose_data`` as a note; wraps this model's train function only."""
+        step = getattr(model, "train_function", None)
+        if step is None or self.diagnose_data is None or self.loss_fn is None or getattr(step, "_stabilize", None):
+            return
+
+        def explained(iterator):
+            try:
+                return step(iterator)
+            except Exception as exc:
+                self._maybe_diagnose(explain=exc)
+                raise
+
+        explained._stabilize = True
+        model.train_function = explained
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -176,36 +192,28 @@ class StabilizeGuard(keras.callbacks.Callback):
         stats["lr"] = sup.lr(stats.pop("base_lr"))
         if sup.spikes is not None:
             stats.update(state.limits_now())  # the limits this step was judged against
-        if stats["weights_finite"] != 1.0 and self._weights_broken():
-            stats["weights_broken"] = 1.0  # an earlier update broke them, not just a buffer this step put back
-        bad_data = stats["committed"] != 1.0 and int(ops.convert_to_numpy(state.data_ok)) == 0
-        self._decide(sup.observe(stats, epoch=self._epoch, batch=batch, bad_data=bad_data), stats["lr"])
+        decision = self._driver.judge(stats, bad_data=lambda: int(ops.convert_to_numpy(state.data_ok)) == 0,
+                                      epoch=self._epoch, batch=batch, diagnose=self._maybe_diagnose)
+        self._decide(decision, stats)
 
     def on_train_end(self, logs=None):
         # The last update has no next step to reveal non-finite weights: look once, now.
         sup = self.supervisor
         if self.settings.guarded and sup.rows and self._weights_broken():
             last = dict(sup.rows.pop(), committed=0.0, weights_broken=1.0)  # recorded again, with what it did
-            self._decide(sup.observe(last, epoch=last.get("epoch", self._epoch), batch=last.get("batch", 0)),
-                         last.get("lr", float("nan")))
+            self._decide(sup.observe(last, epoch=last.get("epoch", self._epoch), batch=last.get("batch", 0)), last)
 
     def _weights_broken(self) -> bool:
         return not bool(ops.convert_to_numpy(all_finite(self.model.trainable_variables)))
 
-    def _decide(self, decision, lr):
+    def _decide(self, decision, stats):
         sup = self.supervisor
-        if decision.event is not None and decision.event.kind == "nonfinite":
-            self._maybe_diagnose(lr)
-        if decision.restore and self._snapshots.held:
-            self._snapshots.restore()  # a rollback, or weights an earlier update made non-finite
-        elif decision.snapshot and not self._weights_broken():  # never keep weights a native update broke
-            self._take()
-        elif decision.action == "scaler-skip" and sup.keeps_snapshot and sup.steps_since_snapshot() == 0:
+        if wants_diagnosis(stats, decision, sup):
+            self._maybe_diagnose()
+        if decision.action == "scaler-skip" and sup.keeps_snapshot and sup.steps_since_snapshot() == 0:
             self._take()  # the snapshot held every applied step: keep it current (the scaler lowered its scale)
         self._set_inputs()
-        if decision.stop:
-            self.model.stop_training = True
-            sup.raise_for(decision)
+        self._driver.follow(decision, before_stop=lambda: setattr(self.model, "stop_training", True))
 
     # -- state ----------------------------------------------------------------------
     def _variables(self):
@@ -214,12 +222,11 @@ class StabilizeGuard(keras.callbacks.Callback):
 
     def _set_inputs(self):
         """The policy's inputs to the next step: eager assigns only when they change."""
-        self.guarded.state.set_factor(policy_factor(self.supervisor))
+        self.guarded.state.set_rate(self.supervisor.rate())
         self.guarded.state.set_limits(self.supervisor.spike_limits())
 
     def _take(self):
-        self._snapshots.take()
-        self.supervisor.snapshot_taken()
+        self._driver.take_snapshot()
 
     def _restore_values(self, snapshot):
         for v, saved in zip(self._variables(), snapshot):
@@ -295,10 +302,11 @@ class StabilizeGuard(keras.callbacks.Callback):
 
         return {"model": model_variables(model), "optimizer": optimizer_variables(model.optimizer, model)}
 
-    def _maybe_diagnose(self, lr):
-        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step ones)."""
+    def _maybe_diagnose(self, explain=None):
+        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step
+        ones), or after a step raised ``explain`` (then the diagnosis is added to it as a note)."""
         sup = self.supervisor
-        if sup.diagnosis is not None or self.diagnose_data is None or self.loss_fn is None:
+        if (sup.diagnosis is not None and explain is None) or self.diagnose_data is None or self.loss_fn is None:
             return
         from ..registry import get_backend
 
@@ -307,7 +315,10 @@ class StabilizeGuard(keras.callbacks.Callback):
         if isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras"):
             loss = lambda pred, target, f=loss: f(target, pred)  # Keras order: (y_true, y_pred)
         x, y = self.diagnose_data
-        sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
+        if explain is not None:
+            sup.explain(explain, B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
+        else:
+            sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
 
 
 def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
@@ -321,10 +332,19 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
         print(cb.history.report())
 
     ``settings`` are :class:`~stabilize.guard.settings.GuardSettings` fields; Keras's own
-    ``clipnorm``/``clipvalue`` are accepted for ``clip_norm``/``clip_value``.
+    ``clipnorm``/``clipvalue`` are accepted for ``clip_norm``/``clip_value``. Given a
+    ``GuardedOptimizer`` (a reloaded model's ``model.optimizer``), it returns that
+    optimizer with a new callback: the optimizer refuses to train without one.
     ``diagnose_data=(x, y)`` with ``loss_fn`` replays the data through the
     model at the first bad step and attaches a diagnosis.
     """
     check_optimizer(optimizer, "keras_guard")
+    check_keywords("keras_guard", settings)
+    refuse("keras_guard", {}, settings)  # settings no guard acts on (replay=), before any is built
+    if isinstance(optimizer, GuardedOptimizer):  # a reloaded model's optimizer: a callback for it
+        if settings:
+            raise ValueError(f"this optimizer is already guarded with its own settings; pass no settings "
+                             f"(got {sorted(settings)}): _, cb = stabilize.keras_guard(model.optimizer)")
+        return optimizer, StabilizeGuard(optimizer, diagnose_data, loss_fn)
     guarded = GuardedOptimizer(optimizer, GuardSettings(**settings_for("tensorflow", settings, "keras_guard")))
     return guarded, StabilizeGuard(guarded, diagnose_data, loss_fn)

@@ -16,7 +16,7 @@ callback and ``KerasTrainStep`` both run this same code.
 
 Back-off multiplies the inner optimizer's own rate (a float, a variable set
 by ``LearningRateScheduler``/``ReduceLROnPlateau``, or a
-``LearningRateSchedule``) by ``lr_factor``, a variable the compiled step
+``LearningRateSchedule``) by ``lr_factor`` (then ``lr_after``, the spike lowering), variables the compiled step
 reads, swapped in only while the update is traced; the user's rate is never
 overwritten. The spike detector's limits are another such variable: ``spike="skip"``
 holds a spiking step back as it does a bad one, ``spike="clip"`` clips its norm
@@ -55,7 +55,9 @@ def _with_values(g, values):
 
 
 def _acc(dtype) -> str:
-    return "float64" if str(dtype) == "float64" else "float32"
+    """The accumulation dtype: float64 for float64 gradients, else float32 (``standardize_dtype``: a
+    TensorFlow dtype prints as ``<dtype: 'float64'>``, which a string comparison never matched)."""
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
 
 
 def global_norm(grads):
@@ -121,6 +123,13 @@ def _scaler(optimizer):
     return None
 
 
+_NO_CALLBACK = (
+    "this GuardedOptimizer is training without its callback: a step it holds back would still leave what the "
+    "forward pass changed (BatchNormalization's moving statistics, the metrics) as the bad batch made them. Fit "
+    "with the callback: opt, cb = stabilize.keras_guard(keras.optimizers.Adam(1e-3)); model.compile(optimizer=opt, "
+    "...); model.fit(..., callbacks=[cb]). For a reloaded model: _, cb = stabilize.keras_guard(model.optimizer)")
+
+
 @keras.saving.register_keras_serializable(package="stabilize")
 class GuardedOptimizer(keras.optimizers.Optimizer):
     """A Keras optimizer that applies its inner optimizer's update only when the step is good.
@@ -148,11 +157,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self._state = None
         self._captured_loss = None
         object.__setattr__(self, "_buffers", [])
+        object.__setattr__(self, "_protected", False)  # set by watch_buffers: something restores the forward's changes
 
     def watch_buffers(self, variables):
         """Also hold the update back when one of these (float) non-trainable variables is non-finite
-        at ``apply`` time, e.g. a BatchNorm statistic the forward pass just poisoned."""
+        at ``apply`` time, e.g. a BatchNorm statistic the forward pass just poisoned. Called by what
+        puts those variables back after a skipped step (the callback, the trainer's step): only then
+        does this optimizer train."""
         object.__setattr__(self, "_buffers", variables)  # not tracked: the model owns them; a callable is read at apply
+        object.__setattr__(self, "_protected", True)
 
     # -- the optimizer interface, delegated ----------------------------------------
     def build(self, var_list):
@@ -215,17 +228,18 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     @contextlib.contextmanager
     def _backed_off_lr(self):
-        """While the update is traced, the innermost optimizer's rate reads ``base * lr_factor``
-        (floored at ``min_lr``, as the policy says); the user's own rate object is put back after."""
+        """While the update is traced, the innermost optimizer's rate reads the Supervisor's whole rate,
+        ``max(base * lr_factor, min(min_lr, base)) * lr_after`` (``Rate.apply``, over keras.ops); the
+        user's own rate object is put back after."""
         base_opt = _innermost(self.inner_optimizer)
         orig = base_opt._learning_rate
-        factor, min_lr = self._state.lr_factor, self.settings.min_lr
+        factor, after, min_lr = self._state.lr_factor, self._state.lr_after, self.settings.min_lr
 
         def rate():
             base = _rate_of(orig, base_opt)
-            f = ops.cast(factor, base.dtype)
-            backed = ops.maximum(base * f, ops.minimum(ops.cast(min_lr, base.dtype), base))
-            return ops.where(f < 1.0, backed, base)
+            f, a = ops.cast(factor, base.dtype), ops.cast(after, base.dtype)
+            whole = ops.maximum(base * f, ops.minimum(ops.cast(min_lr, base.dtype), base)) * a
+            return ops.where((f < 1.0) | (a < 1.0), whole, base)
 
         object.__setattr__(base_opt, "_learning_rate", rate)  # bypass Keras's tracking: a swap, not a new rate
         try:
@@ -238,6 +252,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(grads, tvs)
 
     def apply(self, grads, trainable_variables=None):
+        if not self._protected:
+            raise RuntimeError(_NO_CALLBACK)
         if not self.built:
             self.build(trainable_variables)
         tvs = list(trainable_variables) if trainable_variables is not None else list(self._trainable_variables)
@@ -280,7 +296,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         else:
             ops.cond(go, lambda: self._inner_apply(grads, tvs), lambda: None)
         applied = go & (grads_ok | (scaler is None))
-        ratio, large = ops.zeros((), "float32"), ops.convert_to_tensor(False)
+        nan = ops.convert_to_tensor(float("nan"), "float32")
+        ratio, large = nan, nan  # not measured without max_update_ratio
         if pre is not None:
             w0 = pre[: len(tvs)]
             delta = global_norm([ops.cast(v.value, "float32") - ops.cast(p, "float32") for v, p in zip(tvs, w0)])
@@ -300,11 +317,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             weights_ok = committed | weights_now_ok
         scaler_skip = ops.convert_to_tensor(False)
         if scaler is not None:
-            scaler_skip = loss_ok & ~grads_ok & (ops.cast(scaler.dynamic_scale, "float32") >= s.min_loss_scale)
+            # stats.scaler_overflow, on the device: a finite loss and buffers, non-finite gradients, the
+            # scale not below the floor (a finite spike is never the scaler's skip)
+            scaler_skip = ~committed & loss_ok & buffers_ok & ~grads_ok & \
+                ~(ops.cast(scaler.dynamic_scale, "float32") < s.min_loss_scale)
         self._state.write(loss=ops.cast(loss, "float32") if loss is not None else float("nan"), grad_norm=norm,
-                          loss_finite=loss_ok, grads_finite=grads_ok, weights_finite=weights_ok, update_ratio=ratio,
+                          loss_finite=loss_ok, grads_finite=grads_ok, weights_finite=weights_ok,
+                          buffers_finite=buffers_ok, update_ratio=ratio,
                           large_update=large, scaler_skip=scaler_skip, committed=committed, spike=spike,
-                          base_lr=base_lr, buffers_finite=buffers_ok)
+                          base_lr=base_lr)
 
     def _spike(self, loss, loss_ok, norm):
         """The device's spike verdict against the detector's limits (a variable: new limits never

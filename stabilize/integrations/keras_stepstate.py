@@ -26,16 +26,17 @@ import keras
 import numpy as np
 from keras import ops
 
-from ..guard.supervisor import STAT_FIELDS
+from ..guard.stats import check_names
 
 __all__ = ["ROW", "Protected", "StepState", "all_finite", "copy_values"]
 
-# The row the compiled step writes: the policy's statistics, ``spike`` (the device's verdict against
-# the spike limits), then ``base_lr``, the user's rate as this step read it (a schedule at the pre-step
-# ``iterations``, before any back-off), and ``buffers_finite`` (the non-trainable float variables, BatchNorm's
-# moving statistics, apart from the weights: an event names "buffers", as the torch step's does). The host
-# takes the rate from here instead of an eager read of the optimizer per step.
-ROW = STAT_FIELDS + ("spike", "base_lr", "buffers_finite")
+# The order of the vector the compiled step writes: :class:`~stabilize.guard.stats.StepStats` fields by
+# name (NaN where not measured), then ``base_lr``, the user's rate as this step read it (a schedule at the
+# pre-step ``iterations``, before any back-off). The host takes the rate from here instead of an eager read
+# of the optimizer per step.
+MEASURED = check_names(("loss", "grad_norm", "loss_finite", "grads_finite", "weights_finite", "buffers_finite",
+                        "update_ratio", "large_update", "scaler_skip", "committed", "spike"))
+ROW = MEASURED + ("base_lr",)
 _F = {name: i for i, name in enumerate(ROW)}
 
 
@@ -107,20 +108,33 @@ class StepState:
         self.stats = keras.Variable(np.zeros(len(ROW)), dtype="float64", trainable=False, autocast=False,
                                     name="stabilize_stats")
         self.called = keras.Variable(0, dtype="int32", trainable=False, autocast=False, name="stabilize_called")
+        # Whether the step writes ``called`` (:meth:`finish` reads it only for a loss scaler wrapped around
+        # the guard, which may skip ``apply``): two assigns a step that nothing else reads.
+        self.tracks_apply = False
         self.data_ok = keras.Variable(1, dtype="int32", trainable=False, autocast=False, name="stabilize_data_ok")
         self.data_ok_local = None
-        self._factor = 1.0  # what the host last wrote to ``lr_factor``
+        # ``spike_lr_factor`` while a rewind lowers the rate (the Supervisor's ``Rate.after``), else 1
+        self.lr_after = keras.Variable(1.0, dtype="float32", trainable=False, autocast=False, name="stabilize_lr_after")
+        self._factor = (1.0, 1.0)  # what the host last wrote to ``lr_factor`` and ``lr_after``
         # ``(loss_max, norm_max)`` of the spike detector, float64 as the host computes them; inf: no limit
         self.limits = keras.Variable(np.full(2, np.inf), dtype="float64", trainable=False, autocast=False,
                                      name="stabilize_spike_limits")
         self._limits = (np.inf, np.inf)  # what the host last wrote to ``limits``
 
-    def set_factor(self, factor: float) -> None:
-        """Host side: the back-off factor the next steps multiply onto the user's rate; assigned only when it changes."""
-        factor = float(factor)
-        if factor != self._factor:
+    def set_factor(self, factor: float, after: float = 1.0) -> None:
+        """Host side: the back-off factor the next steps multiply onto the user's rate (floored at
+        ``min_lr``), then ``after`` (the spike lowering): the Supervisor's whole ``Rate``, applied on
+        the device with its formula; each assigned only when it changes."""
+        factor, after = float(factor), float(after)
+        if factor != self._factor[0]:
             self.lr_factor.assign(factor)
-            self._factor = factor
+        if after != self._factor[1]:
+            self.lr_after.assign(after)
+        self._factor = (factor, after)
+
+    def set_rate(self, rate) -> None:
+        """Host side: the Supervisor's :class:`~stabilize.guard.supervisor.Rate` for the next steps."""
+        self.set_factor(rate.factor, rate.after)
 
     def set_limits(self, limits: tuple[float, float] | None) -> None:
         """Host side: the spike limits the next steps compare with (None: not watched); assigned
@@ -141,7 +155,8 @@ class StepState:
     def begin(self, data=None):
         """Start of the compiled step; with ``data``, note whether its float tensors are finite
         (policy ``auto`` skips a bad batch without backing off)."""
-        self.called.assign(0)
+        if self.tracks_apply:
+            self.called.assign(0)
         if data is not None:
             leaves = [t for t in keras.tree.flatten(data) if t is not None and "float" in str(getattr(t, "dtype", ""))]
             self.data_ok_local = ops.cast(all_finite(leaves), "int32")  # this replica's; apply reduces it
@@ -151,7 +166,8 @@ class StepState:
         """In the compiled step: the row, every field of :data:`ROW` named."""
         row = [ops.cast(values[name], "float64") for name in ROW]
         self.stats.assign(ops.stack(row))
-        self.called.assign(1)
+        if self.tracks_apply:
+            self.called.assign(1)
 
     def finish(self, protected: Protected | None, outer: Protected | None = None, loss=None, scale=None,
                min_loss_scale: float = 1.0, base_lr=None):
@@ -171,13 +187,16 @@ class StepState:
         committed = ops.equal(self.stats[_F["committed"]], 1.0)
         scaler_skip = ops.equal(self.stats[_F["scaler_skip"]], 1.0)
         if outer is not None:
+            if not self.tracks_apply:
+                raise RuntimeError("StepState.finish with an outer loss scaler needs tracks_apply=True before tracing")
             ran = ops.equal(self.called, 1)
             loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
             overflow = loss_ok & (ops.cast(scale, "float32") >= min_loss_scale)
             shown = float("nan") if loss is None else ops.cast(loss, "float32")
             values = dict(loss=shown, grad_norm=float("nan"), loss_finite=loss_ok, grads_finite=False,
-                          weights_finite=True, update_ratio=0.0, large_update=False, scaler_skip=overflow,
-                          committed=False, spike=False, buffers_finite=True, base_lr=self.stats[_F["base_lr"]] if base_lr is None else base_lr)
+                          weights_finite=True, buffers_finite=True, update_ratio=float("nan"),
+                          large_update=float("nan"), scaler_skip=overflow,
+                          committed=False, spike=False, base_lr=self.stats[_F["base_lr"]] if base_lr is None else base_lr)
             fallback = ops.stack([ops.cast(values[name], "float64") for name in ROW])
             self.stats.assign(ops.where(ran, self.stats, fallback))
             committed = ran & committed

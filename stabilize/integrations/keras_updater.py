@@ -22,8 +22,8 @@ import numpy as np
 from keras import ops
 
 from ..guard.settings import GuardSettings
-from ..guard.supervisor import Supervisor
-from .keras_guard import check_optimizer, policy_factor
+from ..guard.supervisor import Rate
+from .keras_guard import check_optimizer
 from .keras_optimizer import GuardedOptimizer, Protected, all_finite, copy_values
 from .keras_stepstate import ROW
 
@@ -81,12 +81,13 @@ class KerasTrainStep:
         state.finish(self.protected)
         return ops.convert_to_tensor(state.stats)
 
-    def run(self, x, y, lr_factor: float = 1.0, limits: tuple[float, float] | None = None) -> dict:
+    def run(self, x, y, lr_factor: float | Rate = 1.0, limits: tuple[float, float] | None = None) -> dict:
         """One guarded step; returns the statistics (``committed`` as the device decided) and
-        ``base_lr``, the user's rate the step read before ``lr_factor``. ``limits``: the spike
+        ``base_lr``, the user's rate the step read before the rate was applied. ``lr_factor``: the
+        Supervisor's whole :class:`Rate`, or a plain back-off factor. ``limits``: the spike
         detector's ``(loss_max, norm_max)`` (both assigned only when they change)."""
         state = self.guard.state
-        state.set_factor(lr_factor)
+        state.set_rate(lr_factor if isinstance(lr_factor, Rate) else Rate(float(lr_factor)))
         state.set_limits(limits)
         stats = dict(zip(ROW, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
         if limits is not None:
@@ -149,16 +150,13 @@ class KerasUpdater:
         yield
 
     def run(self, xb, yb, rate) -> dict:
-        """One step at ``rate(base)``. When ``rate`` is the Supervisor's ``lr``, its policy's factor goes
-        to the device (which floors at ``min_lr`` as the policy does), and the rate is taken from the
-        base the step read, with no read before it. Another callable costs a read of the rate first."""
-        sup = getattr(rate, "__self__", None)
+        """One step at ``rate``: the Supervisor's whole :class:`Rate` goes to the device as it is, and the
+        recorded rate is :meth:`Rate.apply` of the base the step read (no read before it). Another
+        callable ``rate(base) -> lr`` costs a read of the rate first."""
         limits = self.limits() if self.limits is not None else None
-        # Only the next step's rate itself: a replay's rate (``Supervisor.replay_lr``) is the one the
-        # failing step ran with, which the policy's current factor no longer gives.
-        if isinstance(sup, Supervisor) and getattr(rate, "__func__", None) is Supervisor.lr:
-            stats = self.step.run(xb, yb, policy_factor(sup), limits)
-            lr = rate(stats.pop("base_lr"))
+        if isinstance(rate, Rate):
+            stats = self.step.run(xb, yb, rate, limits)
+            lr = rate.apply(stats.pop("base_lr"))
         else:
             base = self.base_lr()
             lr = rate(base)

@@ -19,7 +19,8 @@ import contextlib
 import numpy as np
 
 from ..guard.snapshots import host_copy
-from ..step import STAT_FIELDS, flatten_state, make_step
+from ..guard.stats import from_values
+from ..step import NAMES, flatten_state, make_step
 
 __all__ = ["NeutralUpdater"]
 
@@ -39,8 +40,8 @@ class NeutralUpdater:
         # The spike detector's limits, set before each step (``limits() -> (loss_max, norm_max) | None``,
         # the Supervisor's ``spike_limits``); the step compares on the device.
         self.limits = None
-        self._loss_max = B.variable(B.state_scalar(float("inf"), params[0]))
-        self._norm_max = B.variable(B.state_scalar(float("inf"), params[0]))
+        self._loss_max = B.variable(self._limit(float("inf")))  # float64: compared in float64 on the device
+        self._norm_max = B.variable(self._limit(float("inf")))
         self._step = make_step(B, forward or model, loss_fn, params, optimizer, template, self.state_vars,
                                clip_norm=settings.clip_norm, clip_value=settings.clip_value,
                                max_update_ratio=settings.max_update_ratio, guard=settings.guarded,
@@ -58,10 +59,18 @@ class NeutralUpdater:
         factor = self.schedule(self.applied) if self.schedule is not None else 1.0
         return self.optimizer.lr * factor
 
+    def _limit(self, value: float):
+        """A spike limit as a float64 scalar on the parameters' device."""
+        if self.B.name == "torch":  # on the parameters' device, never rounded through their dtype
+            from .torch_updater import device_tensor
+
+            return device_tensor(np.asarray(value, dtype=np.float64), "float64", self.params[0].device)
+        return self.B.convert(value, "float64")
+
     def _set_scalar(self, name: str, var, value: float) -> None:
         """Assign ``value`` to the step's input ``var`` only when it differs from what was last assigned."""
         if value != self._set[name]:
-            self.B.assign(var, self.B.state_scalar(value, self.params[0]))
+            self.B.assign(var, self._limit(value) if name != "lr" else self.B.state_scalar(value, self.params[0]))
             self._set[name] = value
 
     def run(self, xb, yb, rate) -> dict:
@@ -73,8 +82,7 @@ class NeutralUpdater:
             self._set_scalar("loss_max", self._loss_max, limits[0])
             self._set_scalar("norm_max", self._norm_max, limits[1])
         values = B.read(self._step(xb, yb, self._lr_var, self._loss_max, self._norm_max))
-        stats = dict(zip(STAT_FIELDS + ("spike",), values))
-        stats["lr"] = lr
+        stats = from_values(NAMES, values, lr=lr)
         if limits is not None:
             stats["loss_max"], stats["norm_max"] = limits
         if stats["committed"] == 1.0:

@@ -48,28 +48,20 @@ import torch
 
 from ..backends.torch import global_l2
 from ..guard.snapshots import nbytes
+from ..guard.stats import check_names, from_values
 from .torch_step import check_loss, clamp
 
 __all__ = ["DeferredStep"]
 
-_FIELDS = ("loss", "grad_norm", "current", "committed", "buffers_finite", "spike", "data_finite")
+# The order of the step's vector read one step late: StepStats fields by name.
+NAMES = check_names(("loss", "grad_norm", "committed", "buffers_finite", "spike", "data_finite"))
 
 
 class DeferredStep:
     """A guarded torch step committed on the device; its statistics are read one step late."""
 
     def __init__(self, state, settings):
-        s = settings
-        refused = [why for cond, why in (
-            (state.scaler is not None, "a GradScaler (its step reads found_inf on the host)"),
-            (s.on_nonfinite == "rollback", "on_nonfinite='rollback' (a restore must follow the bad step)"),
-            (s.spike == "rewind", "spike='rewind'"),
-            (s.max_update_ratio is not None, "max_update_ratio (the update is checked after it is made)"),
-            (torch.distributed.is_available() and torch.distributed.is_initialized()
-             and torch.distributed.get_world_size() > 1, "several torch.distributed ranks"),
-        ) if cond]
-        if refused:
-            raise ValueError(f"sync_free=True cannot be combined with {'; '.join(refused)}: use sync_free=False")
+        # What this step cannot take is refused by TorchGuard from the one table (guard/entries.py).
         self.state, self.settings = state, settings
         opt = state.optimizer
         self.masked = bool(getattr(opt, "_step_supports_amp_scaling", False)) and \
@@ -124,8 +116,7 @@ class DeferredStep:
                 ok = torch.ones((), dtype=torch.bool, device=dev)
             self._commit(ok, rate)
             data_ok = _all_finite(batch, dev)
-            values = torch.stack([loss, norm, current, ok.double(), buffers_ok.double(), spike.double(),
-                                  data_ok.double()])
+            values = torch.stack([loss, norm, ok.double(), buffers_ok.double(), spike.double(), data_ok.double()])
             self._post(values, rate(float(st.optimizer.param_groups[0]["lr"])))
         return ok
 
@@ -209,14 +200,10 @@ class DeferredStep:
             if event is not None:
                 while not event.query():  # polling is not a stream sync
                     time.sleep(0)
-            values = dict(zip(_FIELDS, host.tolist()))
-            out.append({"loss": values["loss"], "grad_norm": values["grad_norm"],
-                        "loss_finite": float(math.isfinite(values["loss"])),
-                        "grads_finite": float(math.isfinite(values["grad_norm"])),
-                        "buffers_finite": values["buffers_finite"], "spike": values["spike"],
-                        "data_finite": values["data_finite"],
-                        "committed": values["committed"], "weights_finite": 1.0, "update_ratio": 0.0,
-                        "large_update": 0.0, "scaler_skip": 0.0, "loss_scale": 1.0, "lr": lr})
+            stats = from_values(NAMES, host.tolist(), lr=lr, loss_scale=1.0)
+            stats["loss_finite"] = float(math.isfinite(stats["loss"]))
+            stats["grads_finite"] = float(math.isfinite(stats["grad_norm"]))
+            out.append(stats)
         self._pending.clear()
         return out
 

@@ -9,6 +9,8 @@ are the :class:`~stabilize.guard.supervisor.Supervisor`'s, exactly as in
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import logging
 import numbers
 import sys
@@ -17,6 +19,8 @@ import torch
 
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
+from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
@@ -28,6 +32,15 @@ from ..names import settings_for
 __all__ = ["TorchGuard", "check_model_and_optimizer", "check_scheduler"]
 
 logger = logging.getLogger("stabilize")
+
+
+# TorchGuard's own arguments besides the settings (for the closest-name hint of a wrong keyword).
+_OWN = ("scaler", "scheduler", "verify_updates", "restore_rng", "loss_fn", "process_group", "sync_free")
+
+
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_model_and_optimizer(model, optimizer) -> None:
@@ -142,10 +155,12 @@ class TorchGuard:
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
+        check_keywords("TorchGuard", settings, _OWN)
         self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
-        if self.settings.spike == "rewind":  # the guard does not own the data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with TorchGuard")
+        values = dict(dataclasses.asdict(self.settings), scaler=scaler, verify_updates=verify_updates, ranks=_ranks())
+        refuse("TorchGuard", values, settings)  # the one table (guard/entries.py)
+        if sync_free:
+            refuse("TorchGuard(sync_free)", values, settings, lead="sync_free=True cannot be combined with")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
@@ -155,14 +170,14 @@ class TorchGuard:
         self._deferred_at: collections.deque = collections.deque()  # sync_free: (epoch, batch) of unread steps
         self._verdict = None  # (verdict, epoch, batch, data) of a check not yet committed
         if sync_free:
-            if verify_updates:
-                raise ValueError("sync_free=True cannot be combined with verify_updates (each update is read "
-                                 "back before it stays): use one or the other")
             self._deferred = DeferredStep(self.state, self.settings)
             self._deferred.limits = self.supervisor.spike_limits
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
         self._snapshots = SnapshotStore(self.settings, lambda where: self.state.capture(where=where),
                                         self.state.restore, Snapshot._make)
+        # The host glue (probe, bad data, observe, diagnose, restore/snapshot, stop): guard/driver.py.
+        self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=self._step.weights_finite,
+                                  verifies=self._step.verify)
         self.state.mark()  # a forward pass from here on can be undone
 
     @property
@@ -176,13 +191,9 @@ class TorchGuard:
         if self._deferred is None:
             return
         for stats in self._deferred.collect():
-            bad_data = stats["committed"] != 1.0 and stats.pop("data_finite") != 1.0
             epoch, batch = self._deferred_at.popleft() if self._deferred_at else (None, None)
-            batch = self.supervisor.step if batch is None else batch
-            decision = self.supervisor.observe(stats, epoch=epoch, batch=batch, bad_data=bad_data)
-            if decision.stop:
-                self._step.zero_grad()
-                self.supervisor.raise_for(decision)
+            decision = self._driver.judge(stats, bad_data=stats["data_finite"] == 0.0, epoch=epoch, batch=batch)
+            self._driver.follow(decision, before_stop=self._step.zero_grad)
 
     @property
     def lr(self) -> float:
@@ -192,6 +203,14 @@ class TorchGuard:
     def backward(self, loss) -> None:
         """Backward one micro-batch of an accumulated step (no update)."""
         (self._deferred or self._step).backward(loss)
+
+    def record(self, loss) -> None:
+        """Count one micro-batch loss whose backward a framework has already run (no backward here):
+        the next :meth:`step`/:meth:`check` with ``loss=None`` judges the sum of the recorded losses."""
+        if self._deferred is not None:
+            self._deferred._losses.append(loss.detach())
+        else:
+            self._step.record(loss)
 
     def step(self, loss=None, model=None, optimizer=None, batch=None, *, backward=True, epoch=None,
              data=None) -> bool:
@@ -208,12 +227,11 @@ class TorchGuard:
             raise ValueError("this guard was built for another model or optimizer; build one TorchGuard per optimizer")
         if self._deferred is not None:  # decided on the device; the last step's numbers judged now
             epoch, batch, data = self._position(epoch, batch, data, read_late=True)
-            if self.supervisor.keeps_snapshot and not self._snapshots.held:
-                self._take_snapshot()
+            self._driver.start()
             if loss is not None:
-                self._deferred.backward(loss) if backward else self._deferred._losses.append(loss.detach())
+                self._deferred.backward(loss) if backward else self.record(loss)
             self.flush()
-            applied = self._deferred.step(self.supervisor.lr, data)
+            applied = self._deferred.step(self.supervisor.rate(), data)
             self._deferred_at.append((epoch, batch))
             self._step.zero_grad()
             return applied
@@ -241,11 +259,10 @@ class TorchGuard:
         if self._verdict is not None:
             raise RuntimeError("the last check was neither committed nor discarded: call guard.commit(verdict) "
                                "or guard.discard() first")
-        if self.supervisor.keeps_snapshot and not self._snapshots.held:
-            self._take_snapshot()
+        self._driver.start()
         if loss is not None:
             self._step.backward(loss) if backward else self._step.record(loss)
-        verdict = self._step.check(self.supervisor.lr)
+        verdict = self._step.check(self.supervisor.rate())
         self._verdict = (verdict, *self._position(epoch, batch, data))
         return verdict
 
@@ -256,23 +273,15 @@ class TorchGuard:
         _, epoch, batch, data = self._verdict
         self._verdict = None
         sup = self.supervisor
-        stats = self._step.commit(verdict, sup.lr)
-        if stats["committed"] != 1.0 and (stats["loss_finite"] != 1.0 or stats["grads_finite"] != 1.0) \
-                and stats["scaler_skip"] != 1.0 and not self._weights_finite():
-            stats["weights_broken"] = 1.0  # only now, on a failed step: did an earlier update break the weights?
-        bad_data = stats["committed"] != 1.0 and data is not None and \
-            self._step.on_any_rank(not batch_finite(self._step.B, data))
-        decision = sup.observe(stats, epoch=epoch, batch=batch, bad_data=bad_data)
-        if decision.action not in ("applied", "scaler-skip") and sup.diagnosis is None and self.loss_fn is not None \
-                and isinstance(data, (tuple, list)) and len(data) == 2:
+        stats = self._step.commit(verdict, sup.rate())
+        bad_data = (lambda: self._step.on_any_rank(not batch_finite(self._step.B, data))) if data is not None else False
+        replayable = self.loss_fn is not None and isinstance(data, (tuple, list)) and len(data) == 2
+        diagnose = (lambda: self._diagnose(data, stats)) if replayable else None  # noqa: E731 - before the policy
+        decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch, diagnose=diagnose)
+        if replayable and wants_diagnosis(stats, decision, sup):
             self._diagnose(data, stats)
-        if decision.restore:
-            self._snapshots.restore()
-        if decision.snapshot and (self._step.verify or self._weights_finite()):  # never keep weights an update broke
-            self._take_snapshot()
+        self._driver.follow(decision, before_stop=self._step.zero_grad)
         self._step.zero_grad()
-        if decision.stop:
-            sup.raise_for(decision)
         return stats["committed"] == 1.0
 
     def discard(self) -> None:
@@ -340,8 +349,7 @@ class TorchGuard:
         if self.supervisor.event_log is not None:
             self.supervisor.event_log.rewrite(self.supervisor.events)
         self._snapshots.clear()
-        if self.supervisor.keeps_snapshot:
-            self._take_snapshot()
+        self._driver.start()
         return dict(position)
 
     def held_bytes(self) -> int:
@@ -349,17 +357,58 @@ class TorchGuard:
         ``rollback``), the buffers a skipped step puts back, and with ``verify_updates`` the undo copy."""
         return self._snapshots.held_bytes() + (self._deferred or self._step).held_bytes()
 
-    def _take_snapshot(self) -> None:
-        self._snapshots.take()
-        self.supervisor.snapshot_taken()
+    @contextlib.contextmanager
+    def explain_errors(self, data):
+        """Wrap a step's forward and loss: an exception raised there (a label or an id out of
+        range raises ``IndexError`` on the CPU) gets the diagnosis of a replay of ``data``
+        (``(x, y)``, with the guard's ``loss_fn``) as a note naming the values and rows.
 
-    def _weights_finite(self) -> bool:
-        return self._step.weights_finite()  # reduced across ranks when distributed
+        Example::
+
+            with guard.explain_errors((x, y)):
+                loss = loss_fn(model(x), y)
+            guard.step(loss, data=(x, y))
+        """
+        try:
+            yield
+        except Exception as exc:
+            if self.loss_fn is not None:
+                self.state.undo_forward()
+                try:
+                    self.supervisor.explain(exc, self._step.B, self.model, self.loss_fn, *data, self.state.params,
+                                            lr=self.lr, optimizer=self.optimizer)
+                finally:
+                    self.state.undo_forward()
+            raise
 
     def _diagnose(self, batch, stats):
+        """Replay ``batch`` from the pre-step weights; under gradient accumulation, when an earlier
+        micro-batch had the non-finite loss and ``batch`` (the last one) did not, the replay could not
+        show the fault: the diagnosis says so instead of blaming the micro-batch it was given."""
+        micro = self._step.micro_finite
+        if micro is not None and micro[-1] and not all(micro):
+            self.supervisor.diagnosis = earlier_micro_batch(self.supervisor.step - 1, micro)
+            logger.warning(self.supervisor.diagnosis.line())
+            return
         x, y = batch
         try:
             self.supervisor.diagnose(self._step.B, self.model, self.loss_fn, x, y, self.state.params,
                                      optimizer=self.optimizer)
         finally:
             self.state.undo_forward()  # the replay's forward pass changed buffers and RNG
+
+
+def earlier_micro_batch(step: int, micro: list[bool]):
+    """The diagnosis of an accumulated step whose non-finite loss came from a micro-batch before the
+    last one, which is the batch the guard was given: nothing to replay, and no cause to guess."""
+    from ..diagnose import Diagnosis
+
+    bad = [i + 1 for i, ok in enumerate(micro) if not ok]
+    k = len(micro)
+    where = ", ".join(str(i) for i in bad)
+    return Diagnosis(
+        "unknown", step, step, f"micro-batch {where} of {k}", "forward",
+        evidence={"micro-batches": k, "non-finite micro-batch losses": bad},
+        advice=f"the loss of micro-batch {where} of {k} was non-finite, and step(loss, data=...) was given the last "
+               f"micro-batch, whose loss was finite: check that micro-batch's data (stabilize.check_finite(x)), or "
+               f"run it alone through guard.step(loss, data=(x, y)) to replay and diagnose it")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..guard.settings import GuardSettings
+from ..guard.stats import row, scaler_overflow
 from ..backends.torch import global_l2
 from ..registry import get_backend
 from ..distributed import combine
@@ -94,6 +95,7 @@ class TorchStep:
         self.verify = verify_updates or settings.max_update_ratio is not None
         self._undo = UpdateUndo(state) if self.verify else None
         self._losses: list[torch.Tensor] = []
+        self.micro_finite: list[bool] | None = None  # a failed accumulated step: each micro-batch loss finite?
         # ``limits() -> (loss_max, norm_max) | None``: the spike detector's bounds for this step
         # (the Supervisor's ``spike_limits``), compared on the device inside the one read.
         self.limits = None
@@ -103,7 +105,11 @@ class TorchStep:
         loss = check_loss(loss)
         self._losses.append(loss.detach().reshape(()))
         scaler = self.state.scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if self.reducer is None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            return
+        with self.reducer.guarding("backward (DDP's gradient all-reduce)"):  # a dead rank: RankLostError
+            (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def record(self, loss) -> None:
         """Count a (micro-)batch loss whose backward the caller (a framework) has already run."""
@@ -148,16 +154,20 @@ class TorchStep:
         limits = self.limits() if self.limits is not None else None
         spike = limits is not None and loss_ok and grads_ok and (loss_v > limits[0] or norm > limits[1])
         ok = loss_ok and grads_ok and buffers_ok and not (spike and s.spike in ("skip", "rewind"))
+        base = float(st.optimizer.param_groups[0]["lr"])
         stats = {"loss": loss_v, "grad_norm": norm, "loss_finite": float(loss_ok), "grads_finite": float(grads_ok),
-                 "buffers_finite": float(buffers_ok), "spike": float(spike)}
+                 "buffers_finite": float(buffers_ok), "spike": float(spike), "weights_finite": 1.0,
+                 "loss_scale": scale, "lr": float(rate(base)) if rate is not None else base,
+                 # A scaler's own overflow (the one rule: non-finite gradients, a finite loss, the scale
+                 # still above the floor); a finite spike held back is the policy's, never the scaler's.
+                 "scaler_skip": float(scaler is not None and not ok
+                                      and scaler_overflow(loss_ok, grads_ok, buffers_ok, scale, s.min_loss_scale))}
         if limits is not None:
             stats["loss_max"], stats["norm_max"] = limits
-        base = float(st.optimizer.param_groups[0]["lr"])
-        stats.update(weights_finite=1.0, update_ratio=0.0, large_update=0.0, scaler_skip=0.0, loss_scale=scale,
-                     lr=float(rate(base)) if rate is not None else base)
-        # A scaler's own overflow: finite loss, non-finite gradients, scale still above the floor.
-        if scaler is not None and not ok and loss_ok and buffers_ok and scale >= s.min_loss_scale:
-            stats["scaler_skip"] = 1.0
+        # A failed step of several micro-batches: which ones had a non-finite loss (one read, only now),
+        # so that a diagnosis never replays a micro-batch that cannot show the fault.
+        self.micro_finite = [bool(v) for v in torch.isfinite(torch.stack([x.double() for x in losses])).tolist()] \
+            if not ok and len(losses) > 1 else None
         return Verdict(ok, ok or not s.guarded, stats, grads, current, limits)
 
     def commit(self, verdict: "Verdict", rate=None, before_unguarded=None) -> dict[str, float]:
@@ -184,7 +194,7 @@ class TorchStep:
         else:
             st.mark()
         stats["committed"] = float(commit)
-        return stats
+        return row(stats)
 
     def discard(self) -> None:
         """Drop the step: no update; the gradients and recorded losses go, and the buffers and RNG
@@ -201,11 +211,11 @@ class TorchStep:
         is. With ranks, one all-reduce comes first."""
         s, st = self.settings, self.state
         scaled = st.scaler is not None and st.scaler.is_enabled()
-        clamp = s.clip_value is not None and grads
+        clamps = s.clip_value is not None and bool(grads)  # not ``clamp``: that is the helper called below
         dev = loss.device
         if self.reducer is not None:  # every number below is then the same on every rank
             pre = cur = TorchReducer.sumsq(grads, dev)
-            if clamp:
+            if clamps:
                 clamp([local(g) for g in grads], s.clip_value)  # the local shards, in place
                 cur = TorchReducer.sumsq(grads, dev)
             vec = self.reducer.all_reduce([loss, ~torch.isfinite(loss), ~st.buffers_finite(), *pre, *cur])
@@ -213,10 +223,10 @@ class TorchStep:
             parts = [loss, norm, current, loss_ok, buffers_ok]
         else:  # the flags are read from the numbers themselves: fewer kernels, the same verdict
             norm = current = global_l2(grads, dev)
-            if clamp:
+            if clamps:
                 clamp(grads, s.clip_value)
                 current = global_l2(grads, dev)
-            parts = [loss, norm, current] if clamp else [loss, norm]
+            parts = [loss, norm, current] if clamps else [loss, norm]
             if st.has_float_buffers:
                 parts.append(st.buffers_finite())  # BatchNorm statistics the forward pass just wrote
         if scaled:
@@ -225,7 +235,7 @@ class TorchStep:
         scale = out.pop() if scaled else 1.0
         if self.reducer is not None:
             return out[0], out[1], out[2], out[3] == 1.0, out[4] == 1.0, scale
-        current = out[2] if clamp else out[1]
+        current = out[2] if clamps else out[1]
         buffers_ok = out[-1] == 1.0 if st.has_float_buffers else True
         return out[0], out[1], current, True, buffers_ok, scale
 
