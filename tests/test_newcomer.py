@@ -70,7 +70,7 @@ def test_torch_guard_logs_its_first_skip_and_names_no_epoch_it_does_not_know(cap
 
 def test_a_history_with_every_step_skipped_for_nan_gradients_says_no_step_was_applied():
     torch, model, opt = _torch_linear()
-    guard = stabilize.TorchGuard(model, opt)
+    guard = stabilize.TorchGuard(model, opt, max_bad_steps=10)  # skip keeps going (it stops after 10 in a row)
     w0 = model.weight.detach().clone()
     for _ in range(3):
         x = torch.randn(8, 4)
@@ -159,7 +159,7 @@ def test_sigmoid_bce_by_hand_gets_the_binary_advice():
     assert not guard.step(bce(model(x), y), batch=(x, y))
     d = guard.history.diagnosis
     assert d.cause == "log-zero"
-    assert "binary_cross_entropy_with_logits(logits, targets)" in d.advice and "safe_cross_entropy" not in d.advice
+    assert "binary_cross_entropy_with_logits" in d.advice and "safe_cross_entropy" not in d.advice
 
 
 def test_clip_grads_refuses_none():
