@@ -81,9 +81,11 @@ def input_features(model) -> int | None:
     sizes = getattr(model, "sizes", None)  # a stabilize.models.MLP spec
     if sizes is not None:
         return int(sizes[0])
-    # Only where the structure guarantees that the first layer sees x as given: a Sequential whose
-    # first element is a dense layer (a model of its own may slice or reshape x before any layer).
+    # Only where the structure guarantees that the first layer sees x as given: a dense layer, or a
+    # Sequential whose first element is one (a model of its own may slice or reshape x first).
     torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
+    if torch is not None and type(model) is torch.nn.Linear:
+        return model.in_features
     if torch is not None and isinstance(model, torch.nn.Sequential):
         return model[0].in_features if len(model) and type(model[0]) is torch.nn.Linear else None
     if keras is not None and (isinstance(model, keras.Sequential) or type(model).__name__ == "Functional"):
