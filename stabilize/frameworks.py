@@ -81,15 +81,15 @@ def input_features(model) -> int | None:
     sizes = getattr(model, "sizes", None)  # a stabilize.models.MLP spec
     if sizes is not None:
         return int(sizes[0])
+    # Only where the structure guarantees that the first layer sees x as given: a dense layer, or a
+    # Sequential whose first element is one (a model of its own may slice or reshape x first).
     torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
-        return first.in_features if type(first) is torch.nn.Linear else None
-    if keras is not None and isinstance(model, keras.Model):
-        try:
-            inputs = model.inputs if model.built else None
-        except (AttributeError, ValueError):  # a subclassed model has no symbolic inputs
-            inputs = None
+    if torch is not None and type(model) is torch.nn.Linear:
+        return model.in_features
+    if torch is not None and isinstance(model, torch.nn.Sequential):
+        return model[0].in_features if len(model) and type(model[0]) is torch.nn.Linear else None
+    if keras is not None and (isinstance(model, keras.Sequential) or type(model).__name__ == "Functional"):
+        inputs = model.inputs if model.built else None
         shape = getattr(inputs[0], "shape", None) if inputs and len(inputs) == 1 else None
         return int(shape[-1]) if shape is not None and len(shape) == 2 and shape[-1] is not None else None
     return None

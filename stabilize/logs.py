@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 
-__all__ = ["logger", "warning", "log", "held_lines", "print_held", "quiet_framework_import"]
+__all__ = ["logger", "warning", "log", "announce", "held_lines", "print_held", "quiet_framework_import"]
 
 logger = logging.getLogger("stabilize")
 PREFIX = "stabilize: "
@@ -71,6 +71,17 @@ def log(level: int, message: str, bar=None) -> None:
         return
     with write_mode():  # clear the bar, log, redraw
         logger.log(level, message)
+
+
+def announce(event, seen: set) -> None:
+    """Log the first event of each kind and action a guard records, so that no guard skips a step
+    unseen (with or without a diagnosis); ``seen`` holds the ``(kind, action)`` pairs already logged.
+    The repeats are counted in the history, not logged; a loss scaler's own skips are routine."""
+    key = (event.kind, event.action)
+    if key in seen or event.action in ("applied", "clipped") or event.kind == "scaler":
+        return
+    seen.add(key)
+    logger.warning("stabilize: %s (further '%s -> %s' events: see the history, not logged)", event, *key)
 
 
 def warning(message: str, bar=None) -> None:

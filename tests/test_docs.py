@@ -5,7 +5,7 @@ and the documentation site builds with ``mkdocs build --strict``.
   a block that needs a framework that is not installed skips its page through the conftest rule,
   naming the extra.
 * ```` ```bash ```` blocks: lines that call ``stabilize`` run through ``python -m stabilize`` and
-  must exit 0, or the code their ``# exit N`` comment states. A block preceded by
+  must exit 0, or the code their comment states when it starts with ``exit N``. A block preceded by
   ``<!-- not run: reason -->`` (installing packages, several processes, the whole test suite) is
   listed with its reason instead; every other bash block fails this test.
 * ```` ```toml ```` blocks must parse; ```` ```text ```` blocks are output, not code.
@@ -71,10 +71,11 @@ def _cli_lines(body):
         if not line or line.startswith("#"):
             continue
         command, _, comment = line.partition("#")
-        expect = re.search(r"exit (\d)", comment)
+        expect = re.match(r"\s*exit (\d)\b", comment)  # a comment that starts "exit N" states the code
         yield shlex.split(command), int(expect.group(1)) if expect else 0
 
 
+@pytest.mark.slow  # one process per command, each importing the frameworks
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b[0] == "bash" for b in blocks(p))], ids=_id)
 def test_bash_blocks_run_or_say_why_not(page, tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -128,6 +129,7 @@ def test_the_cause_catalogue_page_lists_every_cause_in_order():
     assert "<!-- causes -->" in (ROOT / "docs" / "guides" / "diagnosis.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # a subprocess that imports the package for the API reference
 @pytest.mark.needs("mkdocs", "material", "mkdocstrings")
 def test_mkdocs_build_strict(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), NO_MKDOCS_2_WARNING="1")

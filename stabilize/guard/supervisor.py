@@ -37,6 +37,7 @@ from ..history import Event, History
 from .policies import Policy
 from .settings import GuardSettings
 from ..eventlog import EventLog
+from ..logs import announce
 from .spikes import SpikeDetector
 from .stats import FIELDS, flag, nonfinite_parts, row, verdict
 
@@ -129,7 +130,7 @@ class Supervisor:
         self.event_log = EventLog(settings.events_path) if settings.events_path else None
         # ``listener(supervisor, decision)`` after each observed step (stabilize.tensorboard.attach)
         self.listeners: list = []
-        self._announced: set[tuple[str, str]] = set()  # (kind, action) of the events already logged
+        self._announced: set[tuple[str, str]] = set()  # (kind, action) of the events already logged (logs.announce)
 
     # -- what the adapter asks --------------------------------------------------
     @property
@@ -406,17 +407,6 @@ class Supervisor:
         self.lowered = int(state.get("lowered", 0))
         self._pending = None
 
-    def _announce(self, event: Event) -> None:
-        """Log the first event of each kind and action, so that no guard skips a step unseen (with or
-        without a diagnosis); the repeats are counted in the history, not logged."""
-        key = (event.kind, event.action)
-        if key in self._announced or event.action in ("applied", "clipped") or event.kind == "scaler":
-            return
-        self._announced.add(key)
-        if is_main():
-            logger.warning("stabilize: %s (further '%s -> %s' events: see the history, not logged)", event,
-                           event.kind, event.action)
-
     def _event(self, stats, kind, bad, action, steps_lost=None, log=True) -> Event:
         event = Event(stats.get("step", self.step), stats.get("batch", 0), stats.get("epoch", 0), kind,
                       tuple(bad), action, stats.get("lr", float("nan")), stats["loss"], stats["grad_norm"],
@@ -426,7 +416,8 @@ class Supervisor:
 
     def _record(self, event: Event, log: bool = True) -> None:
         self.events.append(event)
-        self._announce(event)
+        if is_main():
+            announce(event, self._announced)
         if not log:  # logged by ``replayed``, with the verdict
             self._pending = event
         elif self.event_log is not None:
