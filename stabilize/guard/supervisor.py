@@ -357,7 +357,7 @@ class Supervisor:
                           pending={"loss": nan, "grad_norm": nan, "lr": lr})
         self.diagnosis = first if first is not None else d
         if d is not None and not any(str(n).startswith("stabilize:") for n in getattr(exc, "__notes__", ())):
-            exc.add_note(f"stabilize: {d.line()}")
+            exc.add_note(d.line())  # "stabilize: step ... cause ... fix: ..."
         return d
 
     def raise_for(self, decision: Decision, history: History | None = None) -> None:
