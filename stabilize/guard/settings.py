@@ -54,7 +54,9 @@ class GuardSettings:
         min_lr: the back-off never takes the rate below this.
         grow_after: after this many clean steps in a row, undo one back-off
             (None: never), so intermittent bad batches do not stall a run.
-        max_bad_steps: rollback after this many bad steps in a row.
+        max_bad_steps: rollback after this many bad steps in a row; under every policy, a failure
+            that this many batches with finite data repeat in a row stops the run with the diagnosis
+            when no smaller rate can cure it (:mod:`~stabilize.guard.policies`).
         max_rollbacks: raise after this many rollbacks.
         snapshot_every: applied steps between rollback snapshots (rollback only).
         snapshot_to: where the rollback snapshot is held: ``"device"`` (default), ``"host"``
