@@ -77,7 +77,7 @@ def _advice(cause: str, E: Evidence, ev) -> str:
     if cause == "bad-labels" and E.bad_ids:
         b = E.bad_ids
         what = "input ids" if b["what"] == "ids" else "labels"
-        into = f" ({b['where']} holds {b['range']})" if b.get("where") else ""
+        into = f" (embedding {b['where']!r} holds {b['range']} ids)" if b.get("where") else ""
         return (f"{what} {b['values']} in rows {b['rows']}{' ...' if b['n_rows'] > len(b['rows']) else ''} are "
                 f"outside [0, {b['range']}){into}; " + (base if what == "labels" else
                 "map unknown tokens to an <unk> id, or enlarge the embedding to the tokenizer's vocabulary "

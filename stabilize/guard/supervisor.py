@@ -286,11 +286,12 @@ class Supervisor:
                       f"{self.diagnosis.advice.split(';')[0]})" if self.diagnosis is not None else ""))
         return Decision(action, stop=action == "raise", event=event, reason=reason)
 
-    def left_out_whole(self, *, epoch: int, batch: int) -> None:
-        """Record that a rollback leaves the failing batch out whole: the model's batch is not a set of
-        independent rows (it declares ``rows_independent = False``, or its forward fails without a row)."""
+    def note(self, kind: str, action: str, *, epoch: int, batch: int) -> None:
+        """Record what the adapter did about the last step: ``("left-out", "whole-batch")``, a rollback
+        left the failing batch out whole (its rows depend on each other: ``rows_independent = False``,
+        or the forward failed without a row); ``("repair", "swapped")``, a call site was swapped."""
         nan = float("nan")
-        self._record(Event(self.step - 1, batch, epoch, "left-out", (), "whole-batch", nan, nan, nan))
+        self._record(Event(self.step - 1, batch, epoch, kind, (), action, nan, nan, nan))
 
     def replayed(self, verdict: str | None) -> Event | None:
         """Add a replay's verdict (``"transient"``, ``"reproducible"``, None: no verdict) to the

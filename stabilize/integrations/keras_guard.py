@@ -54,6 +54,9 @@ class StabilizeGuard(keras.callbacks.Callback):
         super().__init__()
         self.guarded = guarded
         self.settings = guarded.settings
+        if self.settings.on_nonfinite == "repair":  # swaps torch call sites, in StabilityTrainer
+            raise ValueError("on_nonfinite='repair' swaps torch call sites in StabilityTrainer; with keras_guard "
+                             "use 'skip' or 'auto' and make the change the diagnosis names")
         if self.settings.spike == "rewind":  # the callback does not own fit's data loop
             raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
                              "use spike='skip' or 'clip' with keras_guard")

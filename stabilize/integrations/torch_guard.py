@@ -145,6 +145,9 @@ class TorchGuard:
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
         self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
+        if self.settings.on_nonfinite == "repair":  # the guard does not run the forward pass again
+            raise ValueError("on_nonfinite='repair' reruns the step through a swapped call site, which needs "
+                             "StabilityTrainer; with TorchGuard use 'skip' or 'auto' and make the change the diagnosis names")
         if self.settings.spike == "rewind":  # the guard does not own the data loop
             raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
                              "use spike='skip' or 'clip' with TorchGuard")
