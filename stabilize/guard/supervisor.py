@@ -31,7 +31,7 @@ import logging
 import math
 from typing import Any, NamedTuple
 
-from ..distributed import is_main, unwrap
+from ..distributed import is_main, unwrap, world_size
 from ..errors import NonFiniteError, SkipAlarmError
 from ..history import Event, History
 from .policies import Policy
@@ -246,7 +246,9 @@ class Supervisor:
         self._streak.append(((epoch, batch) if position is None else position, rows, bad_data))
         if diagnose is not None and self.diagnosis is None and any(p in bad for p in ("loss", "gradients", "weights")):
             diagnose()  # before the policy: the cause decides
-        cause = self.diagnosis.cause if self.diagnosis is not None else None
+        # The diagnosis is rank-local (each rank replays its own batch): with several ranks it must not
+        # steer the decision, which every rank takes alike from the reduced flags.
+        cause = self.diagnosis.cause if self.diagnosis is not None and world_size() == 1 else None
         action = self.policy.on_bad(bad_data, cause, at_weights="loss" in bad or "gradients" in bad)
         if broken and self.settings.guarded:
             # An earlier update (a native optimizer's, applied before it could be checked) left
