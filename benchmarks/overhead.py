@@ -1,55 +1,42 @@
-"""Overhead of the stabilize guard against bare training loops, measured side by side.
+"""Overhead of the stabilize guards against bare training loops: CPU-time ratios with an A/A control.
 
-This is a benchmark, not a test: it prints ratios measured in one run. In each
-round every contender trains the same number of steps, in turn; odd rounds run
-the contenders in reverse order, so that machine noise and drift hit them all
-alike. Each contender first runs warm-up steps (and the TF ones are traced)
-before any timing. A row gives the per-step median, min and max over the
-rounds, the ratio to the framework's bare loop, and the ratio to the
-contender's own baseline where it has one (keras_guard against model.fit). A
-ratio is the median over the rounds of the two contenders' times in the same
-round, so that the machine's drift between rounds cancels.
-Each guard is also compared with every reference loop of its framework:
+This is a benchmark, not a test: it prints ratios measured in one run.
 
-    torch: bare loop; + clip_grad_norm_; bare under torch.autograd.detect_anomaly.
-    tf:    bare tf.function loop; model.fit; bare under tf.debugging.enable_check_numerics.
+How it measures (wall time on a shared 2-core machine moves by 5-10%, CPU time far less):
 
-Guarded contenders
-    torch: StabilityTrainer (torch.optim SGD, default settings: check + skip);
-           TorchGuard in the hand-written loop (default settings); TorchGuard(clip_norm=1.0)
-           against the loop with clip_grad_norm_; TorchGuard(verify_updates=True).
-    tf:    StabilityTrainer with keras.optimizers.SGD, traced before timing;
-           StabilityTrainer with stabilize's neutral SGD; keras_guard in model.fit;
-           and a fresh pair: a new StabilityTrainer on a new model, tracing
-           included, over 60 steps, against a new bare tf.function loop over the
-           same 60 steps, tracing included (each round builds both anew).
-           The neutral SGD refuses Keras' LSTM (its seed-generator variable counts
-           as state it cannot protect): that row is listed as not run, with why.
-    model.fit reads a cached tf.data.Dataset built once, one epoch per round, so
-    that its per-call input pipeline is not part of the per-step time.
+* Each contender is timed against its bare twin in **process CPU time**
+  (``time.process_time``: every thread of this process, not the time it waited
+  for a CPU); ``--clock wall`` measures wall time instead.
+* One thread per framework (``--threads`` to change it).
+* In every round each pair runs twin and contender back to back, in one
+  process, the order flipped on odd rounds; the pair's ratio is the **median
+  of the per-round ratios** (at least 15 rounds for a verdict), so a drift of
+  the machine between rounds cancels.
+* Every section has an **A/A pair**, the bare loop against an identical second
+  bare loop: the noise floor. When its median lies outside 1.00 +/- 0.01 the
+  section prints no verdict.
 
-Models: an MLP 256-512-512-512-1 (batch 256), a conv net (16x16x3 input, two
-3x3 convolutions of 32 channels, batch 64), an LSTM regressor (32 steps of 32
-features, 128 units, batch 64), the same architectures in torch and Keras; and
-a torch-only sweep of MLPs 256-w-w-w-1 from ~0.1M to ~50M parameters (batch
-512; bare loop, TorchGuard, trainer), where the overhead falls as compute grows.
-The largest sizes run fewer rounds of fewer steps (never under 5 rounds
-unless --repeats asks for fewer).
+Each contender first runs warm-up steps (the TF ones are traced) before any
+timing, except the fresh pair, whose point is to include tracing.
 
-Memory: next to each guard, the bytes it holds across steps (its
-``held_bytes()``, "n/a" where the installed stabilize has none) and the
-model's parameters + optimizer state.
+Pairs (the bar each must not exceed):
 
-Keras ``fit`` compiles with XLA on a GPU (``jit_compile="auto"``) and not on a
-CPU, so its ratios differ between the two. CUDA work is waited for at the end
-of every timed run. The full run takes about 10-20 minutes on 2 CPU cores,
-depending on what else runs there; each section prints its own time. On a
-machine shared with other jobs, ``--threads 1`` keeps the frameworks' thread
-pools from waiting on each other (which can slow a small step a hundredfold).
+    torch:  TorchGuard in the loop / bare loop;
+            StabilityTrainer (torch.optim SGD, numpy data) / the bare loop over the same numpy data;
+    tf:     StabilityTrainer (keras SGD, traced, numpy data) / bare tf.function over the same numpy data;
+            keras_guard in model.fit / model.fit (a cached tf.data.Dataset, one epoch per round);
+            mlp only: a fresh StabilityTrainer on a new model, tracing included, over 60 steps /
+            a fresh bare tf.function loop, tracing included.
+    bars:   mlp 1.03 (fresh 1.10); conv, lstm 1.05; big (an MLP above 10M parameters) 1.01.
 
-Run:  python benchmarks/overhead.py [--model mlp|conv|lstm|sweep|all] [--framework torch|tensorflow|both]
-                                    [--repeats N] [--steps N] [--threads N] [--json out.json] [--png sweep.png]
-                                    [--tiny]
+``--references`` adds the reference loops (no bars): TorchGuard(clip_norm=1.0) against the loop with
+``clip_grad_norm_``, TorchGuard(verify_updates=True), ``detect_anomaly``, ``model.fit`` and
+``enable_check_numerics`` against the bare loop. ``--model sweep`` runs the torch MLP size sweep from
+~0.1M to ~50M parameters (``--png`` plots it). Next to each guard: the bytes it holds across steps.
+
+Run:  python benchmarks/overhead.py [--model mlp|conv|lstm|big|sweep|all] [--framework torch|tensorflow|both]
+                                    [--repeats N] [--steps N] [--threads N] [--clock cpu|wall]
+                                    [--references] [--json out.json] [--png sweep.png] [--tiny]
 """
 
 from __future__ import annotations
@@ -66,63 +53,105 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # This file runs as a script: its helpers sit next to it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from overhead_contenders import batches, tf_contenders, torch_contenders  # noqa: E402
+from overhead_contenders import tf_contenders, torch_contenders  # noqa: E402
 
+AA_TOLERANCE = 0.01  # the A/A median must lie within 1 +/- this for a verdict
+MIN_ROUNDS = 15  # fewer rounds print ratios, never a verdict
+
+BIG_PARAMS = 1.05e7
 SIZES = {"mlp": dict(sizes=(256, 512, 512, 512, 1), batch=256), "conv": dict(batch=64, channels=32),
-         "lstm": dict(seq=32, features=32, hidden=128, batch=64)}
+         "lstm": dict(seq=32, features=32, hidden=128, batch=64), "big": dict(params=BIG_PARAMS, batch=256)}
 TINY = {"mlp": dict(sizes=(8, 16, 1), batch=8), "conv": dict(batch=4, channels=4),
-        "lstm": dict(seq=4, features=4, hidden=8, batch=4)}
+        "lstm": dict(seq=4, features=4, hidden=8, batch=4), "big": dict(params=3e3, batch=8)}
+# The bars of issue 20: each section's guards (keys as in overhead_contenders' ``bars``).
+BARS = {"mlp": dict(guard=1.03, trainer=1.03, fresh=1.10), "conv": dict(guard=1.05, trainer=1.05),
+        "lstm": dict(guard=1.05, trainer=1.05), "big": dict(guard=1.01, trainer=1.01)}
+STEPS = {"big": 4}  # steps per round where the section's step is long
+FRESH_STEPS, TINY_FRESH_STEPS = 60, 3
 
-# The sweep: MLPs of `depth` hidden layers of one width, sized to these parameter counts. Batch 512:
-# the guard's cost is a pass over the gradients (O(parameters)), the step's is O(batch x parameters);
-# at a batch of 64 a CPU step of a large MLP is itself little more than a few passes over memory.
+# The sweep: MLPs 256-w-w-w-1 sized to these parameter counts, batch 512 (the guard's cost is a
+# pass over the gradients, O(parameters); the step's is O(batch x parameters)).
 # Each size: (target parameters, steps per round, most rounds); larger models run fewer of both.
 SWEEP = dict(inputs=256, depth=3, batch=512, sizes=((1e5, 32, None), (1e6, 16, None), (5e6, 8, None),
-                                                     (15e6, 4, 5), (5e7, 2, 5)))
+                                                     (15e6, 4, 7), (5e7, 2, 5)))
 TINY_SWEEP = dict(inputs=8, depth=3, batch=8, sizes=((200, 2, None), (1000, 2, None), (4000, 2, None)))
-FRESH_STEPS, TINY_FRESH_STEPS = 60, 4
-SWEEP_LR = 1e-5
+SWEEP_LR = 1e-5  # wide MLPs diverge at 1e-3, and a guard skipping NaN steps would not be timing training
+
+
+def width_for(params: float, inputs: int, depth: int) -> int:
+    """The hidden width w whose MLP inputs-w-...-w-1 (``depth`` hidden layers) has about ``params`` parameters."""
+    # params = (depth - 1) w^2 + (inputs + depth + 1) w + 1
+    a, b, c = depth - 1, inputs + depth + 1, 1 - params
+    return max(1, round((-b + (b * b - 4 * a * c) ** 0.5) / (2 * a)))
+
+
+def mlp_params(sizes) -> int:
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
 # -- measurement ------------------------------------------------------------------------------------
-def measure(contenders: dict, steps: int, repeats: int, warmup: int) -> dict:
-    """Per-step seconds for each contender: ``repeats`` rounds, alternated (reversed on odd rounds).
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
-    Each contender first trains ``warmup`` steps; one with its own step count (the
-    fresh pair, whose point is to include its one-time costs) is not warmed up.
+
+def measure(contenders: dict, pairs: list, steps: int, repeats: int, warmup: int, clock) -> dict:
+    """Per pair, per round: (contender seconds per step, twin seconds per step), timed back to back.
+
+    Pairs run in order on even rounds and in reverse on odd ones, and within a pair the twin
+    goes first on even rounds, second on odd ones.
     """
     for c in contenders.values():
         if c.steps is None and warmup:
             c.run(warmup)
-    times = {name: [] for name in contenders}
+    times = {p.contender: [] for p in pairs}
+
+    def timed(name):
+        c = contenders[name]
+        start = clock()
+        c.run(steps)
+        return (clock() - start) / (c.steps or steps)
+
     for r in range(repeats):
-        for name in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
-            c = contenders[name]
-            start = time.perf_counter()
-            c.run(steps)
-            times[name].append((time.perf_counter() - start) / (c.steps or steps))
+        for p in (pairs if r % 2 == 0 else pairs[::-1]):
+            if r % 2 == 0:
+                twin = timed(p.twin)
+                mine = timed(p.contender)
+            else:
+                mine = timed(p.contender)
+                twin = timed(p.twin)
+            times[p.contender].append((mine, twin))
     return times
 
 
-def summarize(times: dict, contenders: dict, meta: dict, steps: int) -> dict:
-    """Median/min/max ms per step; the ratio to the bare loop, to its own baseline, and (a guard) to each reference."""
-    med = {name: statistics.median(t) for name, t in times.items()}
+def verdict(row: dict, aa_ok: bool | None) -> str:
+    """``holds`` / ``misses`` against the row's bar; nothing without a bar, with too few rounds,
+    or when the section's A/A pair is off (``aa_ok`` False)."""
+    if row["aa"]:
+        return "in range" if aa_ok else "OFF"
+    if row["bar"] is None:
+        return ""
+    if row["rounds"] < MIN_ROUNDS:
+        return f"no verdict ({row['rounds']} rounds < {MIN_ROUNDS})"
+    if not aa_ok:
+        return "no verdict (A/A off)"
+    return "holds" if row["ratio"] <= row["bar"] else "MISSES"
 
-    def ratio(name, ref):
-        # The median of the rounds' own ratios: both were timed in the same round, so a drift of
-        # the machine's speed between rounds (frequent on a shared VM) cancels out.
-        return statistics.median(a / b for a, b in zip(times[name], times[ref]))
 
-    out = {}
-    for name, t in times.items():
-        c = contenders[name]
-        row = {"median_ms": med[name] * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
-               "rounds": len(t), "steps": c.steps or steps, "ratio": ratio(name, meta["bare"]),
-               "baseline": c.baseline, "ratio_to_baseline": ratio(name, c.baseline) if c.baseline else None}
-        if c.guarded:
-            row["vs"] = {ref: ratio(name, ref) for ref in meta["references"] if ref in med}
-        out[name] = row
-    return out
+def summarize(times: dict, pairs: list, contenders: dict, steps: int) -> tuple[list, bool | None]:
+    """A row per pair (median ms per step of both, the median of the per-round ratios, the verdict),
+    and whether the section's A/A median lies within 1 +/- AA_TOLERANCE."""
+    rows = []
+    for p in pairs:
+        t = times[p.contender]
+        ratios = [mine / twin for mine, twin in t]
+        rows.append({"contender": p.contender, "twin": p.twin, "bar": p.bar, "aa": p.aa, "rounds": len(t),
+                     "steps": contenders[p.contender].steps or steps,
+                     "ms": statistics.median(m for m, _ in t) * 1e3, "twin_ms": statistics.median(w for _, w in t) * 1e3,
+                     "ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios)})
+    aa = [r for r in rows if r["aa"]]
+    aa_ok = all(abs(r["ratio"] - 1.0) <= AA_TOLERANCE for r in aa) if aa else None
+    for r in rows:
+        r["verdict"] = verdict(r, aa_ok)
+    return rows, aa_ok
 
 
 def memory(contenders: dict) -> dict:
@@ -153,102 +182,86 @@ def _mb(n) -> str:
     return f"{n} B"
 
 
-def _short(name: str) -> str:
-    return name.replace("torch ", "").replace("tf ", "").replace("bare under ", "")
-
-
-def print_section(title: str, section: dict, meta: dict) -> None:
-    table, refs = section["contenders"], meta["references"]
-    label = {name: name + (f" [{row['steps']} steps/round]" if row["steps"] != section["steps"] else "")
-             for name, row in table.items()}
-    w = max(len(s) for s in [*label.values(), *section["skipped"], "contender"])
+def print_section(title: str, section: dict) -> None:
+    rows = section["rows"]
+    label = {r["contender"]: ("A/A: " if r["aa"] else "") + f"{r['contender']} / {r['twin']}"
+             + (f" [{r['steps']} steps]" if r["steps"] != section["steps"] else "") for r in rows}
+    w = max(len(s) for s in [*label.values(), "pair"])
     print(f"\n{title}  (batch {section['batch']}, {section['repeats']} rounds x {section['steps']} steps, "
-          f"alternated; {section['seconds']:.1f} s)")
-    print(f"  {'contender':{w}s} {'median ms':>10s} {'min':>9s} {'max':>9s} {'x bare':>7s}  own baseline")
-    for name, row in table.items():
-        own = f"  {row['ratio_to_baseline']:.3f} x {row['baseline']}" if row["baseline"] else ""
-        print(f"  {label[name]:{w}s} {row['median_ms']:10.3f} {row['min_ms']:9.3f} {row['max_ms']:9.3f} "
-              f"{row['ratio']:7.3f}{own}")
-    for name, why in section["skipped"].items():
-        print(f"  {name:{w}s} {'n/a':>10s}  not run: {why}")
-    guards = [n for n, r in table.items() if "vs" in r]
-    if guards:
-        w = max(len(n) for n in guards) + 2
-        print(f"  {'guard / reference (median ratios)':{w}s} {''.join(f'{_short(r):>24s}' for r in refs)}")
-        for name in guards:
-            ratios = "".join(f"{table[name]['vs'][r]:24.3f}" for r in refs)
-            print(f"    {name:{w - 2}s} {ratios}")
+          f"{section['clock']} time, twin and contender back to back; {section['seconds']:.1f} s)")
+    print(f"  {'pair':{w}s} {'ms/step':>9s} {'twin ms':>9s} {'ratio':>7s} {'min':>7s} {'max':>7s} {'bar':>11s}  verdict")
+    for r in rows:
+        bar = f"1+/-{AA_TOLERANCE:.2f}" if r["aa"] else (f"<= {r['bar']:.2f}" if r["bar"] else "")
+        print(f"  {label[r['contender']]:{w}s} {r['ms']:9.3f} {r['twin_ms']:9.3f} {r['ratio']:7.3f} "
+              f"{r['min_ratio']:7.3f} {r['max_ratio']:7.3f} {bar:>11s}  {r['verdict']}")
+    if section["aa_ok"] is False:
+        print(f"  the A/A median is outside 1.00 +/- {AA_TOLERANCE:.2f}: this run gives no verdict for this section")
     if section["memory"]:
         w = max(len(n) for n in section["memory"]) + 2
-        print(f"  {'memory held across steps':{w}s} {'held':>12s} {'params':>12s} {'opt state':>12s} "
-              f"{'held/model':>10s}")
+        print(f"  {'memory held across steps':{w}s} {'held':>12s} {'params':>12s} {'opt state':>12s} {'held/model':>10s}")
         for name, m in section["memory"].items():
             frac = "n/a" if m["held_fraction"] is None else f"{m['held_fraction']:.2f}"
             print(f"    {name:{w - 2}s} {_mb(m['held_bytes']):>12s} {_mb(m['param_bytes']):>12s} "
                   f"{_mb(m['optimizer_state_bytes']):>12s} {frac:>10s}")
 
 
-def print_sweep(sweep: dict) -> None:
-    rows = sweep["rows"]
-    guards = [n for n in rows[0]["contenders"] if "vs" in rows[0]["contenders"][n]] if rows else []
-    print(f"\ntorch / MLP size sweep  ({sweep['inputs']}-w-w-w-1, batch {sweep['batch']}, alternated; "
-          f"{sweep['seconds']:.1f} s)")
-    print(f"  {'params':>11s} {'width':>6s} {'rounds x steps':>14s} {'bare ms':>9s}"
-          f"{''.join(f'{_short(g):>32s}' for g in guards)}   held (per guard)")
-    for row in rows:
-        c = row["contenders"]
-        bare = c["torch bare loop"]
-        held = ", ".join(_mb(row["memory"][g]["held_bytes"]) for g in guards if g in row["memory"])
-        ratios = "".join(f"{c[g]['ratio']:32.3f}" for g in guards)
-        print(f"  {row['params']:11,d} {row['width']:6d} {row['rounds']:>6d} x {row['steps']:<6d}"
-              f"{bare['median_ms']:9.2f}{ratios}   {held} (model {_mb(row['model_bytes'])})")
-
-
 # -- sections -----------------------------------------------------------------------------------------
-def run_section(fw: str, kind: str, cfg: dict, steps: int, repeats: int, warmup: int, fresh_steps: int):
+def section_config(kind: str, cfg: dict) -> dict:
+    """``big`` is an MLP 256-w-w-w-1 of about ``params`` parameters (tiny: 8 inputs)."""
+    if kind != "big":
+        return dict(cfg)
+    inputs = 8 if cfg["params"] < 1e5 else 256
+    w = width_for(cfg["params"], inputs, 3)
+    return dict(sizes=(inputs, w, w, w, 1), batch=cfg["batch"])
+
+
+def run_section(fw: str, kind: str, cfg: dict, steps: int, repeats: int, warmup: int, fresh_steps: int,
+                references: bool, clock: str) -> dict:
     start = time.perf_counter()
-    data = batches(kind, cfg, 8)
+    model_kind = "mlp" if kind == "big" else kind
+    bars = BARS[kind]
     if fw == "torch":
-        contenders, meta = torch_contenders(kind, cfg, data)
+        contenders, pairs = torch_contenders(model_kind, cfg, steps, bars, references)
     else:
-        contenders, meta = tf_contenders(kind, cfg, data, fresh_steps=fresh_steps)
-    table = summarize(measure(contenders, steps, repeats, warmup), contenders, meta, steps)
-    section = {"contenders": table, "memory": memory(contenders), "bare": meta["bare"],
-               "references": meta["references"], "skipped": meta.get("skipped", {}),
-               "steps": steps, "repeats": repeats, "warmup": warmup,
-               "batch": cfg["batch"], "model": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        contenders, pairs = tf_contenders(model_kind, cfg, steps, bars, references,
+                                          fresh_steps=fresh_steps if kind == "mlp" else 0)
+    rows, aa_ok = summarize(measure(contenders, pairs, steps, repeats, min(warmup, steps), CLOCKS[clock]),
+                            pairs, contenders, steps)
+    section = {"rows": rows, "aa_ok": aa_ok, "memory": memory(contenders), "steps": steps, "repeats": repeats,
+               "warmup": warmup, "clock": clock, "batch": cfg["batch"],
+               "model": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                "seconds": time.perf_counter() - start}
-    print_section(f"{fw} / {kind}", section, meta)
+    if "sizes" in cfg:
+        section["params"] = mlp_params(cfg["sizes"])
+    title = f"{fw} / {kind}" + (f" ({section['params']:,d} parameters)" if kind == "big" else "")
+    print_section(title, section)
     return section
 
 
-def width_for(params: float, inputs: int, depth: int) -> int:
-    """The hidden width w whose MLP inputs-w-...-w-1 (``depth`` hidden layers) has about ``params`` parameters."""
-    # params = (depth - 1) w^2 + (inputs + depth + 1) w + 1
-    a, b, c = depth - 1, inputs + depth + 1, 1 - params
-    return max(1, round((-b + (b * b - 4 * a * c) ** 0.5) / (2 * a)))
-
-
-def run_sweep(plan: dict, repeats: int, warmup: int) -> dict:
+def run_sweep(plan: dict, repeats: int, warmup: int, clock: str) -> dict:
+    """The torch MLP size sweep: TorchGuard and the trainer against their twins, per size."""
     start = time.perf_counter()
     rows = []
     for target, steps, most_rounds in plan["sizes"]:
         w = width_for(target, plan["inputs"], plan["depth"])
         cfg = dict(sizes=(plan["inputs"],) + (w,) * plan["depth"] + (1,), batch=plan["batch"])
         rounds = min(repeats, most_rounds) if most_rounds else repeats
-        t0 = time.perf_counter()
-        # A small rate: wide MLPs diverge at 1e-3, and a guard skipping NaN steps would not be timing training.
-        contenders, meta = torch_contenders("mlp", cfg, batches("mlp", cfg, 4), full=False, lr=SWEEP_LR)
-        table = summarize(measure(contenders, steps, rounds, min(warmup, steps)), contenders, meta, steps)
-        mem = memory(contenders)
-        params, state = contenders[meta["bare"]].footprint()
-        n = sum(a * b + b for a, b in zip(cfg["sizes"][:-1], cfg["sizes"][1:]))
-        rows.append({"params": n, "width": w, "steps": steps, "rounds": rounds, "contenders": table, "memory": mem,
-                     "model_bytes": params + state, "seconds": time.perf_counter() - t0})
+        contenders, pairs = torch_contenders("mlp", cfg, steps, {}, lr=SWEEP_LR)
+        pairs = [p for p in pairs if not p.aa]
+        table, _ = summarize(measure(contenders, pairs, steps, rounds, min(warmup, steps), CLOCKS[clock]),
+                             pairs, contenders, steps)
+        rows.append({"params": mlp_params(cfg["sizes"]), "width": w, "steps": steps, "rounds": rounds,
+                     "pairs": table, "memory": memory(contenders)})
         del contenders  # the largest sizes hold a few hundred MB each
     sweep = {"inputs": plan["inputs"], "depth": plan["depth"], "batch": plan["batch"], "rows": rows,
-             "seconds": time.perf_counter() - start}
-    print_sweep(sweep)
+             "clock": clock, "seconds": time.perf_counter() - start}
+    print(f"\ntorch / MLP size sweep  ({sweep['inputs']}-w-w-w-1, batch {sweep['batch']}, {clock} time; "
+          f"{sweep['seconds']:.1f} s)")
+    names = [r["contender"] for r in rows[0]["pairs"]] if rows else []
+    print(f"  {'params':>11s} {'width':>6s} {'rounds x steps':>14s}" + "".join(f"{n:>34s}" for n in names))
+    for row in rows:
+        ratios = "".join(f"{r['ratio']:34.3f}" for r in row["pairs"])
+        print(f"  {row['params']:11,d} {row['width']:6d} {row['rounds']:>6d} x {row['steps']:<6d}{ratios}")
     return sweep
 
 
@@ -261,15 +274,15 @@ def plot_sweep(sweep: dict, path: str) -> None:
     import matplotlib.ticker
 
     rows = sweep["rows"]
-    guards = [n for n in rows[0]["contenders"] if "vs" in rows[0]["contenders"][n]]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for g in guards:
-        ax.plot([r["params"] for r in rows], [r["contenders"][g]["ratio"] for r in rows], marker="o", label=_short(g))
+    for i, pair in enumerate(rows[0]["pairs"]):
+        ax.plot([r["params"] for r in rows], [r["pairs"][i]["ratio"] for r in rows], marker="o",
+                label=f"{pair['contender']} / {pair['twin']}")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled decades only
     ax.set_xlabel("parameters")
-    ax.set_ylabel("step time / bare loop (median of the rounds)")
+    ax.set_ylabel(f"{sweep['clock']} time / twin (median of the rounds)")
     ax.set_title(f"stabilize overhead, torch MLP {sweep['inputs']}-w-w-w-1, batch {sweep['batch']}")
     ax.legend()
     fig.tight_layout()
@@ -296,41 +309,47 @@ def set_threads(n: int, frameworks: list) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="all", choices=["mlp", "conv", "lstm", "sweep", "all"])
+    parser.add_argument("--model", default="all", choices=["mlp", "conv", "lstm", "big", "sweep", "all"],
+                        help="all: mlp, conv, lstm and big (the sweep runs only when asked for)")
     parser.add_argument("--framework", default="both", choices=["torch", "tensorflow", "both"])
     parser.add_argument("--steps", type=int, default=16, help="steps per contender per round")
-    parser.add_argument("--repeats", type=int, default=7, help="rounds (at least 5 for meaningful medians)")
+    parser.add_argument("--repeats", type=int, default=15, help=f"rounds (a verdict needs at least {MIN_ROUNDS})")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per framework")
+    parser.add_argument("--clock", default="cpu", choices=sorted(CLOCKS),
+                        help="cpu: process CPU time (default); wall: wall-clock time")
+    parser.add_argument("--references", action="store_true",
+                        help="also time clip_grad_norm_, detect_anomaly, model.fit and enable_check_numerics")
     parser.add_argument("--json", default=None, help="also write every result here")
     parser.add_argument("--png", default=None, help="plot the sweep's overhead ratios here (needs matplotlib)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per framework (default: theirs); 1 on a machine shared with other jobs")
-    parser.add_argument("--tiny", action="store_true", help="tiny models and 2 rounds (for the test suite)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models and 3 rounds (for the test suite)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
+    if args.steps < 1 or args.repeats < 1 or args.threads < 1:
         parser.error("--steps, --repeats and --threads must be at least 1")
     if args.tiny:
-        sizes, plan, fresh = TINY, TINY_SWEEP, TINY_FRESH_STEPS
-        steps, repeats, warmup = 2, 2, 1
+        sizes, plan, fresh, repeats, warmup = TINY, TINY_SWEEP, TINY_FRESH_STEPS, 3, 1
+        steps = {k: 2 for k in sizes}
     else:
-        sizes, plan, fresh = SIZES, SWEEP, FRESH_STEPS
-        steps, repeats, warmup = args.steps, args.repeats, 4
+        sizes, plan, fresh, repeats, warmup = SIZES, SWEEP, FRESH_STEPS, args.repeats, 4
+        steps = {k: STEPS.get(k, args.steps) for k in sizes}
     frameworks = ["torch", "tensorflow"] if args.framework == "both" else [args.framework]
-    kinds = ["mlp", "conv", "lstm", "sweep"] if args.model == "all" else [args.model]
-    if args.threads:
-        set_threads(args.threads, frameworks)
+    kinds = ["mlp", "conv", "lstm", "big"] if args.model == "all" else [args.model]
+    set_threads(args.threads, frameworks)
     start = time.perf_counter()
-    results = {"settings": {"steps": steps, "repeats": repeats, "warmup": warmup, "tiny": args.tiny,
-                            "fresh_steps": fresh, "frameworks": frameworks, "models": kinds, "threads": args.threads},
+    results = {"settings": {"steps": steps, "repeats": repeats, "warmup": warmup, "tiny": args.tiny, "clock": args.clock,
+                            "fresh_steps": fresh, "frameworks": frameworks, "models": kinds, "threads": args.threads,
+                            "aa_tolerance": AA_TOLERANCE, "min_rounds": MIN_ROUNDS},
                "sections": {}, "sweep": None}
     for kind in kinds:
         if kind == "sweep":
             if "torch" in frameworks:
-                results["sweep"] = run_sweep(plan, repeats, warmup)
+                results["sweep"] = run_sweep(plan, repeats, warmup, args.clock)
             else:
                 print("\nthe size sweep runs on torch only: skipped (--framework tensorflow)")
             continue
+        cfg = section_config(kind, sizes[kind])
         for fw in frameworks:
-            results["sections"][f"{fw}/{kind}"] = run_section(fw, kind, sizes[kind], steps, repeats, warmup, fresh)
+            results["sections"][f"{fw}/{kind}"] = run_section(fw, kind, cfg, steps[kind], repeats, warmup, fresh,
+                                                              args.references, args.clock)
     results["seconds"] = time.perf_counter() - start
     print(f"\ntotal {results['seconds']:.1f} s")
     if args.json:

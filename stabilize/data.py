@@ -28,18 +28,37 @@ def rows_of(x) -> int:
     return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
 
 
-def check_arrays(x, y, batch_size, epochs) -> None:
-    """Clear errors for inputs a fit cannot use."""
+def _check_array(name: str, value) -> None:
+    """One array of a fit: rows first, numbers only (strings and 0-d values refused, saying what to do)."""
+    if np.ndim(value) == 0:
+        raise TypeError(f"fit: {name} must hold one row per sample, got a 0-d {type(value).__name__} ({value!r:.40}); "
+                        f"for one sample pass a batch of one, e.g. np.array([[...]])")
+    kind = np.asarray(value).dtype.kind if isinstance(value, (np.ndarray, list, tuple)) else ""
+    if kind in "USO" and kind:
+        what = ("labels: encode them as integer ids first, e.g. classes, y = np.unique(y, return_inverse=True)"
+                if name == "y" else "features: encode them as numbers first (ids for an embedding, or one-hot)")
+        raise TypeError(f"fit: {name} holds {'strings' if kind in 'US' else 'Python objects'} "
+                        f"({np.asarray(value).dtype}), not numbers; {what}")
+
+
+def check_arrays(x, y, batch_size, epochs, features: int | None = None) -> None:
+    """Clear errors for inputs a fit cannot use; ``features``: what the model's first layer takes."""
     check_count("batch_size", batch_size, 1, "a batch holds at least one row")
     check_count("epochs", epochs, 1, "no step would run")
     if y is None:
         return
+    _check_array("y", y)
     n = len(y)
     check_nonempty("y", n)
     columns = x.items() if isinstance(x, dict) else [("x", x)]
     for key, value in columns:
+        _check_array(key if isinstance(x, dict) else "x", value)
         if len(value) != n:
             raise ValueError(f"inputs {key!r} have {len(value)} rows but the targets have {n}")
+    if features is not None and not isinstance(x, dict) and np.ndim(x) == 2 and np.shape(x)[1] != features:
+        raise ValueError(f"fit: x has {np.shape(x)[1]} features (columns) but the model's first layer takes "
+                         f"{features}; pass the columns the model was built for, or build it for "
+                         f"{np.shape(x)[1]} inputs")
 
 
 def batches(x, y, *, batch_size, shuffle, rng, epoch, skip_rows, skip_positions, drop_last=False,

@@ -20,9 +20,10 @@ import numpy as np
 
 from . import logs
 from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm, resolve_loss
-from .frameworks import state_buffer_names
+from .frameworks import input_features as _input_features, state_buffer_names
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
 from .guard.driver import HostDriver, wants_diagnosis
+from .guard.entries import check_keywords, refuse
 from .guard.replay import replay_failed_step
 from .guard.settings import GuardSettings
 from .guard.snapshots import SnapshotStore
@@ -82,6 +83,8 @@ class StabilityTrainer:
                  dtype: str | None = None, device: str | None = None, scheduler=None, scaler=None,
                  verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True,
                  schedule=None, **settings):
+        check_keywords("StabilityTrainer", settings, ("backend", "dtype", "device", "scheduler", "scaler",
+                                                      "verify_updates", "progress", "diagnose", "schedule"))
         schedule = scheduler_from(scheduler, schedule, "StabilityTrainer")
         self.settings = GuardSettings(**settings_for(_framework_of(model) if not isinstance(model, MLP) else None,
                                                      settings, "StabilityTrainer"))
@@ -125,14 +128,14 @@ class StabilityTrainer:
         self._independent: bool | None = None  # may single rows be left out? (see _rows_independent)
         self._swaps = None  # on_nonfinite="repair": the call sites swapped for safe twins
         self.repairs: list = []  # (file, line, op, twin) of each swap
-        if self.settings.on_nonfinite == "repair" and self.backend.name != "torch":
-            raise ValueError("on_nonfinite='repair' swaps torch call sites; with Keras use 'skip' or 'auto' and "
-                             "make the change the diagnosis names")
 
     # -- setup ----------------------------------------------------------------
     def _updater(self, framework, schedule, scaler, verify_updates):
         B, opt = self.backend, self.optimizer
+        options = {"scaler": scaler, "verify_updates": verify_updates,  # checked against the one table
+                   "on_nonfinite": self.settings.on_nonfinite, "backend": B.name}
         if isinstance(opt, OptimizerSpec):
+            refuse("trainer-neutral", options, lead="StabilityTrainer with a stabilize.optim spec cannot take")
             if schedule is not None and not callable(schedule):
                 raise TypeError("with a stabilize.optim spec, scheduler is scheduler(applied_steps) -> factor")
             held = state_buffer_names(self.model)
@@ -159,6 +162,7 @@ class StabilityTrainer:
             if schedule is not None:
                 raise TypeError("with a keras optimizer, give the schedule as its learning_rate "
                                 "(a keras.optimizers.schedules.LearningRateSchedule)")
+            refuse("trainer-keras", options, lead="StabilityTrainer with a keras optimizer cannot take")
             from .integrations.keras_updater import KerasUpdater
 
             return KerasUpdater(B, self.model, opt, self.loss_fn, self.settings)
@@ -225,7 +229,7 @@ class StabilityTrainer:
         """
         from .resume import check_continuation
 
-        check_arrays(x, y, batch_size, epochs)
+        check_arrays(x, y, batch_size, epochs, _input_features(self._spec or self.model))
         if y is not None and not drop_last and rows_of(x) % batch_size == 1 and _has_batchnorm(self.model):
             raise ValueError(f"the last batch would hold 1 row ({rows_of(x)} rows, batch_size={batch_size}), and "
                              f"BatchNorm cannot train on one row: pass drop_last=True or change batch_size")
@@ -238,9 +242,10 @@ class StabilityTrainer:
         sup = self.supervisor
         call = dict(batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                     rows=len(y) if y is not None else None)
-        resume, self._resume = self._resume, None
+        resume = self._resume
         if resume is not None:  # finish the fit a mid-fit checkpoint was taken in
             check_continuation(resume, **call)
+            self._resume = None
             first, end, start, skip_before = resume["epoch"], resume["end"], resume["start"], resume["batch"]
             epoch_skip = set(resume["epoch_skip"])
         else:

@@ -62,6 +62,7 @@ def test_scenarios_run_as_claimed_exits_zero_with_the_table_on_stdout():
     assert "non-finite" not in out.stderr.replace("step 5 went non-finite", "")  # only the log line, if any
 
 
+@pytest.mark.slow  # a subprocess that imports TensorFlow
 @pytest.mark.needs("tensorflow")
 def test_scenarios_run_tensorflow_prints_no_import_chatter():
     out = cli("scenarios", "run", "high-lr", "fixed", "--backend", "tensorflow")
@@ -106,6 +107,7 @@ def test_broken_stabilize_toml_is_one_line(tmp_path):
     _one_line_error(cli("doctor", "high-lr", cwd=tmp_path), "stabilize.toml is not valid TOML", "fix or remove it")
 
 
+@pytest.mark.slow  # a subprocess that trains on both frameworks
 @pytest.mark.needs("tensorflow")
 def test_parity_honours_the_name_and_variant_filter():
     out = cli("scenarios", "parity", "high-lr", "--variant", "diverging", "--dtype", "float32")
@@ -160,6 +162,7 @@ def test_audit_bad_csv_is_a_one_line_error(tmp_path, content, fragments, capsys)
     assert all(f in lines[0] for f in fragments), lines[0]
 
 
+@pytest.mark.slow  # a subprocess that trains, diagnoses and plots
 @pytest.mark.needs("matplotlib")
 def test_doctor_diagnoses_exits_one_and_writes_the_plot(tmp_path):
     png = tmp_path / "doctor.png"

@@ -11,6 +11,9 @@ from stabilize import scenarios
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Each example is a subprocess that imports the frameworks and trains (the parity demo alone: ~90 s CPU).
+pytestmark = pytest.mark.slow
+
 
 def _run(args, env_extra=None, cwd=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env_extra or {}))

@@ -36,6 +36,7 @@ def _torch_loop(make_guard=None, epochs=10):
     return np.array(losses), model, guard
 
 
+@pytest.mark.slow  # a long fit (about 10 s of CPU)
 def test_torch_guard_rescues_a_hand_written_loop_on_high_lr():
     from conftest import load_backend
 

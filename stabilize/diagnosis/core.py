@@ -103,6 +103,11 @@ def _advice(cause: str, E: Evidence, ev) -> str:
         return f"{ev.name}{where} ({ev.detail()}); " + base
     if cause == "singular-op" and ev is not None and ev.op in SAFE_CALL:
         return f"use {SAFE_CALL[ev.op]} instead of {ev.name}{where}; " + base
+    if cause == "log-zero" and E.pred is not None and (E.pred.ndim == 1 or E.pred.shape[-1] == 1):
+        return (f"one output per sample is the binary case{where}: compute the loss from the logits, "
+                "torch.nn.functional.binary_cross_entropy_with_logits(logits, targets) (Keras: "
+                "keras.losses.BinaryCrossentropy(from_logits=True)), not log(sigmoid(z)); a clip of the "
+                "probability keeps the loss finite but zeroes its gradient")
     if cause == "masked-softmax" and ev is not None:
         return f"{ev.name}{where} has rows with every entry masked; " + base
     if cause == "low-precision" and ev is None and E.eps is not None:

@@ -16,11 +16,13 @@ trainer's data loop and is refused here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 from keras import ops
 
 from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.settings import GuardSettings
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
@@ -54,12 +56,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         super().__init__()
         self.guarded = guarded
         self.settings = guarded.settings
-        if self.settings.on_nonfinite == "repair":  # swaps torch call sites, in StabilityTrainer
-            raise ValueError("on_nonfinite='repair' swaps torch call sites in StabilityTrainer; with keras_guard "
-                             "use 'skip' or 'auto' and make the change the diagnosis names")
-        if self.settings.spike == "rewind":  # the callback does not own fit's data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with keras_guard")
+        refuse("keras_guard", dataclasses.asdict(self.settings))  # the one table (guard/entries.py)
         self.supervisor = Supervisor(self.settings)
         self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
         self._epoch = 0
@@ -115,10 +112,13 @@ class StabilizeGuard(keras.callbacks.Callback):
         train_step = type(model).train_step.__get__(model)
 
         state = self.guarded.ensure_state()
+        state.tracks_apply = outer is not None  # only a scaler around the guard may skip its apply
+        # Only policy ``auto`` treats a batch with non-finite values differently: the others trace no data check.
+        checks_data = self.settings.on_nonfinite == "auto"
 
         def guarded_train_step(data):  # Python runs here only while fit's step is traced
             self.tracing_count += 1
-            state.begin(data)
+            state.begin(data if checks_data else None)
             logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
             self._shadow(model, outer)
             scale = None if outer is None else outer.dynamic_scale
@@ -339,6 +339,8 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
     model at the first bad step and attaches a diagnosis.
     """
     check_optimizer(optimizer, "keras_guard")
+    check_keywords("keras_guard", settings)
+    refuse("keras_guard", {}, settings)  # settings no guard acts on (replay=), before any is built
     if isinstance(optimizer, GuardedOptimizer):  # a reloaded model's optimizer: a callback for it
         if settings:
             raise ValueError(f"this optimizer is already guarded with its own settings; pass no settings "

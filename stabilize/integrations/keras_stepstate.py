@@ -108,6 +108,9 @@ class StepState:
         self.stats = keras.Variable(np.zeros(len(ROW)), dtype="float64", trainable=False, autocast=False,
                                     name="stabilize_stats")
         self.called = keras.Variable(0, dtype="int32", trainable=False, autocast=False, name="stabilize_called")
+        # Whether the step writes ``called`` (:meth:`finish` reads it only for a loss scaler wrapped around
+        # the guard, which may skip ``apply``): two assigns a step that nothing else reads.
+        self.tracks_apply = False
         self.data_ok = keras.Variable(1, dtype="int32", trainable=False, autocast=False, name="stabilize_data_ok")
         self.data_ok_local = None
         # ``spike_lr_factor`` while a rewind lowers the rate (the Supervisor's ``Rate.after``), else 1
@@ -152,7 +155,8 @@ class StepState:
     def begin(self, data=None):
         """Start of the compiled step; with ``data``, note whether its float tensors are finite
         (policy ``auto`` skips a bad batch without backing off)."""
-        self.called.assign(0)
+        if self.tracks_apply:
+            self.called.assign(0)
         if data is not None:
             leaves = [t for t in keras.tree.flatten(data) if t is not None and "float" in str(getattr(t, "dtype", ""))]
             self.data_ok_local = ops.cast(all_finite(leaves), "int32")  # this replica's; apply reduces it
@@ -162,7 +166,8 @@ class StepState:
         """In the compiled step: the row, every field of :data:`ROW` named."""
         row = [ops.cast(values[name], "float64") for name in ROW]
         self.stats.assign(ops.stack(row))
-        self.called.assign(1)
+        if self.tracks_apply:
+            self.called.assign(1)
 
     def finish(self, protected: Protected | None, outer: Protected | None = None, loss=None, scale=None,
                min_loss_scale: float = 1.0, base_lr=None):
@@ -182,6 +187,8 @@ class StepState:
         committed = ops.equal(self.stats[_F["committed"]], 1.0)
         scaler_skip = ops.equal(self.stats[_F["scaler_skip"]], 1.0)
         if outer is not None:
+            if not self.tracks_apply:
+                raise RuntimeError("StepState.finish with an outer loss scaler needs tracks_apply=True before tracing")
             ran = ops.equal(self.called, 1)
             loss_ok = ops.convert_to_tensor(True) if loss is None else ops.all(ops.isfinite(loss))
             overflow = loss_ok & (ops.cast(scale, "float32") >= min_loss_scale)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import numbers
 import sys
@@ -19,6 +20,7 @@ import torch
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
 from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
@@ -30,6 +32,15 @@ from ..names import settings_for
 __all__ = ["TorchGuard", "check_model_and_optimizer", "check_scheduler"]
 
 logger = logging.getLogger("stabilize")
+
+
+# TorchGuard's own arguments besides the settings (for the closest-name hint of a wrong keyword).
+_OWN = ("scaler", "scheduler", "verify_updates", "restore_rng", "loss_fn", "process_group", "sync_free")
+
+
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_model_and_optimizer(model, optimizer) -> None:
@@ -144,13 +155,12 @@ class TorchGuard:
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
+        check_keywords("TorchGuard", settings, _OWN)
         self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
-        if self.settings.on_nonfinite == "repair":  # the guard does not run the forward pass again
-            raise ValueError("on_nonfinite='repair' reruns the step through a swapped call site, which needs "
-                             "StabilityTrainer; with TorchGuard use 'skip' or 'auto' and make the change the diagnosis names")
-        if self.settings.spike == "rewind":  # the guard does not own the data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with TorchGuard")
+        values = dict(dataclasses.asdict(self.settings), scaler=scaler, verify_updates=verify_updates, ranks=_ranks())
+        refuse("TorchGuard", values, settings)  # the one table (guard/entries.py)
+        if sync_free:
+            refuse("TorchGuard(sync_free)", values, settings, lead="sync_free=True cannot be combined with")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
@@ -160,9 +170,6 @@ class TorchGuard:
         self._deferred_at: collections.deque = collections.deque()  # sync_free: (epoch, batch) of unread steps
         self._verdict = None  # (verdict, epoch, batch, data) of a check not yet committed
         if sync_free:
-            if verify_updates:
-                raise ValueError("sync_free=True cannot be combined with verify_updates (each update is read "
-                                 "back before it stays): use one or the other")
             self._deferred = DeferredStep(self.state, self.settings)
             self._deferred.limits = self.supervisor.spike_limits
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
@@ -197,6 +204,14 @@ class TorchGuard:
         """Backward one micro-batch of an accumulated step (no update)."""
         (self._deferred or self._step).backward(loss)
 
+    def record(self, loss) -> None:
+        """Count one micro-batch loss whose backward a framework has already run (no backward here):
+        the next :meth:`step`/:meth:`check` with ``loss=None`` judges the sum of the recorded losses."""
+        if self._deferred is not None:
+            self._deferred._losses.append(loss.detach())
+        else:
+            self._step.record(loss)
+
     def step(self, loss=None, model=None, optimizer=None, batch=None, *, backward=True, epoch=None,
              data=None) -> bool:
         """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied.
@@ -214,7 +229,7 @@ class TorchGuard:
             epoch, batch, data = self._position(epoch, batch, data, read_late=True)
             self._driver.start()
             if loss is not None:
-                self._deferred.backward(loss) if backward else self._deferred._losses.append(loss.detach())
+                self._deferred.backward(loss) if backward else self.record(loss)
             self.flush()
             applied = self._deferred.step(self.supervisor.rate(), data)
             self._deferred_at.append((epoch, batch))
