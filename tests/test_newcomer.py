@@ -70,7 +70,7 @@ def test_torch_guard_logs_its_first_skip_and_names_no_epoch_it_does_not_know(cap
 
 def test_a_history_with_every_step_skipped_for_nan_gradients_says_no_step_was_applied():
     torch, model, opt = _torch_linear()
-    guard = stabilize.TorchGuard(model, opt)
+    guard = stabilize.TorchGuard(model, opt, max_bad_steps=5)  # 3 failures in a row: not yet a stop
     w0 = model.weight.detach().clone()
     for _ in range(3):
         x = torch.randn(8, 4)

@@ -283,8 +283,8 @@ class Supervisor:
         reason = ""
         if action == "raise" and not bad_data and self.policy.burning(cause):
             n = self.policy.stuck
-            reason = (f"the step failed on {n} batches in a row whose data are finite: {self.settings.on_nonfinite!r} "
-                      f"cannot cure a failure every batch repeats" + (f" (cause {cause}: "
+            reason = (f"the step failed on {n} batches in a row with no non-finite value found in their data: "
+                      f"{self.settings.on_nonfinite!r} cannot cure a failure every batch repeats" + (f" (cause {cause}: "
                       f"{self.diagnosis.advice.split(';')[0]})" if self.diagnosis is not None else ""))
         return Decision(action, stop=action == "raise", event=event, reason=reason)
 
