@@ -83,6 +83,8 @@ def input_features(model) -> int | None:
         return int(sizes[0])
     torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
     if torch is not None and isinstance(model, torch.nn.Module):
+        if not isinstance(model, (torch.nn.Sequential, torch.nn.Linear)):
+            return None  # a custom forward may give its first layer a slice of the input (a coupling layer)
         first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
         return first.in_features if type(first) is torch.nn.Linear else None
     if keras is not None and isinstance(model, keras.Model):
