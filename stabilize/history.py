@@ -18,7 +18,8 @@ class Event:
         batch_index: the batch's position in its epoch.
         epoch: the epoch; None where the loop's epochs are not known (a ``TorchGuard`` step not
             told them): the event then names the step alone.
-        kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound), ``"spike"``
+        kind: ``"nonfinite"``, ``"large-update"`` (update/weight ratio above the bound), ``"spike"``,
+            ``"left-out"`` (a batch a rewind or a rollback leaves out), ``"repair"`` (a call site swapped)
             (a finite loss or gradient norm above the spike detector's limit),
             ``"scaler"`` (a loss scaler skipped an overflowing step; not a failure) or ``"lr-growth"``.
         nonfinite: which of ``"loss"``, ``"gradients"``, ``"weights"``, ``"buffers"`` were non-finite.
@@ -48,7 +49,9 @@ class Event:
 
     def __str__(self) -> str:
         what = ", ".join(self.nonfinite) or {"spike": "above the spike limit",
-                                             "left-out": "a batch after a spike rewind"}.get(
+                                             "left-out": "the failing batch, whole (its rows depend on each other)"
+                                             if self.action == "whole-batch" else "a batch after a spike rewind",
+                                             "repair": "the diagnosed call site now calls its safe twin"}.get(
                                                  self.kind, "update ratio over the bound")
         return (
             f"step {self.step}{'' if self.epoch is None else f' (epoch {self.epoch}, batch {self.batch_index})'}: "

@@ -10,6 +10,7 @@ snapshots, the progress bar and the diagnosis of the first failed step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -125,11 +126,14 @@ class StabilityTrainer:
         self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=self.updater.weights_finite,
                                   native=self._native, verifies=getattr(self.updater, "verifies", False))
         self._independent: bool | None = None  # may single rows be left out? (see _rows_independent)
+        self._swaps = None  # on_nonfinite="repair": the call sites swapped for safe twins
+        self.repairs: list = []  # (file, line, op, twin) of each swap
 
     # -- setup ----------------------------------------------------------------
     def _updater(self, framework, schedule, scaler, verify_updates):
         B, opt = self.backend, self.optimizer
-        options = {"scaler": scaler, "verify_updates": verify_updates}  # checked against the one table
+        options = {"scaler": scaler, "verify_updates": verify_updates,  # checked against the one table
+                   "on_nonfinite": self.settings.on_nonfinite, "backend": B.name}
         if isinstance(opt, OptimizerSpec):
             refuse("trainer-neutral", options, lead="StabilityTrainer with a stabilize.optim spec cannot take")
             if schedule is not None and not callable(schedule):
@@ -297,7 +301,8 @@ class StabilityTrainer:
             pre = updater.capture()
         try:
             rate = sup.rate()  # the whole rate, applied as given (on the device for Keras)
-            stats = updater.run(xb, yb, rate, hook) if hook is not None else updater.run(xb, yb, rate)
+            with self._swaps if self._swaps else contextlib.nullcontext():  # call sites a repair swapped
+                stats = updater.run(xb, yb, rate, hook) if hook is not None else updater.run(xb, yb, rate)
         except Exception as exc:  # the user's forward or loss raised (labels out of range, a shape)
             self._explain(exc, xb, yb, batch)
             raise
@@ -321,15 +326,36 @@ class StabilityTrainer:
         decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch.position,
                                       position=(epoch, batch.position), rows=batch.rows, diagnose=diagnose)
         if whole and decision.action == "rolled-back":
-            sup.left_out_whole(epoch=epoch, batch=batch.position)
+            sup.note("left-out", "whole-batch", epoch=epoch, batch=batch.position)
         if self.diagnose and hook is None and wants_diagnosis(stats, decision, sup):
             self._diagnose(xb, yb, pre)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}", skipped=sup.not_applied,
                             spikes=sup.spikes.spikes if sup.spikes is not None else 0)
+        repaired = self._repair(decision, epoch, batch)
         self._driver.follow(decision, replay=lambda: replay_failed_step(updater, sup, xb, yb))
+        if repaired:  # the same batch once more, through the safe twin
+            return self._step(batch, epoch, bar)
         return bool(nonfinite_parts(stats))
+
+    def _repair(self, decision, epoch: int, batch: Batch) -> bool:
+        """``on_nonfinite="repair"``: swap the diagnosed call site for its safe twin (each site once)."""
+        d = self.supervisor.diagnosis
+        if self.settings.on_nonfinite != "repair" or decision.action != "skipped" or d is None or d.op is None:
+            return False
+        from .diagnosis.repair import CallSites
+
+        self._swaps = self._swaps or CallSites()
+        known = len(self._swaps.sites)
+        twin = self._swaps.add(d.op)
+        if twin is None or len(self._swaps.sites) == known:
+            return False
+        self.supervisor.note("repair", "swapped", epoch=epoch, batch=batch.position)
+        self.repairs.append((d.op.file, d.op.line, d.op.name, twin))
+        logger.warning("stabilize: repair: %s at %s:%s now calls %s for the rest of the run; make that change in "
+                       "your code", d.op.name, d.op.file, d.op.line, twin)
+        return True
 
     def _rows_independent(self, batch: Batch, faulty) -> bool:
         """Whether single rows may be left out of this model's batches: not when the model says so

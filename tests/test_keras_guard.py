@@ -162,7 +162,10 @@ def test_a_collapsed_loss_scale_goes_to_the_policy():
     X, y = _data()
     X *= 300.0
     model = _mixed()
-    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(1e-6), on_nonfinite="backoff", min_loss_scale=2.0**15)
+    # max_bad_steps=10: every one of the 8 batches overflows; with the default 3 the run would stop at the
+    # third (a failure every batch repeats at the same weights: backing off cannot cure it)
+    opt, cb = stabilize.keras_guard(keras.optimizers.SGD(1e-6), on_nonfinite="backoff", min_loss_scale=2.0**15,
+                                    max_bad_steps=10)
     _fit(model, opt, X, y, [cb])
     events = cb.history.events
     assert events and {e.kind for e in events} == {"nonfinite"} and events[0].action == "backed-off"

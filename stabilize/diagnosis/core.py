@@ -77,7 +77,7 @@ def _advice(cause: str, E: Evidence, ev) -> str:
     if cause == "bad-labels" and E.bad_ids:
         b = E.bad_ids
         what = "input ids" if b["what"] == "ids" else "labels"
-        into = f" ({b['where']} holds {b['range']})" if b.get("where") else ""
+        into = f" (embedding {b['where']!r} holds {b['range']} ids)" if b.get("where") else ""
         return (f"{what} {b['values']} in rows {b['rows']}{' ...' if b['n_rows'] > len(b['rows']) else ''} are "
                 f"outside [0, {b['range']}){into}; " + (base if what == "labels" else
                 "map unknown tokens to an <unk> id, or enlarge the embedding to the tokenizer's vocabulary "
@@ -95,14 +95,17 @@ def _advice(cause: str, E: Evidence, ev) -> str:
         return (f"{ev.name}{where} takes a constant that is ±inf in {ev.output_dtype} (a mask value such as -1e10 "
                 f"or -1e9; float16 holds up to 65504): use -1e4 or torch.finfo(dtype).min once, a boolean mask "
                 f"(stabilize.masked_softmax), or compute the masked softmax in float32")
-    if cause == "log-zero" and _after_sigmoid(E):
-        return (f"{ev.name if ev is not None else 'log'}{where} takes the log of a sigmoid that saturated to "
-                f"exactly 0 or 1: compute the loss from the logits: torch F.binary_cross_entropy_with_logits / "
-                f"F.logsigmoid, Keras tf.nn.sigmoid_cross_entropy_with_logits / BinaryCrossentropy(from_logits=True)")
     if cause in ("empty-mean", "exp-overflow") and ev is not None:
         return f"{ev.name}{where} ({ev.detail()}); " + base
     if cause == "singular-op" and ev is not None and ev.op in SAFE_CALL:
         return f"use {SAFE_CALL[ev.op]} instead of {ev.name}{where}; " + base
+    if cause == "log-zero" and (_after_sigmoid(E) or (E.y_binary and E.pred is not None
+                                                      and (E.pred.ndim == 1 or E.pred.shape[-1] == 1))):
+        return (f"the log of a sigmoid that saturated to exactly 0 or 1 (the binary case){where}: compute the loss "
+                "from the logits, "
+                "torch.nn.functional.binary_cross_entropy_with_logits(logits, targets) (Keras: "
+                "keras.losses.BinaryCrossentropy(from_logits=True)), not log(sigmoid(z)); a clip of the "
+                "probability keeps the loss finite but zeroes its gradient")
     if cause == "masked-softmax" and ev is not None:
         return f"{ev.name}{where} has rows with every entry masked; " + base
     if cause == "low-precision" and ev is None and E.eps is not None:
@@ -203,6 +206,7 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
         E.shown["first non-finite op (backward)"] = E.bwd.line_text()
     E.shown["ops traced"] = trace.get("n_ops", 0)
     yarr = np.asarray(yn)
+    E.y_binary = bool(yarr.size) and yarr.dtype.kind in "biuf" and bool(np.isin(yarr, (0, 1)).all())
     if yarr.dtype.kind == "f" and yarr.size and np.all(np.isfinite(yarr)):
         E.shown["target RMS"] = float(np.sqrt(np.mean(yarr.astype(np.float64) ** 2)))
     gather_history(E, step, lr, losses, grad_norms, weights_norm)

@@ -42,6 +42,7 @@ class Evidence:
     grad_spike: float = 1.0
     recurrent: bool = False
     params_finite: bool = True
+    y_binary: bool = True  # targets all 0 or 1 (a binary task)
     underflow: OpEvent | None = None  # the first half-precision op that flushed values to 0
     seen_ops: list = field(default_factory=list)
     bad_ids: dict = field(default_factory=dict)  # {"values": [...], "rows": [...], "range": n, "where": ...}

@@ -57,6 +57,12 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("replay", GUARDS, lambda v, g: "replay" in g,
             "a guard does not own the forward pass, so it cannot replay a failing step; replay acts only in "
             "StabilityTrainer (before a rollback or a rewind)"),
+    Refusal("on_nonfinite='repair'", GUARDS, lambda v, g: v.get("on_nonfinite") == "repair",
+            "it runs the failing step again through the swapped call site, which needs StabilityTrainer's loop; "
+            "use 'skip' or 'auto' and make the change the diagnosis names"),
+    Refusal("on_nonfinite='repair'", ("trainer-keras", "trainer-neutral"),
+            lambda v, g: v.get("on_nonfinite") == "repair" and v.get("backend") != "torch",
+            "it swaps torch call sites; with Keras use 'skip' or 'auto' and make the change the diagnosis names"),
     Refusal("on_nonfinite='rollback'", _SYNC_FREE, lambda v, g: v.get("on_nonfinite") == "rollback",
             "a restore must follow the bad step, which a step read one step late cannot do"),
     Refusal("a GradScaler", _SYNC_FREE, lambda v, g: v.get("scaler") is not None,

@@ -119,7 +119,7 @@ class Policy:
                 return "raise"
             self.backoffs = min(self.backoffs + 1, _SATURATE)
             return "backed-off"
-        if mode == "skip":
+        if mode in ("skip", "repair"):  # repair: the trainer swaps the diagnosed call site, then reruns
             return "skipped"
         if mode == "backoff":
             self.backoffs = min(self.backoffs + 1, _SATURATE)
@@ -137,7 +137,7 @@ class Policy:
     def burning(self, cause: str | None) -> bool:
         """Whether the failing batches in a row with finite data are enough to stop (module docstring)."""
         n, mode = self.settings.max_bad_steps, self.settings.on_nonfinite
-        if self.stuck >= n and (mode == "skip" or not _rate_cause(cause)):
+        if self.stuck >= n and (mode in ("skip", "repair") or not _rate_cause(cause)):
             return True
         if mode == "rollback":
             return False  # a rollback restores other weights: bounded by max_rollbacks

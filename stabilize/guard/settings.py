@@ -21,7 +21,7 @@ from ..validate import check_count, check_positive_finite
 
 __all__ = ["POLICIES", "SPIKE_ACTIONS", "ALARMS", "REPLAYS", "GROUPS", "GuardSettings"]
 
-POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto")
+POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto", "repair")
 SPIKE_ACTIONS = (None, "clip", "skip", "rewind")
 ALARMS = ("warn", "raise", "off")
 REPLAYS = ("on", "off")
@@ -64,13 +64,17 @@ class GuardSettings:
         clip_norm: clip the gradients to this global L2 norm (``clip_grads``); None: no clipping.
         clip_value: clamp each gradient element to ``[-v, v]`` first; None: no clamping.
         on_nonfinite: ``"skip"`` (default), ``"backoff"``, ``"rollback"``, ``"raise"``,
-            ``"auto"`` (the reaction follows the cause: see :mod:`~stabilize.guard.policies`)
+            ``"auto"`` (the reaction follows the cause: see :mod:`~stabilize.guard.policies`),
+            ``"repair"`` (StabilityTrainer, torch: skip, and swap the diagnosed call site for
+            stabilize's safe twin, then run the step again: :mod:`~stabilize.diagnosis.repair`)
             or ``"ignore"`` (unguarded: every update is applied, to reproduce a failure).
         backoff_factor: the rate is multiplied by this at each back-off, in (0, 1).
         min_lr: the back-off never takes the rate below this.
         grow_after: after this many clean steps in a row, undo one back-off
             (None: never), so intermittent bad batches do not stall a run.
-        max_bad_steps: rollback after this many bad steps in a row.
+        max_bad_steps: rollback after this many bad steps in a row; under every policy, a failure
+            that this many batches with finite data repeat in a row stops the run with the diagnosis
+            when no smaller rate can cure it (:mod:`~stabilize.guard.policies`).
         max_rollbacks: raise after this many rollbacks.
         snapshot_every: applied steps between rollback snapshots (rollback only).
         snapshot_to: where the rollback snapshot is held: ``"device"`` (default), ``"host"``

@@ -31,7 +31,7 @@ import logging
 import math
 from typing import Any, NamedTuple
 
-from ..distributed import is_main, unwrap
+from ..distributed import is_main, unwrap, world_size
 from ..errors import NonFiniteError, SkipAlarmError
 from ..history import Event, History
 from .policies import Policy
@@ -251,7 +251,9 @@ class Supervisor:
         self._streak.append(((epoch, batch) if position is None else position, rows, bad_data))
         if diagnose is not None and self.diagnosis is None and any(p in bad for p in ("loss", "gradients", "weights")):
             diagnose()  # before the policy: the cause decides
-        cause = self.diagnosis.cause if self.diagnosis is not None else None
+        # The diagnosis is rank-local (each rank replays its own batch): with several ranks it must not
+        # steer the decision, which every rank takes alike from the reduced flags.
+        cause = self.diagnosis.cause if self.diagnosis is not None and world_size() == 1 else None
         action = self.policy.on_bad(bad_data, cause, at_weights="loss" in bad or "gradients" in bad)
         if broken and self.settings.guarded:
             # An earlier update (a native optimizer's, applied before it could be checked) left
@@ -286,16 +288,17 @@ class Supervisor:
         reason = ""
         if action == "raise" and not bad_data and self.policy.burning(cause):
             n = self.policy.stuck
-            reason = (f"the step failed on {n} batches in a row whose data are finite: {self.settings.on_nonfinite!r} "
-                      f"cannot cure a failure every batch repeats" + (f" (cause {cause}: "
+            reason = (f"the step failed on {n} batches in a row with no non-finite value found in their data: "
+                      f"{self.settings.on_nonfinite!r} cannot cure a failure every batch repeats" + (f" (cause {cause}: "
                       f"{self.diagnosis.advice.split(';')[0]})" if self.diagnosis is not None else ""))
         return Decision(action, stop=action == "raise", event=event, reason=reason)
 
-    def left_out_whole(self, *, epoch: int, batch: int) -> None:
-        """Record that a rollback leaves the failing batch out whole: the model's batch is not a set of
-        independent rows (it declares ``rows_independent = False``, or its forward fails without a row)."""
+    def note(self, kind: str, action: str, *, epoch: int, batch: int) -> None:
+        """Record what the adapter did about the last step: ``("left-out", "whole-batch")``, a rollback
+        left the failing batch out whole (its rows depend on each other: ``rows_independent = False``,
+        or the forward failed without a row); ``("repair", "swapped")``, a call site was swapped."""
         nan = float("nan")
-        self._record(Event(self.step - 1, batch, epoch, "left-out", (), "whole-batch", nan, nan, nan))
+        self._record(Event(self.step - 1, batch, epoch, kind, (), action, nan, nan, nan))
 
     def replayed(self, verdict: str | None) -> Event | None:
         """Add a replay's verdict (``"transient"``, ``"reproducible"``, None: no verdict) to the
@@ -362,7 +365,7 @@ class Supervisor:
                           pending={"loss": nan, "grad_norm": nan, "lr": lr})
         self.diagnosis = first if first is not None else d
         if d is not None and not any(str(n).startswith("stabilize:") for n in getattr(exc, "__notes__", ())):
-            exc.add_note(f"stabilize: {d.line()}")
+            exc.add_note(d.line())  # "stabilize: step ... cause ... fix: ..."
         return d
 
     def raise_for(self, decision: Decision, history: History | None = None) -> None:

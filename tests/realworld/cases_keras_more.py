@@ -27,7 +27,7 @@ def _built(model, x):
 # -- low-precision: attention masks and normalisation in float16 -----------------------
 class _HalfAttention(keras.Model):
     def __init__(self, fill=None, fixed=False):
-        super().__init__(dtype="float16")
+        super().__init__(dtype="float16", name="half_attention")  # a name tf.function scopes accept
         keras.utils.set_random_seed(0)
         self.emb = keras.layers.Embedding(10, 8, dtype="float16")
         self.q, self.k = keras.layers.Dense(8, dtype="float16"), keras.layers.Dense(8, dtype="float16")
@@ -79,7 +79,7 @@ def fp16_finfo_min_mask(fixed=False):
 
 class _HalfNormNet(keras.Model):
     def __init__(self, norm, fixed, scale=1.0):
-        super().__init__(dtype="float16")
+        super().__init__(dtype="float16", name="half_norm_net")
         self.inp = _dense(4, 8, bias=0.0, dtype="float16")
         self.out = _dense(8, 1, seed=1, dtype="float16")
         k, b = self.inp.get_weights()
@@ -193,7 +193,7 @@ class _DenseGCN(keras.Model):
     rows_independent = False  # a node's output depends on other rows: never leave single rows out
 
     def __init__(self, adjacency, self_loops):
-        super().__init__()
+        super().__init__(name="dense_gcn")
         a = adjacency + np.eye(len(adjacency)) if self_loops else adjacency
         self.adj = tf.constant(a, tf.float32)
         self.l1, self.l2 = _dense(3, 8), _dense(8, 2, seed=1)
@@ -214,7 +214,7 @@ class _DenseGAT(keras.Model):
     rows_independent = False
 
     def __init__(self, adjacency, self_loops):
-        super().__init__()
+        super().__init__(name="dense_gat")
         a = adjacency + np.eye(len(adjacency)) if self_loops else adjacency
         self.adj = tf.constant(a > 0)
         self.w, self.src, self.dst, self.out = _dense(3, 8), _dense(8, 1, seed=1), _dense(8, 1, seed=2), _dense(8, 2, seed=3)
@@ -271,7 +271,7 @@ def seq2seq_all_padding(fixed=False):
 # -- exp-overflow ------------------------------------------------------------------------------
 class _Encoder(keras.Model):
     def __init__(self, fixed):
-        super().__init__()
+        super().__init__(name="encoder")
         self.mu, self.logvar, self.dec = _dense(4, 2), _dense(4, 2, seed=1), _dense(2, 4, seed=2)
         k, b = self.logvar.get_weights()
         self.logvar.set_weights([k * 60.0, b])
@@ -300,7 +300,7 @@ def vae_exp_logvar(fixed=False):
 
 class _Coupling(keras.Model):
     def __init__(self, fixed):
-        super().__init__()
+        super().__init__(name="coupling")
         self.net, self.fixed = _dense(2, 4), fixed
         k, b = self.net.get_weights()
         self.net.set_weights([k * 80.0, b])

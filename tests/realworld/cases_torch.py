@@ -362,4 +362,4 @@ def high_learning_rate(fixed=False):
     return Setup(model, F.mse_loss, _sgd(model, lr), [_regression()], steps=40, lr=lr)
 
 
-from . import cases_torch_more  # noqa: E402,F401 - registers the cases of issue 19
+from . import cases_torch_losses, cases_torch_more  # noqa: E402,F401 - registers the cases of issue 19

@@ -61,7 +61,8 @@ def _data(s):
     steps = max(s.steps, 2 * MAX_BAD + 2)
     x, y = s.batches[0]
     as_np = lambda v: v.numpy() if hasattr(v, "numpy") else np.asarray(v)  # noqa: E731
-    if len(s.batches) == 1 and not isinstance(x, dict) and len(as_np(x)) == len(as_np(y)):
+    plain = all(as_np(v).dtype.kind != "f" or as_np(v).dtype == np.float32 for v in (x, y))  # fit casts to the model's
+    if len(s.batches) == 1 and not isinstance(x, dict) and len(as_np(x)) == len(as_np(y)) and plain:
         return dict(x=as_np(x), y=as_np(y), batch_size=len(as_np(y)), epochs=steps, shuffle=False)
     return dict(x=[s.batches[i % len(s.batches)] for i in range(steps)], epochs=1)
 

@@ -81,6 +81,12 @@ def _policies() -> None:
           f"with the right diagnosis, or bad data skipped and listed):")
     for p, (ok, rescued, crashed) in totals.items():
         print(f"- {p}: ok {ok}/{n}, rescued {rescued}, crashes {crashed}")
+    torch_cases = [c for c in CATALOGUE if "torch" in c.frameworks]
+    repaired = [c.name for c in torch_cases if run("torch", c.name, "repair").kind == "rescued"]
+    skipped = [c.name for c in torch_cases if run("torch", c.name, "skip").kind == "rescued"]
+    ok = sum(run("torch", c.name, "repair").ok(c.cause) for c in torch_cases)
+    print(f"- repair (torch, opt in): ok {ok}/{len(torch_cases)}, rescued {len(repaired)} (skip rescues "
+          f"{len(skipped)}); rescued only with repair: {sorted(set(repaired) - set(skipped))}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def test_same_cause_on_torch_and_keras(case):
     assert result("torch", case.name, False)[0].cause == result("keras", case.name, False)[0].cause
 
 
+@pytest.mark.slow  # a second run of every case
 @pytest.mark.parametrize("case,framework", PAIRS)
 def test_no_diagnosis_on_the_fixed_variant(case, framework):
     d, steps = result(framework, case.name, True)
