@@ -32,6 +32,7 @@ def test_same_cause_on_torch_and_keras(case):
     assert result("torch", case.name, False)[0].cause == result("keras", case.name, False)[0].cause
 
 
+@pytest.mark.slow  # every fixed variant trains to the end on both frameworks
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.name)
 def test_no_diagnosis_on_the_fixed_variant(case, framework):
