@@ -13,10 +13,9 @@ import pytest
 from stabilize import parity, scenarios
 
 CASES = [(n, v) for n in scenarios.names() for v in scenarios.variants(n)]
-# The variants that train to the end on both backends (3-8 s of CPU each): in the slow run (-m slow).
-LONG = {("unscaled-inputs", "fixed"), ("unscaled-inputs", "leaky"), ("log-zero", "clipped"), ("log-zero", "fixed"),
-        ("high-lr", "fixed"), ("high-lr", "backoff")}
-PARAMS = [pytest.param(n, v, marks=pytest.mark.slow) if (n, v) in LONG else pytest.param(n, v) for n, v in CASES]
+# The variants that do not diverge train to the end on both backends (3-8 s of CPU each): in the slow
+# run (-m slow). The diverging ones stop at their first non-finite step, and stay in the fast run.
+PARAMS = [pytest.param(n, v, marks=pytest.mark.slow) if v != "diverging" else pytest.param(n, v) for n, v in CASES]
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +73,7 @@ def test_catalogue_has_every_scenario_and_variant_of_the_map():
         scenarios.build("log-zero", "x")
 
 
-@pytest.mark.slow  # a variant in LONG
+@pytest.mark.slow  # a variant that trains to the end
 def test_log_zero_clipped_stalls_with_exactly_zero_gradient_where_clipped():
     for traj in _report("log-zero", "clipped", "float64").trajectories.values():
         f = traj.facts
@@ -83,7 +82,7 @@ def test_log_zero_clipped_stalls_with_exactly_zero_gradient_where_clipped():
         assert f["stalled"]
 
 
-@pytest.mark.slow  # a variant in LONG
+@pytest.mark.slow  # a variant that trains to the end
 def test_unscaled_leaky_variant_fits_the_scaler_on_all_rows():
     from sklearn.preprocessing import StandardScaler
 
@@ -96,6 +95,7 @@ def test_unscaled_leaky_variant_fits_the_scaler_on_all_rows():
     assert t.facts["test_rmse_original_units"] < 150  # predictions inverse-transformed to the original scale
 
 
+@pytest.mark.slow  # a variant that trains to the end
 def test_dirty_data_fixed_names_the_bad_cells_and_lists_dropped_rows():
     t = _report("dirty-data", "fixed", "float64").trajectories["torch"]
     msg = t.facts["check_finite"]
@@ -104,6 +104,7 @@ def test_dirty_data_fixed_names_the_bad_cells_and_lists_dropped_rows():
     assert t.facts["dropped_rows"] == [101, 102, 117, 200]
 
 
+@pytest.mark.slow  # a variant that trains to the end
 def test_masked_loss_diverging_prints_finite_losses_over_nan_weights():
     for traj in _report("masked-loss", "diverging", "float64").trajectories.values():
         assert traj.facts["losses_all_finite"] and not traj.facts["weights_finite_at_end"]
@@ -114,7 +115,7 @@ def test_masked_loss_diverging_prints_finite_losses_over_nan_weights():
         assert traj.facts["weights_finite_at_end"]
 
 
-@pytest.mark.slow  # a variant in LONG
+@pytest.mark.slow  # a variant that trains to the end
 def test_high_lr_backoff_rescues_the_original_rate():
     for traj in _report("high-lr", "backoff", "float64").trajectories.values():
         assert traj.history.lrs[0] == 0.5
