@@ -10,6 +10,7 @@ from .errors import (
     BackendNotAvailableError,
     ConfigError,
     NonFiniteError,
+    RankLostError,
     StabilizeError,
     UnknownBackendError,
 )
@@ -38,7 +39,7 @@ def __getattr__(name):
         from .integrations.torch_guard import TorchGuard
 
         return TorchGuard
-    if name in ("scenarios", "parity", "integrations", "guard"):
+    if name in ("scenarios", "parity", "integrations", "guard", "lightning", "hf"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
@@ -88,4 +89,5 @@ __all__ = [
     "UnknownBackendError",
     "BackendNotAvailableError",
     "NonFiniteError",
+    "RankLostError",
 ]

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StabilizeError
+from .validate import check_path
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "save", "load", "read_header", "upgrade",
            "FORMAT_VERSION", "STALE_AFTER"]
@@ -201,7 +202,7 @@ def save(path, state, *, meta: dict | None = None) -> Path:
         TypeError: ``state`` holds something other than tensors, arrays and plain values.
         CheckpointWriteError: the file could not be written (it names the path and the cause).
     """
-    path = Path(path)
+    path = Path(check_path(path, "save_checkpoint"))
     tensors: list = []
     structure = _encode(state, tensors)
     codec, payload = _pack(tensors)
@@ -273,7 +274,7 @@ def _json(raw: bytes):
 
 
 def _read(path, *, legacy: bool = False) -> tuple[dict, bytes]:
-    path = Path(path)
+    path = Path(check_path(path, "load_checkpoint"))
     where = f"checkpoint {str(path)!r}"
     data = _bytes_of(path, where)
     hlen, raw = _split(data, where)

@@ -131,6 +131,10 @@ def clip_grads(
         (5.0, [0.6, 0.8])
     """
     max_norm, max_value, norm_type = _check_bounds(max_norm, max_value, norm_type)
+    if grads is None:
+        raise TypeError("clip_grads: grads is None; pass the gradients: [p.grad for p in model.parameters()] "
+                        "after loss.backward() (or clip_grads_(model.parameters(), max_norm) in place), or "
+                        "tape.gradient(loss, model.trainable_variables) in TensorFlow")
     grads = _materialise(grads)
     single = not isinstance(grads, (list, tuple, dict))
     tree = [grads] if single else grads

@@ -181,6 +181,9 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}); fix or remove it") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib decodes before it parses
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}), so "
+                          f"not valid TOML; save it as UTF-8 or remove it") from None
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read ({exc.strerror})") from None
 

@@ -14,6 +14,7 @@ __all__ = [
     "NonFiniteError",
     "ConfigError",
     "SkipAlarmError",
+    "RankLostError",
 ]
 
 
@@ -80,3 +81,8 @@ class NonFiniteError(StabilizeError, FloatingPointError):
 
 class SkipAlarmError(StabilizeError, RuntimeError):
     """Too many recent steps were not applied (``skip_alarm="raise"``): the run is not training."""
+
+
+class RankLostError(StabilizeError, RuntimeError):
+    """A rank of the process group is gone (killed, out of memory): the guarded step's collective
+    cannot complete, and the ranks can no longer decide together. The message names the lost rank."""

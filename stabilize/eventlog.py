@@ -111,7 +111,7 @@ class EventLog:
     def _drop_torn_tail(self) -> None:
         """A writer killed mid-append leaves a last line without its newline: cut it before appending."""
         self._checked_tail = True
-        if not self.path.exists():
+        if not self.path.is_file():  # missing, or a device (reading /dev/full never ends)
             return
         with open(self.path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
@@ -120,13 +120,17 @@ class EventLog:
             if not tail or tail.endswith(b"\n"):
                 return
             cut = tail.rfind(b"\n")
+            try:  # a whole record that only lacks its newline: end it
+                whole = isinstance(json.loads(tail[cut + 1:].decode("utf-8")), dict)
+            except (UnicodeDecodeError, ValueError):
+                whole = False
             keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size)
+            if whole or keep == size:  # (a last line over 64 KiB is not one of ours: ended, not cut)
+                f.write(b"\n")
+                return
             warnings.warn(f"stabilize: event log {str(self.path)!r} ended in a torn line (a writer died "
                           f"mid-append); it was cut before appending", RuntimeWarning, stacklevel=4)
-            if keep == size:  # a last line longer than 64 KiB is not one of ours: end it instead
-                f.write(b"\n")
-            else:
-                f.truncate(keep)
+            f.truncate(keep)
 
     def _failed(self, exc: OSError) -> None:
         self.failures += 1

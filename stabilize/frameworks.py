@@ -3,14 +3,18 @@
 The trainer takes models, optimizers and losses of several frameworks; these
 questions are answered without importing a framework the user has not
 imported themselves. :func:`resolve_loss` turns the trainer's ``loss=`` into
-one ``loss(pred, target)``.
+one ``loss(pred, target)``; a loss of the user's own is watched once for a target whose shape
+it would silently broadcast against the prediction (the built-in losses refuse that outright).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+import warnings
 
-__all__ = ["framework_of", "keras_convention", "state_buffer_names", "has_batchnorm", "resolve_loss"]
+__all__ = ["framework_of", "keras_convention", "state_buffer_names", "has_batchnorm", "input_features",
+           "resolve_loss", "broadcasts_silently"]
 
 
 def framework_of(obj) -> str | None:
@@ -68,8 +72,59 @@ def resolve_loss(loss, framework: str | None):
     if not callable(loss):
         raise TypeError(f"loss must be a callable or one of {sorted(named)}, got {type(loss).__name__}")
     if keras_convention(loss, framework):
-        return lambda pred, target: loss(target, pred)  # Keras order: (y_true, y_pred)
-    return loss
+        return _watched(lambda pred, target: loss(target, pred), loss)  # Keras order: (y_true, y_pred)
+    return _watched(loss, loss)
+
+
+def input_features(model) -> int | None:
+    """The number of input features a model's first layer takes, when it is a dense layer that says so."""
+    sizes = getattr(model, "sizes", None)  # a stabilize.models.MLP spec
+    if sizes is not None:
+        return int(sizes[0])
+    torch, keras = sys.modules.get("torch"), sys.modules.get("keras")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+        return first.in_features if type(first) is torch.nn.Linear else None
+    if keras is not None and isinstance(model, keras.Model):
+        try:
+            inputs = model.inputs if model.built else None
+        except (AttributeError, ValueError):  # a subclassed model has no symbolic inputs
+            inputs = None
+        shape = getattr(inputs[0], "shape", None) if inputs and len(inputs) == 1 else None
+        return int(shape[-1]) if shape is not None and len(shape) == 2 and shape[-1] is not None else None
+    return None
+
+
+def broadcasts_silently(pred_shape, target_shape) -> bool:
+    """Whether an elementwise loss would broadcast these shapes into a wrong one: ``(N, 1)`` against
+    ``(N, 3)`` or ``(N,)``. Class logits ``(N, C)`` against labels ``(N,)`` are not that."""
+    p, t = tuple(pred_shape), tuple(target_shape)
+    if p == t or None in p or None in t:
+        return False
+    if len(p) == len(t):
+        return all(a == b or 1 in (a, b) for a, b in zip(p, t))
+    longer, shorter = (p, t) if len(p) > len(t) else (t, p)
+    return len(longer) == len(shorter) + 1 and longer[-1] == 1 and longer[:-1] == shorter
+
+
+def _watched(fn, loss):
+    """``fn``, warning once when the first batch's target would be broadcast against the prediction."""
+    seen = []
+
+    @functools.wraps(fn)
+    def watched(pred, target):
+        shapes = getattr(pred, "shape", None), getattr(target, "shape", None)
+        if not seen and None not in shapes:
+            seen.append(True)
+            if broadcasts_silently(*shapes):
+                name = getattr(loss, "__name__", type(loss).__name__)
+                warnings.warn(f"the model's output has shape {tuple(shapes[0])} but the targets {tuple(shapes[1])}: "
+                              f"the loss {name} broadcasts them into a loss over the wrong pairs; give the model one "
+                              f"output per target column, or reshape y", UserWarning, stacklevel=2)
+        return fn(pred, target)
+
+    return watched
+
 
 
 def register_keras_objects() -> None:

@@ -19,9 +19,10 @@ import numpy as np
 
 from . import logs
 from .frameworks import framework_of as _framework_of, has_batchnorm as _has_batchnorm, resolve_loss
-from .frameworks import state_buffer_names
+from .frameworks import input_features as _input_features, state_buffer_names
 from .data import Batch, batch_finite, batches, check_arrays, nonfinite_rows, rows_of
 from .guard.driver import HostDriver, wants_diagnosis
+from .guard.entries import check_keywords, refuse
 from .guard.replay import replay_failed_step
 from .guard.settings import GuardSettings
 from .guard.snapshots import SnapshotStore
@@ -81,6 +82,8 @@ class StabilityTrainer:
                  dtype: str | None = None, device: str | None = None, scheduler=None, scaler=None,
                  verify_updates: bool = False, progress: bool | None = None, diagnose: bool = True,
                  schedule=None, **settings):
+        check_keywords("StabilityTrainer", settings, ("backend", "dtype", "device", "scheduler", "scaler",
+                                                      "verify_updates", "progress", "diagnose", "schedule"))
         schedule = scheduler_from(scheduler, schedule, "StabilityTrainer")
         self.settings = GuardSettings(**settings_for(_framework_of(model) if not isinstance(model, MLP) else None,
                                                      settings, "StabilityTrainer"))
@@ -121,11 +124,14 @@ class StabilityTrainer:
         self._shuffle = Shuffle()
         self._driver = HostDriver(self.supervisor, self._snapshots, weights_finite=self.updater.weights_finite,
                                   native=self._native, verifies=getattr(self.updater, "verifies", False))
+        self._independent: bool | None = None  # may single rows be left out? (see _rows_independent)
 
     # -- setup ----------------------------------------------------------------
     def _updater(self, framework, schedule, scaler, verify_updates):
         B, opt = self.backend, self.optimizer
+        options = {"scaler": scaler, "verify_updates": verify_updates}  # checked against the one table
         if isinstance(opt, OptimizerSpec):
+            refuse("trainer-neutral", options, lead="StabilityTrainer with a stabilize.optim spec cannot take")
             if schedule is not None and not callable(schedule):
                 raise TypeError("with a stabilize.optim spec, scheduler is scheduler(applied_steps) -> factor")
             held = state_buffer_names(self.model)
@@ -152,6 +158,7 @@ class StabilityTrainer:
             if schedule is not None:
                 raise TypeError("with a keras optimizer, give the schedule as its learning_rate "
                                 "(a keras.optimizers.schedules.LearningRateSchedule)")
+            refuse("trainer-keras", options, lead="StabilityTrainer with a keras optimizer cannot take")
             from .integrations.keras_updater import KerasUpdater
 
             return KerasUpdater(B, self.model, opt, self.loss_fn, self.settings)
@@ -218,7 +225,7 @@ class StabilityTrainer:
         """
         from .resume import check_continuation
 
-        check_arrays(x, y, batch_size, epochs)
+        check_arrays(x, y, batch_size, epochs, _input_features(self._spec or self.model))
         if y is not None and not drop_last and rows_of(x) % batch_size == 1 and _has_batchnorm(self.model):
             raise ValueError(f"the last batch would hold 1 row ({rows_of(x)} rows, batch_size={batch_size}), and "
                              f"BatchNorm cannot train on one row: pass drop_last=True or change batch_size")
@@ -231,9 +238,10 @@ class StabilityTrainer:
         sup = self.supervisor
         call = dict(batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                     rows=len(y) if y is not None else None)
-        resume, self._resume = self._resume, None
+        resume = self._resume
         if resume is not None:  # finish the fit a mid-fit checkpoint was taken in
             check_continuation(resume, **call)
+            self._resume = None
             first, end, start, skip_before = resume["epoch"], resume["end"], resume["start"], resume["batch"]
             epoch_skip = set(resume["epoch_skip"])
         else:
@@ -259,7 +267,8 @@ class StabilityTrainer:
                     rng = self._shuffle.rng(seed=seed, epoch=epoch, n=len(y)) if y is not None and shuffle else None
                     for batch in batches(x, y, batch_size=batch_size, shuffle=shuffle, rng=rng, epoch=epoch,
                                          skip_rows=epoch_skip, skip_positions=sup.skip_positions,
-                                         drop_last=drop_last):
+                                         drop_last=drop_last, whole=self._independent is False
+                                         or getattr(self.model, "rows_independent", True) is False):
                         if epoch == first and batch.position < skip_before:
                             continue  # trained before the checkpoint this fit resumes from
                         if max_steps is not None and sup.step - start >= max_steps:
@@ -310,6 +319,8 @@ class StabilityTrainer:
             self._explain(exc, xb, yb, batch)
             raise
 
+        whole = []
+
         def bad_data():  # only for a failed step: array data names the offending rows, read on the host
             if batch.rows is not None:
                 faulty = nonfinite_rows(batch.x, batch.y)
@@ -318,10 +329,16 @@ class StabilityTrainer:
                 found, rows = not batch_finite(self.backend, xb, yb), batch.rows
             if hasattr(updater, "on_any_rank"):  # the same verdict on every rank
                 found = updater.on_any_rank(found)
+            if found and batch.rows is not None and sup.wants_snapshot and not self._rows_independent(batch, rows):
+                whole.append(True)  # never leave single rows out of a batch whose rows depend on each other
+                rows = batch.rows
             return found, rows
 
+        diagnose = (lambda: self._diagnose(xb, yb, pre)) if self.diagnose and hook is None else None  # noqa: E731
         decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch.position,
-                                      position=(epoch, batch.position), rows=batch.rows)
+                                      position=(epoch, batch.position), rows=batch.rows, diagnose=diagnose)
+        if whole and decision.action == "rolled-back":
+            sup.left_out_whole(epoch=epoch, batch=batch.position)
         if self.diagnose and hook is None and wants_diagnosis(stats, decision, sup):
             self._diagnose(xb, yb, pre)
         if bar is not None:
@@ -331,18 +348,38 @@ class StabilityTrainer:
         self._driver.follow(decision, replay=lambda: replay_failed_step(updater, sup, xb, yb))
         return bool(nonfinite_parts(stats))
 
+    def _rows_independent(self, batch: Batch, faulty) -> bool:
+        """Whether single rows may be left out of this model's batches: not when the model says so
+        (``rows_independent = False``: a full-graph GNN, a set model, batch statistics it relies on)
+        or when its forward fails on the batch without those rows (asked once, at the first rollback)."""
+        declared = getattr(self.model, "rows_independent", None)
+        if declared is not None:
+            return bool(declared)
+        if self._independent is None:
+            keep = ~np.isin(batch.rows, faulty)
+            take = lambda v: np.asarray(v)[keep]  # noqa: E731
+            xb = {k: take(v) for k, v in batch.x.items()} if isinstance(batch.x, dict) else take(batch.x)
+            try:
+                out = self.updater.predict(self._convert(xb))
+                self._independent = len(out) == int(keep.sum())
+            except Exception:  # noqa: BLE001 - the forward cannot take the batch without the rows
+                self._independent = False
+        return self._independent
+
     def _explain(self, exc, xb, yb, batch):
         """A step raised: put back what its forward pass changed, and add the diagnosis of the
         replay to the exception (a label out of range raises on the CPU, and is NaN on a GPU)."""
         state = getattr(self.updater, "state", None)
         if state is not None:
             state.undo_forward()
-        if not self.diagnose or self.supervisor.diagnosis is not None:
+        if not self.diagnose:
             return
-        pending = {"loss": float("nan"), "grad_norm": float("nan"), "lr": self.current_lr(), "batch": batch.position}
-        diagnosis = self._diagnose(xb, yb, None, pending)
-        if diagnosis is not None:
-            exc.add_note(f"stabilize: {diagnosis.line()}")
+        try:
+            self.supervisor.explain(exc, self.backend, self.model, self.loss_fn, xb, yb, self.params,
+                                    lr=self.current_lr(), optimizer=self.optimizer if self._native else None)
+        finally:
+            if state is not None:
+                state.undo_forward()  # the replay's forward pass changed buffers and RNG
 
     def _step_failed_after_the_fact(self, epoch):
         sup = self.supervisor

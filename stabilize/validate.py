@@ -28,6 +28,7 @@ __all__ = [
     "check_count",
     "check_nonempty",
     "check_optimizer",
+    "check_path",
     "float_dtype",
     "convert",
 ]
@@ -127,3 +128,13 @@ def convert(B, x, op: str, arg: str, dtype: str | None = None):
             f"{op}: {arg} could not be made into a {B.name} tensor ({_shown(x)}); "
             f"pass a tensor, a numeric array or a number"
         ) from None  # the framework's own message names its internals, not the user's call
+
+
+def check_path(path, op: str):
+    """``path`` if it is a str or ``os.PathLike`` (a file path); else one TypeError naming the argument."""
+    import os
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{op}: path must be a file path (a str or a pathlib.Path), got {type(path).__name__} "
+                        f"{path!r:.60}; e.g. {op}('run.ckpt')")
+    return path

@@ -38,6 +38,9 @@ OPTIONAL = {
     "mkdocs": ("docs", None),
     "material": ("docs", None),
     "mkdocstrings": ("docs", None),
+    "lightning": ("lightning", None),
+    "transformers": ("hf", None),
+    "accelerate": ("hf", None),
 }
 
 

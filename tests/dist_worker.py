@@ -42,7 +42,17 @@ def run_ddp(fault, policy, rank, distributed="auto"):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)  # the same model on both ranks
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    if fault == "nan_buffer":  # BatchNorm: its running_mean goes NaN on rank 1 during the forward pass
+        bn = torch.nn.BatchNorm1d(8)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), bn, torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        poison = {"on": False}
+
+        def hook(module, args, output):
+            if poison["on"]:
+                module.running_mean.data[0] = float("nan")  # as a faulty kernel would: no autograd trace
+        bn.register_forward_hook(hook)
+    else:
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     model = DDP(net)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.9)
@@ -59,6 +69,9 @@ def run_ddp(fault, policy, rank, distributed="auto"):
             y = y * 1e4  # a finite loss spike on rank 1 only
         if hit and fault == "nan_input":
             x[0, 0] = float("nan")
+        if fault == "nan_buffer":
+            poison["on"] = hit
+            before_buffers = [b.clone() for b in net.buffers()]
         loss = torch.nn.functional.mse_loss(model(x), y)
         if hit and fault == "inf_loss":
             loss = loss + torch.tensor(float("inf"))  # the gradients stay finite
@@ -72,6 +85,8 @@ def run_ddp(fault, policy, rank, distributed="auto"):
             out["raised_at"] = step
             out["actions"].append("raised")
             break
+        if fault == "nan_buffer" and step == FAULT:  # a step not applied puts every buffer back, on every rank
+            out["buffers_restored"] = applied or all(torch.equal(a, b) for a, b in zip(before_buffers, net.buffers()))
         events = [e for e in guard.history.events if e.step == step]
         out["actions"].append(events[-1].action if events else ("applied" if applied else "?"))
         out["norms"].append(float(guard.history.grad_norms[-1]))
@@ -79,6 +94,7 @@ def run_ddp(fault, policy, rank, distributed="auto"):
             sched.step()
     out["params_equal"] = _gathered_equal(list(net.parameters()))
     out["optimizer_equal"] = _gathered_equal(_opt_tensors(opt))
+    out["buffers_finite"] = all(bool(torch.isfinite(b).all()) for b in net.buffers() if b.is_floating_point())
     out["policy_state"] = guard.supervisor.policy.state_dict()
     out["final_lr"] = guard.lr
     return out
@@ -171,6 +187,33 @@ def run_fsdp_checkpoint(rank, workdir, n=3):
             "untouched": all(torch.equal(a, b) for a, b in zip(before, plain.parameters()))}
 
 
+def run_kill(rank, victim, steps=6, at=3):
+    """DDP steps until rank ``victim`` dies (os._exit, as a kill would) at step ``at``: the survivor's
+    next step must raise RankLostError naming it, at once, not at the collective time-out."""
+    import time
+
+    import stabilize
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = DDP(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = stabilize.TorchGuard(model, opt, on_nonfinite="skip")
+    gen = torch.Generator().manual_seed(100 + rank)
+    for step in range(steps):
+        if step == at and rank == victim:
+            sys.stdout.flush()
+            os._exit(17)
+        x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+        start = time.monotonic()
+        try:
+            guard.step(torch.nn.functional.mse_loss(model(x), y))
+        except stabilize.RankLostError as exc:
+            return {"raised_at": step, "message": str(exc), "seconds": time.monotonic() - start}
+    return {"raised_at": None}
+
+
 def main():
     rank, world, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     names = sys.argv[5:]
@@ -185,6 +228,9 @@ def main():
             results[name] = run_fsdp_checkpoint(rank, os.path.dirname(os.path.abspath(path)))
         elif kind == "fsdp":
             results[name] = run_fsdp(rank, rest[0] == "nan_grad")
+        elif kind == "kill":  # the group is broken afterwards: a kill scenario runs alone, last
+            results[name] = run_kill(rank, int(rest[0]))
+            break
         dist.barrier()
     with open(path, "w") as f:
         json.dump(results, f)

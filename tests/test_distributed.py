@@ -27,6 +27,7 @@ DDP = [f"ddp:{f}:{p}" for f in FAULTS for p in POLICIES]
 CONTROL = "ddp:inf_loss:skip:off"
 FSDP = ["fsdp:none", "fsdp:nan_grad", "fsdp_ckpt"]
 SPIKES = ["ddp:spike:spike_skip", "ddp:spike:spike_clip"]
+BUFFER = [f"ddp:nan_buffer:{p}" for p in POLICIES]  # BatchNorm's running_mean NaN on rank 1 (issue 17)
 
 pytestmark = pytest.mark.slow
 
@@ -78,11 +79,11 @@ def _launch(tmp, scenarios, world, timeout):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("dist"), DDP + [CONTROL] + FSDP + SPIKES)
+    return launch(tmp_path_factory.mktemp("dist"), DDP + [CONTROL] + FSDP + SPIKES + BUFFER)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("fault", FAULTS + ("nan_buffer",))
 def test_same_decisions_on_every_rank(ranks, fault, policy):
     r0, r1 = (r[f"ddp:{fault}:{policy}"] for r in ranks)
     # the same decision at the same step, on both ranks
@@ -166,3 +167,39 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     assert lines == ["step 5: nonfinite [loss]; loss=inf grad_norm=" + lines[0].split("grad_norm=")[1],
                      "ranks: 2, parameters bit-identical across ranks: True, lr now 0.005"]
     assert lines[0].endswith("lr=0.01 -> backed-off")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_nan_buffer_on_one_rank_is_put_back(ranks, policy):
+    """Issue 17, failure 3: a NaN in rank 1's BatchNorm buffer during its forward pass left both ranks
+    blocked until the gloo time-out. It is part of the step's reduction: both ranks decide the same (checked
+    above), a step not applied puts every buffer back, and no NaN stays in a buffer."""
+    for r in ranks:
+        res = r[f"ddp:nan_buffer:{policy}"]
+        assert res["buffers_finite"] is True
+        if policy in ("skip", "backoff"):
+            assert res["buffers_restored"] is True
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_ends_the_others_with_an_error_naming_it(tmp_path, victim):
+    """Issue 17: a rank that dies mid-run. The survivor's next guarded step raises RankLostError naming the
+    lost rank (gloo reports the closed connection at once), not a hang until the collective time-out."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", port, str(tmp_path / f"rank{r}.json"),
+                               f"kill:{victim}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    survivor = 1 - victim
+    assert procs[victim].returncode == 17, errs[victim][-2000:]
+    assert procs[survivor].returncode == 0, errs[survivor][-2000:]
+    res = json.loads((tmp_path / f"rank{survivor}.json").read_text())[f"kill:{victim}"]
+    assert res["raised_at"] == 3 and f"rank {victim} (" in res["message"] and "was lost" in res["message"]
+    # (a hang until the worker's 60 s gloo time-out would raise gloo's time-out error, not RankLostError)

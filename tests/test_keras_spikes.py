@@ -166,5 +166,5 @@ def test_keras_guard_refuses_rewind():
 
     import stabilize
 
-    with pytest.raises(ValueError, match="spike='rewind' leaves batches out.*StabilityTrainer"):
+    with pytest.raises(ValueError, match="spike='rewind': it leaves batches out.*StabilityTrainer"):
         stabilize.keras_guard(keras.optimizers.SGD(0.1), spike="rewind")

@@ -104,7 +104,7 @@ def test_backoff_sequence_is_exact_and_grows_back(backend):
     switch = Switch(backend, "float64")
     trainer = StabilityTrainer(MLP((3, 4, 1), seed=0), faulty_loss(switch), SGD(lr=0.1), backend=backend,
                                dtype="float64", on_nonfinite="backoff", backoff_factor=0.3, min_lr=0.005,
-                               grow_after=2, progress=False)
+                               grow_after=2, max_bad_steps=5, progress=False)  # 4 faults in a row: not yet stopped
     faults = [1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0]
     lrs, applied = [], []
     for f, b in zip(faults, _batches(X, y)):

@@ -12,9 +12,10 @@ import os
 import numpy as np
 
 from ..backends.base import FLOAT_INFO
-from .evidence import Evidence, gather_batch, gather_history, gather_optimizer
+from .ops import OpEvent, source_line
+from .evidence import Evidence, gather_batch, gather_history, gather_ids, gather_optimizer
 from .report import Diagnosis
-from .rules import ADVICE, RULES, SAFE_CALL
+from .rules import ADVICE, RULES, SAFE_CALL, half_first
 
 __all__ = ["diagnose"]
 
@@ -66,11 +67,47 @@ def _overflowing_update(E: Evidence) -> str:
     return f"{name_at} (gradient norm overflows, |g| up to {largest:.3g})"
 
 
+def _at(ev) -> str:
+    return f" at {os.path.basename(ev.file)}:{ev.line}" if ev is not None and ev.file else ""
+
+
 def _advice(cause: str, E: Evidence, ev) -> str:
     base = ADVICE[cause]
-    where = f" at {os.path.basename(ev.file)}:{ev.line}" if ev is not None and ev.file else ""
+    where = _at(ev)
+    if cause == "bad-labels" and E.bad_ids:
+        b = E.bad_ids
+        what = "input ids" if b["what"] == "ids" else "labels"
+        into = f" ({b['where']} holds {b['range']})" if b.get("where") else ""
+        return (f"{what} {b['values']} in rows {b['rows']}{' ...' if b['n_rows'] > len(b['rows']) else ''} are "
+                f"outside [0, {b['range']}){into}; " + (base if what == "labels" else
+                "map unknown tokens to an <unk> id, or enlarge the embedding to the tokenizer's vocabulary "
+                "(model.resize_token_embeddings(len(tokenizer)))"))
+    if cause == "ctc-infeasible" and ev is not None and ev.extra.get("infeasible"):
+        return f"{ev.name}{where}: {ev.detail()}; " + base
+    if cause == "low-precision" and half_first(E) and E.underflow is not None and ev is not None \
+            and not ev.extra.get("overflowed constant"):
+        u = E.underflow
+        return (f"{u.name}{_at(u)} underflows first ({u.extra['underflow']}), then {ev.name}{where} meets "
+                f"{ev.detail()}: compute that part in float32 (.float() / tf.cast(x, 'float32'), then cast back), "
+                f"or use an epsilon {ev.output_dtype} holds (>= 1e-4); stabilize.safe_div would hide a precision "
+                f"loss, not cure it")
+    if cause == "low-precision" and ev is not None and ev.extra.get("overflowed constant"):
+        return (f"{ev.name}{where} takes a constant that is ±inf in {ev.output_dtype} (a mask value such as -1e10 "
+                f"or -1e9; float16 holds up to 65504): use -1e4 or torch.finfo(dtype).min once, a boolean mask "
+                f"(stabilize.masked_softmax), or compute the masked softmax in float32")
+    if cause == "log-zero" and _after_sigmoid(E):
+        return (f"{ev.name if ev is not None else 'log'}{where} takes the log of a sigmoid that saturated to "
+                f"exactly 0 or 1: compute the loss from the logits: torch F.binary_cross_entropy_with_logits / "
+                f"F.logsigmoid, Keras tf.nn.sigmoid_cross_entropy_with_logits / BinaryCrossentropy(from_logits=True)")
+    if cause in ("empty-mean", "exp-overflow") and ev is not None:
+        return f"{ev.name}{where} ({ev.detail()}); " + base
     if cause == "singular-op" and ev is not None and ev.op in SAFE_CALL:
         return f"use {SAFE_CALL[ev.op]} instead of {ev.name}{where}; " + base
+    if cause == "log-zero" and E.pred is not None and (E.pred.ndim == 1 or E.pred.shape[-1] == 1):
+        return (f"one output per sample is the binary case{where}: compute the loss from the logits, "
+                "torch.nn.functional.binary_cross_entropy_with_logits(logits, targets) (Keras: "
+                "keras.losses.BinaryCrossentropy(from_logits=True)), not log(sigmoid(z)); a clip of the "
+                "probability keeps the loss finite but zeroes its gradient")
     if cause == "masked-softmax" and ev is not None:
         return f"{ev.name}{where} has rows with every entry masked; " + base
     if cause == "low-precision" and ev is None and E.eps is not None:
@@ -90,6 +127,13 @@ def _advice(cause: str, E: Evidence, ev) -> str:
     return base
 
 
+def _after_sigmoid(E: Evidence) -> bool:
+    """Was the log's input (the first log in the replay) preceded by a sigmoid?"""
+    ops = E.seen_ops
+    first_log = next((i for i, op in enumerate(ops) if op in ("log", "log1p")), None)
+    return first_log is not None and "sigmoid" in ops[:first_log]
+
+
 def _pick(cause: str, E: Evidence):
     from .evidence import singular_inputs
     from .ops import SOFTMAX
@@ -99,6 +143,10 @@ def _pick(cause: str, E: Evidence):
         return None
     if cause == "masked-softmax":
         return next(e for e in events if e.op in SOFTMAX)
+    if cause == "ctc-infeasible":
+        return next(e for e in events if e.op == "ctc_loss")
+    if cause == "low-precision" and half_first(E):
+        return E.fwd if E.fwd is not None else E.bwd
     if cause == "singular-op":
         return E.fwd if E.fwd is not None and singular_inputs(E.fwd) else E.bwd
     if cause == "masked-loss":
@@ -134,6 +182,14 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
     if not dirty:
         gather_batch(E, xn, yn, _num_classes(trace, num_classes))
     E.fwd, E.bwd = trace.get("forward"), trace.get("backward")
+    E.underflow, E.seen_ops = trace.get("underflow"), trace.get("seen_ops", [])
+    broken = [n for n, w in trace.get("params", []) if not np.all(np.isfinite(w))]
+    E.params_finite = not broken
+    if broken:  # an update was applied before it could be checked (a native optimizer, no snapshot)
+        E.shown["parameters already non-finite at the replay"] = broken[:5]
+    gather_ids(E, xn, trace.get("id_ranges"))
+    if E.underflow is not None:
+        E.shown["first half-precision underflow"] = f"{E.underflow.line_text()}: {E.underflow.extra['underflow']}"
     E.loss_finite = bool(np.isfinite(trace["loss"]))
     E.param_dtype = trace.get("param_dtype", "float32")
     E.recurrent = bool(trace.get("recurrent"))
@@ -165,6 +221,12 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
 
     rule = next(r for r in RULES if r.applies(E))
     ev = _pick(rule.name, E)
+    if ev is None and trace.get("error_at"):  # the step raised: where, in the user's code
+        file, line, function = trace["error_at"]
+        kind = trace["error"].split(":", 1)[0]
+        ev = OpEvent(name=kind, op="raise", phase="forward", file=file, line=line, function=function,
+                     stage="loss" if function and "loss" in function else "model", source=source_line(file, line))
+        ev.extra["error"] = trace["error"]
     if rule.name == "dirty-data":
         origin, phase = "input batch", "forward"
     elif ev is not None:
@@ -173,6 +235,8 @@ def diagnose(B, model, loss_fn, x, y, *, step: int, batch_index: int, lr: float,
     elif rule.name == "low-precision":
         origin, phase = f"optimizer update ({E.param_dtype} parameters, epsilon {E.eps})", "backward"
         E.shown.pop("overflowing update", None)  # every gradient is finite and small: the division is the fault
+    elif rule.name == "bad-labels" and E.bad_ids.get("what") == "ids":
+        origin, phase = f"embedding {E.bad_ids.get('where', '')!r} (input ids)", "forward"
     elif "overflowing update" in E.shown:
         origin, phase = E.shown["overflowing update"], "backward"
     else:

@@ -14,7 +14,7 @@ import numpy as np
 from ..backends.base import FLOAT_INFO
 from .ops import SINGULAR, SOFTMAX, OpEvent
 
-__all__ = ["Evidence", "gather_batch", "gather_history", "gather_optimizer", "singular_inputs"]
+__all__ = ["Evidence", "gather_batch", "gather_ids", "gather_history", "gather_optimizer", "singular_inputs"]
 
 
 @dataclass
@@ -41,6 +41,10 @@ class Evidence:
     grad_growth: float = 1.0
     grad_spike: float = 1.0
     recurrent: bool = False
+    params_finite: bool = True
+    underflow: OpEvent | None = None  # the first half-precision op that flushed values to 0
+    seen_ops: list = field(default_factory=list)
+    bad_ids: dict = field(default_factory=dict)  # {"values": [...], "rows": [...], "range": n, "where": ...}
 
 
 def _array(v):
@@ -78,6 +82,30 @@ def gather_batch(E: Evidence, xn, yn, num_classes: int | None) -> None:
         E.shown["label range"] = f"[{int(labels.min())}, {int(labels.max())}] for {num_classes} classes"
         if E.labels_out_of_range:
             E.shown["labels outside [0, classes)"] = E.labels_out_of_range
+            E.bad_ids = _offending(labels, out, num_classes, "labels")
+
+
+def _offending(values: np.ndarray, out: np.ndarray, n: int, what: str) -> dict:
+    rows = np.flatnonzero(out.reshape(len(out), -1).any(axis=1)) if out.ndim else np.zeros(0, dtype=int)
+    found = {"what": what, "values": sorted({int(v) for v in values[out]})[:10], "rows": [int(r) for r in rows[:20]],
+             "n_rows": int(rows.size), "range": int(n)}
+    return found
+
+
+def gather_ids(E: Evidence, xn, id_ranges) -> None:
+    """Integer inputs against the embeddings' sizes: the ids out of range, their values and rows."""
+    if not id_ranges or not E.x_integer:
+        return
+    size = min(n for _, n in id_ranges) if len(id_ranges) == 1 else max(n for _, n in id_ranges)
+    where = next(name for name, n in id_ranges if n == size)
+    for part in (list(xn.values()) if isinstance(xn, dict) else [xn]):
+        ids = np.asarray(part).astype(np.int64)
+        out = (ids < 0) | (ids >= size)
+        if ids.size and out.any():
+            E.bad_ids = dict(_offending(ids, out, size, "ids"), where=where)
+            E.shown["input ids outside the embedding"] = f"{int(out.sum())} ids (values {E.bad_ids['values']}) " \
+                                                       f"in rows {E.bad_ids['rows']}; {where} holds {size}"
+            return
 
 
 def gather_history(E: Evidence, step, lr, losses, grad_norms, weights_norm) -> None:

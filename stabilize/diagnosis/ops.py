@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["OpEvent", "canonical", "user_frame", "leaves", "SINGULAR", "SOFTMAX", "LOGS"]
+__all__ = ["OpEvent", "canonical", "user_frame", "error_frame", "leaves", "source_line", "ctc_infeasible", "SINGULAR", "SOFTMAX",
+           "LOGS", "EXPS", "MEAN_LOSSES"]
 
 # Canonical short names (lower case, no "Tensor."/"__"), framework aliases folded.
 _ALIASES = {
@@ -27,11 +28,14 @@ _ALIASES = {
     "pdist": "norm", "logsoftmax": "log_softmax", "scaled_dot_product_attention": "attention",
     "multi_head_attention_forward": "attention", "std_mean": "std", "var_mean": "var",
     "reduce_std": "std", "reduce_variance": "var", "logarithm": "log", "log2": "log", "log10": "log",
-    "sqrt_": "sqrt", "log_": "log", "xlogy": "log",
+    "sqrt_": "sqrt", "log_": "log", "xlogy": "log", "ctcloss": "ctc_loss", "ctclossv2": "ctc_loss",
+    "exp_": "exp", "exp2": "exp", "expm1": "exp", "nll_loss_nd": "nll_loss",
 }
 SINGULAR = {"sqrt", "rsqrt", "pow", "acos", "asin", "atanh", "div", "std", "var", "norm", "log", "log1p"}
 SOFTMAX = {"softmax", "log_softmax", "attention"}
 LOGS = {"log", "log1p"}
+EXPS = {"exp"}
+MEAN_LOSSES = {"cross_entropy", "nll_loss"}  # a mean over targets: NaN when every target is ignored
 REDUCTIONS = {"sum", "mean", "matmul", "mm", "bmm", "linear", "einsum", "cumsum", "prod", "addmm", "batchmatmulv2"}
 
 _SKIP_DIRS: tuple[str, ...] | None = None
@@ -66,14 +70,60 @@ def _is_user(filename: str) -> bool:
         and not filename.endswith(("contextlib.py", "functools.py"))
 
 
-def user_frame(depth: int = 2):
-    """(file, line, function) of the innermost frame outside torch, keras, tensorflow and stabilize."""
+def user_frame(depth: int = 2, stop=None):
+    """(file, line, function) of the innermost frame outside torch, keras, tensorflow and stabilize.
+
+    ``stop``: the frame that started the replay (``trace``); frames from there outwards called
+    the user's model or loss, they are not its code (a test harness, a training loop), so an op
+    with no user frame below it (a library loss passed as ``loss_fn``) gets no line at all.
+    """
     f = sys._getframe(depth)
-    while f is not None:
+    while f is not None and f is not stop:
         if _is_user(f.f_code.co_filename):
             return f.f_code.co_filename, f.f_lineno, f.f_code.co_name
         f = f.f_back
     return None, None, None
+
+
+def error_frame(exc) -> tuple | None:
+    """(file, line, function) of the innermost user frame an exception passed through (the
+    traceback starts at the replay that caught it, so every frame below is the user's call)."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if _is_user(code.co_filename):
+            found = (code.co_filename, tb.tb_lineno, code.co_name)
+        tb = tb.tb_next
+    return found
+
+
+def source_line(file, line) -> str:
+    """The stripped source text of ``file:line`` ("" when unavailable)."""
+    import linecache
+
+    return linecache.getline(file, line).strip() if file and line else ""
+
+
+def ctc_infeasible(targets, input_lengths, target_lengths, blank: int = 0) -> list:
+    """Rows whose CTC alignment is impossible: ``(row, frames, frames needed)``.
+
+    A target of length ``L`` with ``r`` adjacent repeats needs ``L + r`` frames
+    (a blank must separate each repeat); fewer frames give probability 0, loss inf.
+    """
+    t = np.asarray(targets)
+    ins = np.asarray(input_lengths).reshape(-1)
+    lens = np.asarray(target_lengths).reshape(-1)
+    out, start = [], 0
+    for row, (n_in, n_t) in enumerate(zip(ins, lens)):
+        if t.ndim == 2:
+            seq = t[row, : int(n_t)]
+        else:  # concatenated targets
+            seq, start = t[start : start + int(n_t)], start + int(n_t)
+        seq = seq[seq != blank]
+        need = int(len(seq) + np.sum(seq[1:] == seq[:-1]))
+        if int(n_in) < need:
+            out.append((row, int(n_in), need))
+    return out
 
 
 def leaves(tree, path: str = ""):
@@ -105,7 +155,8 @@ class OpEvent:
         name: the framework's name (``torch.sqrt``, ``torch.Tensor.__truediv__``, ``tf.RealDiv``).
         op: the canonical short name (``sqrt``, ``div``).
         phase: ``forward`` (its output) or ``backward`` (its input gradient).
-        file, line, function: the user's source line that called it.
+        file, line, function: the user's source line that called it (None outside the user's code).
+        source: the text of that line (it names the term of a loss built from several).
         module: the module / layer path it ran in ("" outside any).
         stage: ``model`` or ``loss``.
         inputs: its floating inputs as float64 numpy, with their dtype names.
@@ -133,6 +184,7 @@ class OpEvent:
     output_dtype: str = "float32"
     bad_rows: int = 0
     extra: dict = field(default_factory=dict)
+    source: str = ""
 
     def offending(self) -> np.ndarray:
         """The values of the first floating input at the bad elements (all of it otherwise)."""
@@ -158,8 +210,16 @@ class OpEvent:
 
     def detail(self) -> str:
         """``3 inputs exactly 0, d sqrt/dx = inf there``."""
+        if "error" in self.extra:
+            return f"raised {self.extra['error'][:160]}"
         c = self.counts()
         parts = []
+        if "infeasible" in self.extra:
+            rows = self.extra["infeasible"]
+            return (f"{len(rows)} target(s) cannot be aligned to their input, (row, frames, frames needed): "
+                    f"{rows[:5]}{' ...' if len(rows) > 5 else ''}")
+        if self.extra.get("overflowed constant"):
+            parts.append(f"a constant that overflows {self.output_dtype} (±inf) among the inputs")
         if self.op in ("acos", "asin", "atanh"):
             if c["at ±1"]:
                 parts.append(f"{c['at ±1']} inputs exactly ±1")
@@ -197,6 +257,6 @@ class OpEvent:
         return ", ".join(parts) or "finite inputs"
 
     def line_text(self) -> str:
-        where = f"{os.path.basename(self.file)}:{self.line} in {self.function}" if self.file else "(no user frame)"
+        where = f"{os.path.basename(self.file)}:{self.line} in {self.function}" if self.file else "(library code: no line of yours)"
         module = f" [{self.module}]" if self.module else ""
         return f"{self.name} at {where}{module} ({self.phase}: {self.detail()})"

@@ -48,8 +48,10 @@ class Diagnosis:
             f"diagnosis: {self.cause}",
             f"  step {self.step}, batch {self.batch_index}; in {self.origin} ({self.phase} pass)",
             f"  origin: {self.origin_line()}",
-            "  evidence:",
         ]
+        if self.op is not None and self.op.source:  # the user's line: it names the term of a loss of several
+            lines.append(f"  code: {self.op.source}")
+        lines.append("  evidence:")
         for key, value in self.evidence.items():
             shown = f"{value:.4g}" if isinstance(value, float) else value
             lines.append(f"    {key}: {shown}")

@@ -14,11 +14,14 @@ from typing import Callable
 import numpy as np
 
 from .evidence import Evidence, eps_underflows, half, is_overflow, singular_inputs
-from .ops import LOGS, SOFTMAX
+from .ops import EXPS, LOGS, MEAN_LOSSES, SOFTMAX
 
-__all__ = ["Rule", "RULES", "CAUSES", "ADVICE", "SCALE_LIMIT", "TARGET_LIMIT"]
+__all__ = ["Rule", "RULES", "CAUSES", "ADVICE", "SCALE_LIMIT", "TARGET_LIMIT", "RATE_CAUSES", "half_first"]
 
 SCALE_LIMIT = 10.0
+# Causes a smaller learning rate (a back-off, a rollback) can cure; for the others it only burns compute.
+RATE_CAUSES = frozenset({"high-lr", "exploding-gradients", "rnn-exploding", "unscaled-inputs", "huge-targets",
+                         "weight-decay", "unknown"})
 TARGET_LIMIT = 1e3
 UPDATE_RATIO_LIMIT = 0.5
 LOSS_GROWTH_LIMIT = 10.0
@@ -45,6 +48,16 @@ ADVICE = {
     "bad-labels": "labels must be integers in [0, num_classes): remap them (1-based ids: y - 1; a 'void' "
                   "label such as 255: CrossEntropyLoss(ignore_index=255), or mask it out in Keras), "
                   "and set num_classes to the real count",
+    "ctc-infeasible": "some targets cannot be aligned to their inputs (CTC needs one frame per symbol and a blank "
+                      "between two equal symbols): filter utterances too short for their transcript, give the model "
+                      "a longer output (less subsampling or pooling), or CTCLoss(zero_infinity=True) so that those "
+                      "samples count 0; clipping, scaling or a smaller rate do not help",
+    "exp-overflow": "bound what goes into exp: clamp a log-variance (logvar.clamp(-30, 20)), bound a flow's "
+                    "log-scale (tanh(s) * scale, as RealNVP), or parameterise a scale with softplus; exp overflows "
+                    "float32 above 88.7 (float16 above 11)",
+    "empty-mean": "a mean over no element: every target is ignored (padding), or a row has no valid entry (an "
+                  "anchor with no positive); divide by max(count, 1) so that such a row counts 0, or leave batches "
+                  "with no valid target out (cross_entropy with ignore_index is NaN when every target is ignored)",
     "masked-softmax": "use stabilize.masked_softmax(scores, mask): a row with every key masked gives zeros, "
                       "not NaN; or make sure every query keeps one valid key",
     "low-precision": "keep that computation in float32: torch.autocast / keras mixed_float16 keep reductions "
@@ -92,7 +105,39 @@ def _events(E):
 def _label_error(E) -> bool:
     err = (E.trace.get("error") or "").lower()
     return any(k in err for k in ("out of bounds", "label value", "valid range", "expected scalar type long",
-                                  "labels must be", "indices["))
+                                  "labels must be", "indices[", "index out of range", "is not in [",
+                                  "device-side assert"))
+
+
+def _bad_labels(E) -> bool:
+    """Labels or ids out of range, when the step raised or no op explains the failure otherwise
+    (a label range guessed from the output's width means nothing if a singular op failed first)."""
+    if _label_error(E):
+        return True
+    unexplained = E.fwd is None or E.fwd.op in MEAN_LOSSES or E.fwd.op in ("gather", "one_hot", "embedding")
+    return bool(E.bad_ids) and (bool(E.trace.get("error")) or unexplained)
+
+
+def _ctc(E) -> bool:
+    return any(ev.op == "ctc_loss" for ev in _events(E))
+
+
+def _empty_mean(E) -> bool:
+    """0/0 where the denominator counts elements (whole numbers, some of them not 0), or a scalar 0/0;
+    or a cross-entropy mean that is NaN from finite inputs (every target ignored)."""
+    ev = E.fwd
+    if ev is None:
+        return False
+    if ev.op in MEAN_LOSSES:
+        return True  # finite logits, NaN mean: nothing was averaged
+    if ev.op != "div" or len(ev.inputs) < 2 or ev.inputs[0].shape != ev.inputs[1].shape:
+        return False
+    num, den = ev.inputs
+    hole = (den == 0) & (num == 0)
+    if not hole.any():
+        return False
+    whole = bool(np.all(den == np.round(den)) and np.all(den >= 0))
+    return (den.size == 1) or (whole and bool(np.any(den > 0)))
 
 
 def _scaled(E) -> bool:
@@ -106,12 +151,35 @@ def _scaled(E) -> bool:
                 or E.shown["input std ratio across features"] > 100 * SCALE_LIMIT)
 
 
+def half_first(E) -> bool:
+    """The first non-finite value was made in float16/bfloat16 by an over- or underflow: an op that
+    overflows where float32 does not, a constant that overflowed, or a singular point (x/0, sqrt(0))
+    reached because an earlier half-precision op flushed values to 0."""
+    ev = E.fwd if E.fwd is not None else E.bwd
+    if ev is None or not half(ev.output_dtype):
+        return False
+    if ev.extra.get("overflowed constant"):
+        return True
+    if is_overflow(ev) and ev.extra.get("finite in float32", True):
+        return True
+    return E.underflow is not None and singular_inputs(ev)
+
+
 def _low_precision(E) -> bool:
+    if half_first(E):
+        return True
     for ev in _events(E):
         if half(ev.output_dtype) and is_overflow(ev) and ev.extra.get("finite in float32", True):
             return True
     no_op = E.fwd is None and E.bwd is None and E.loss_finite
+    if not E.params_finite:  # an unchecked update already broke the weights: the epsilon is the suspect
+        return eps_underflows(E.eps, E.param_dtype)
     return no_op and (eps_underflows(E.eps, E.param_dtype) or half(E.param_dtype))
+
+
+def _exp_overflow(E) -> bool:
+    ev = E.fwd
+    return ev is not None and ev.op in EXPS and is_overflow(ev)
 
 
 def _log_zero(E) -> bool:
@@ -156,12 +224,16 @@ def _exploding(E) -> bool:
 
 RULES = [
     Rule("dirty-data", "the batch itself holds NaN/Inf", lambda E: E.bad_x or E.bad_y),
-    Rule("bad-labels", "class labels outside [0, num_classes) or of a type the loss cannot index with",
-         lambda E: E.labels_out_of_range > 0 or _label_error(E)),
+    Rule("bad-labels", "class labels or input ids outside [0, n) or of a type the loss cannot index with",
+         _bad_labels),
+    Rule("ctc-infeasible", "a CTC target longer than its input allows (repeats need a blank between them): "
+         "no alignment exists, the loss is inf", _ctc),
+    Rule("low-precision", "float16/bfloat16 over- or underflow first (an op, a reduction, a constant, an epsilon "
+         "that is 0 in the dtype) or an optimizer epsilon that underflows in the parameters' dtype", _low_precision),
     Rule("masked-softmax", "a softmax/attention row with every entry masked (-inf): 0/0 = NaN",
          lambda E: any(ev.op in SOFTMAX and ev.bad_rows > 0 for ev in _events(E))),
-    Rule("low-precision", "float16/bfloat16 overflow (an op, a reduction) or an optimizer epsilon that "
-         "underflows to 0 in the parameters' dtype", _low_precision),
+    Rule("empty-mean", "a mean over no element: 0/0 where the denominator counts the valid entries",
+         _empty_mean),
     Rule("log-zero", "a log met an exact 0 (an underflowed probability)", _log_zero),
     Rule("masked-loss", "the loss is finite but a value hidden by a mask was not, so its gradient is NaN",
          _masked_loss),
@@ -174,6 +246,7 @@ RULES = [
     Rule("huge-targets", "targets whose RMS exceeds TARGET_LIMIT", _target_rms),
     Rule("high-lr", "the last good update was large next to the weights, or the loss grew by orders of "
          "magnitude per step", lambda E: E.update_ratio > UPDATE_RATIO_LIMIT or E.growth > LOSS_GROWTH_LIMIT),
+    Rule("exp-overflow", "exp of an unbounded value (a log-variance, a flow's log-scale) overflowed", _exp_overflow),
     Rule("exploding-gradients", "values or gradients overflowed with no cause above: the gradient norm grew",
          _exploding),
     Rule("unknown", "no rule fits; the evidence is shown", lambda E: True),

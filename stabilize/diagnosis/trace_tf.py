@@ -17,7 +17,7 @@ import tensorflow as tf
 from tensorflow.python.framework import op_callbacks
 from tensorflow.python.framework import ops as tf_ops
 
-from .ops import SOFTMAX, OpEvent, canonical, leaves, user_frame
+from .ops import SOFTMAX, OpEvent, canonical, error_frame, leaves, source_line, user_frame
 
 __all__ = ["trace"]
 
@@ -46,13 +46,35 @@ def _layer_path() -> str:
     return "/".join(reversed(names[:-1] if len(names) > 1 else names))
 
 
+_HALF = ("float16", "bfloat16")
+_ADDS = ("Add", "AddV2", "Sub", "Maximum")
+_PRODUCTS = {"Mul": lambda a, b: a * b, "Square": lambda a: a * a}
+
+
+def _underflow(op_type, inputs, outs) -> str | None:
+    """Why a half-precision op's result holds zeros float32 would not: a constant that is 0 in
+    the dtype (an epsilon added or taken the maximum with), or products and squares below its range."""
+    floats = [_np(t) for t in inputs if _is_float(t)]
+    if op_type in _ADDS and len(floats) == 2 and any(a.size == 1 and float(a.ravel()[0]) == 0.0 for a in floats) \
+            and not all(a.size == 1 for a in floats):
+        return "a constant that is 0 in this dtype (an epsilon below its range?)"
+    if op_type in _PRODUCTS and len(floats) == len(inputs):
+        with np.errstate(all="ignore"):
+            exact = _PRODUCTS[op_type](*floats)
+        lost = int(np.sum((_np(outs[0]) == 0) & (exact != 0)))
+        return f"{lost} value(s) are 0 in this dtype but not in float32" if lost else None
+    return None
+
+
 class _Recorder:
-    def __init__(self):
-        self.on, self.busy, self.stage, self.count = True, False, "model", 0
+    def __init__(self, stop=None):
+        self.on, self.busy, self.stage, self.count, self.stop = True, False, "model", 0, stop
         self.by_output: dict = {}
         self.by_inputs: dict = {}
         self.forward: OpEvent | None = None
         self.backward: OpEvent | None = None
+        self.underflow: OpEvent | None = None
+        self.seen: list = []
         self.dtypes: set = set()
 
     def callback(self, op_type, inputs, attrs, outputs, op_name=None, graph=None):
@@ -66,7 +88,14 @@ class _Recorder:
                 self.count += 1
                 for t in outs:
                     self.dtypes.add(tf.as_dtype(t.dtype).name)
-                info = (op_type, list(inputs), user_frame(2), _layer_path(), self.stage, outs[0])
+                if len(self.seen) < 10000:
+                    self.seen.append(canonical(op_type))
+                info = (op_type, list(inputs), user_frame(2, self.stop), _layer_path(), self.stage, outs[0])
+                if self.forward is None and self.underflow is None and tf.as_dtype(outs[0].dtype).name in _HALF:
+                    why = _underflow(op_type, inputs, outs)
+                    if why:
+                        self.underflow = _event(info, "forward")
+                        self.underflow.extra["underflow"] = why.replace("this dtype", self.underflow.output_dtype)
                 for t in outputs:
                     self.by_output[getattr(t, "_id", id(t))] = info
                 self.by_inputs[(op_type, tuple(getattr(t, "_id", id(t)) for t in inputs))] = info
@@ -96,7 +125,9 @@ def _event(info, phase) -> OpEvent:
                  function=frame[2], module=module, stage=stage, inputs=[_np(t) for t in floats],
                  dtypes=[tf.as_dtype(t.dtype).name for t in floats],
                  masks=[_np(t) for t in ins if getattr(t, "dtype", None) == tf.bool],
-                 output_dtype=tf.as_dtype(out.dtype).name)
+                 output_dtype=tf.as_dtype(out.dtype).name, source=source_line(frame[0], frame[1]))
+    if ev.output_dtype in ("float16", "bfloat16") and any(a.size == 1 and np.isinf(a).all() for a in ev.inputs):
+        ev.extra["overflowed constant"] = True  # a Python number converted to the dtype became ±inf
     if op_type == "Pow" and len(floats) == 2 and floats[1].shape.num_elements() == 1:
         ev.scalars = [float(_np(floats[1]).ravel()[0])]
         ev.inputs, ev.dtypes = ev.inputs[:1], ev.dtypes[:1]
@@ -148,7 +179,7 @@ class _Registry:
 
 def trace(model, loss_fn, x, y) -> dict:
     """Forward, loss and backward of one batch, eagerly, with every operation checked."""
-    rec = _Recorder()
+    rec = _Recorder(sys._getframe())
     variables = list(getattr(model, "trainable_variables", []))
     params = [getattr(v, "value", v) for v in variables]
     names = [getattr(v, "path", None) or v.name for v in variables]
@@ -156,7 +187,8 @@ def trace(model, loss_fn, x, y) -> dict:
     result["param_dtype"] = tf.as_dtype(params[0].dtype).name if params else "float32"
     kinds = {type(layer).__name__ for layer in _all_layers(model)}
     result["recurrent"] = bool(kinds & {"SimpleRNN", "LSTM", "GRU", "RNN", "Bidirectional", "SimpleRNNCell", "LSTMCell", "GRUCell"})
-    result["embedding"] = "Embedding" in kinds
+    result["id_ranges"] = [(layer.name, int(layer.input_dim)) for layer in _all_layers(model)
+                           if type(layer).__name__ == "Embedding"]
     registry = tf_ops._gradient_registry
     op_callbacks.add_op_callback(rec.callback)
     try:
@@ -176,6 +208,7 @@ def trace(model, loss_fn, x, y) -> dict:
         result["param_grads"] = [(nm, None if g is None else _np(tf.convert_to_tensor(g))) for nm, g in zip(names, grads[n:])]
     except Exception as exc:  # noqa: BLE001 - a replay that raises is evidence, not a crash
         result["error"] = f"{type(exc).__name__}: {exc}".strip()[:400]
+        result["error_at"] = error_frame(exc)
     finally:
         tf_ops._gradient_registry = registry
         rec.on = False
@@ -184,6 +217,7 @@ def trace(model, loss_fn, x, y) -> dict:
         except (KeyError, ValueError):
             pass
     result["forward"], result["backward"] = rec.forward, rec.backward
+    result["underflow"], result["seen_ops"] = rec.underflow, rec.seen
     result["n_ops"], result["op_dtypes"] = rec.count, rec.dtypes
     result["params"] = [(nm, _np(p)) for nm, p in zip(names, params)]
     return result

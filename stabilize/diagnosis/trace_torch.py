@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode, resolve_name
 
-from .ops import SOFTMAX, OpEvent, canonical, leaves, user_frame
+from .ops import SOFTMAX, OpEvent, canonical, ctc_infeasible, error_frame, leaves, source_line, user_frame
 
 __all__ = ["trace"]
 
@@ -44,13 +44,46 @@ def _dtype(t) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _widen(v):
+    return v.float() if isinstance(v, torch.Tensor) and v.dtype in _HALF else v
+
+
 class _Recorder(TorchFunctionMode):
-    def __init__(self, paths):
+    def __init__(self, paths, stop):
         super().__init__()
-        self.paths, self.stage, self.count = paths, "model", 0
+        self.paths, self.stage, self.count, self.stop = paths, "model", 0, stop
         self.nodes: dict = {}  # autograd node -> (name, inputs, frame, module, stage)
         self.forward: OpEvent | None = None
+        self.underflow: OpEvent | None = None  # the first half-precision op that flushed values to 0
+        self.seen: list = []  # canonical op names, in order (capped)
         self.dtypes: set = set()
+
+    def _underflow(self, name, func, args, kwargs, outs, scalars, frame, module):
+        """A half-precision op whose result has zeros that float32 does not have: a literal
+        (an epsilon) below the dtype's range, or products and squares that underflow."""
+        dtype = outs[0].dtype
+        tiny = [v for v in scalars if v != 0 and float(torch.tensor(v, dtype=dtype)) == 0.0]
+        lost = 0
+        if not tiny and not name.endswith("_"):
+            try:
+                with torch.no_grad():
+                    wide = func(*[_widen(a) for a in args], **{k: _widen(v) for k, v in kwargs.items()})
+                wide = _tensors(wide, [])
+                if len(wide) == len(outs):
+                    lost = sum(int(((o == 0) & (w != 0) & torch.isfinite(w)).sum()) for o, w in zip(outs, wide)
+                               if isinstance(w, torch.Tensor) and w.shape == o.shape)
+            except Exception:  # noqa: BLE001 - only evidence
+                return
+        if tiny or lost:
+            ev = OpEvent(name=name, op=canonical(name), phase="forward", file=frame[0], line=frame[1],
+                         function=frame[2], module=module, stage=self.stage, output_dtype=_dtype(outs[0]),
+                         source=source_line(frame[0], frame[1]))
+            ev.extra["underflow"] = (f"the constant {tiny[0]:g} is 0 in {ev.output_dtype}" if tiny else
+                                     f"{lost} value(s) are 0 in {ev.output_dtype} but not in float32")
+            self.underflow = ev
 
     def _module(self) -> str:
         f = sys._getframe(2)
@@ -73,10 +106,14 @@ class _Recorder(TorchFunctionMode):
         scalars = [float(v) for v in list(args) + list(kwargs.values()) if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for t in outs:
             self.dtypes.add(_dtype(t))
-        frame, module = user_frame(2), self._module()
+        frame, module = user_frame(2, self.stop), self._module()
+        if len(self.seen) < 10000:
+            self.seen.append(canonical(name))
         for t in outs:
             if t.grad_fn is not None:
                 self.nodes[t.grad_fn] = (name, ins, scalars, frame, module, self.stage, t)
+        if self.forward is None and self.underflow is None and outs[0].dtype in _HALF:
+            self._underflow(name, func, args, kwargs, outs, scalars, frame, module)
         if self.forward is None and not all(_finite(t) for t in outs):
             nan_out = any(bool(torch.isnan(t).any()) for t in outs)
             nan_in = any(bool(torch.isnan(t).any()) for t in ins if t.is_floating_point()) or any(v != v for v in scalars)
@@ -90,7 +127,10 @@ def _event(name, phase, ins, scalars, frame, module, stage, out, func=None, args
     floats = [t for t in ins if t.is_floating_point()]
     ev = OpEvent(name=name, op=canonical(name), phase=phase, file=frame[0], line=frame[1], function=frame[2],
                  module=module, stage=stage, inputs=[_np(t) for t in floats], dtypes=[_dtype(t) for t in floats],
-                 scalars=scalars, masks=[_np(t) for t in ins if t.dtype == torch.bool], output_dtype=_dtype(out))
+                 scalars=scalars, masks=[_np(t) for t in ins if t.dtype == torch.bool], output_dtype=_dtype(out),
+                 source=source_line(frame[0], frame[1]))
+    if ev.op == "ctc_loss" and func is not None:
+        _ctc_evidence(ev, args, kwargs)
     if floats and tuple(out.shape) == tuple(floats[0].shape):
         ev.where = ~np.isfinite(_np(out))
     if ev.op in SOFTMAX and out.dim():
@@ -113,15 +153,28 @@ def _event(name, phase, ins, scalars, frame, module, stage, out, func=None, args
     return ev
 
 
+def _ctc_evidence(ev, args, kwargs) -> None:
+    """Which rows' targets cannot be aligned to their inputs (``F.ctc_loss``'s arguments)."""
+    names = ("log_probs", "targets", "input_lengths", "target_lengths", "blank")
+    bound = dict(zip(names, args), **kwargs)
+    try:
+        as_np = lambda v: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)  # noqa: E731
+        ev.extra["infeasible"] = ctc_infeasible(as_np(bound["targets"]), as_np(bound["input_lengths"]),
+                                                as_np(bound["target_lengths"]), int(bound.get("blank", 0)))
+    except (KeyError, TypeError, ValueError):
+        pass
+
+
 def trace(model, loss_fn, x, y) -> dict:
     """Forward, loss and backward of one batch with every operation checked."""
     paths = {id(m): n for n, m in model.named_modules()} if isinstance(model, torch.nn.Module) else {}
-    rec = _Recorder(paths)
+    rec = _Recorder(paths, sys._getframe())
     result: dict = {"error": None, "backward": None, "loss": float("nan"), "pred_leaves": [], "param_grads": []}
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if paths else []
     result["param_dtype"] = _dtype(params[0][1]) if params else "float32"
     result["recurrent"] = any(isinstance(m, (torch.nn.RNNBase, torch.nn.RNNCellBase)) for m in model.modules()) if paths else False
-    result["embedding"] = any(isinstance(m, torch.nn.Embedding) for m in model.modules()) if paths else False
+    result["id_ranges"] = [(n, m.num_embeddings) for n, m in model.named_modules()
+                           if isinstance(m, torch.nn.Embedding)] if paths else []
     handles = []
     try:
         with torch.enable_grad():
@@ -160,10 +213,13 @@ def trace(model, loss_fn, x, y) -> dict:
             result["param_grads"] = [(name, None if g is None else _np(g)) for (name, _), g in zip(params, grads[n:])]
     except Exception as exc:  # noqa: BLE001 - a replay that raises is evidence, not a crash
         result["error"] = f"{type(exc).__name__}: {exc}".strip()[:400]
+        result["error_at"] = error_frame(exc)
     finally:
         for h in handles:
             h.remove()
     result["forward"] = rec.forward
+    result["underflow"] = rec.underflow
+    result["seen_ops"] = rec.seen
     result["n_ops"] = rec.count
     result["op_dtypes"] = rec.dtypes
     result["params"] = [(n, _np(p)) for n, p in params]

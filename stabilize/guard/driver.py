@@ -89,12 +89,14 @@ class HostDriver:
         return stats
 
     def judge(self, stats: dict, *, bad_data: bool | Callable[[], bool] = False, epoch: int = 0,
-              batch: int | None = None, position: Any = None, rows=None) -> Decision:
+              batch: int | None = None, position: Any = None, rows=None, diagnose=None) -> Decision:
         """Probe, find bad data (only for a failed step), and let the supervisor decide.
 
         ``bad_data``: a flag, or ``() -> bool`` (or ``(bool, rows)``: the rows at fault, for a
         rollback to leave out) called only for a failed step (not committed, or not clean).
         ``batch`` defaults to the global step (the guards have no batch index of their own).
+        ``diagnose``: ``() -> None``, replays the first non-finite step before the policy decides
+        (the cause decides: :mod:`~stabilize.guard.policies`).
         """
         sup = self.supervisor
         self.probe(stats)
@@ -105,7 +107,7 @@ class HostDriver:
                 found, rows = found
             found = bool(found)
         return sup.observe(stats, epoch=epoch, batch=sup.step if batch is None else batch, position=position,
-                           rows=rows, bad_data=found)
+                           rows=rows, bad_data=found, diagnose=diagnose)
 
     def follow(self, decision: Decision, *, replay: Callable[[], Any] | None = None,
                before_stop: Callable[[], None] | None = None) -> None:

@@ -21,8 +21,22 @@ that decision); the policy decides what happens next:
 * ``"ignore"``: commit every update, bad or not: the unguarded loop, for
   reproducing a failure.
 
-Counters saturate instead of overflowing. They are part of the training state
-(saved with a checkpoint), but a rollback does not rewind them.
+Never burn compute (every policy but ``ignore`` and ``raise``): a failure that
+recurs on ``max_bad_steps`` consecutive batches whose data are finite stops the
+run, with the diagnosis, when no smaller rate can cure it:
+
+* the loss or the gradients are non-finite at the current weights (``at_weights``):
+  the next step starts from the same weights, so a smaller rate changes nothing;
+  skipping, backing off or ``auto`` stop (``rollback`` restores other weights: it
+  rolls back, up to ``max_rollbacks``);
+* the diagnosis names a cause that is not a rate (``RATE_CAUSES``: a singular
+  op, a masked softmax, an infeasible CTC target...): every policy stops, and
+  ``auto`` skips meanwhile instead of backing off, so the rate is never lowered
+  for nothing;
+* ``skip``: any failure (skipping cures nothing that every batch repeats).
+
+Only updates that overflow from finite gradients (a rate problem) may back off
+for longer: up to ``RATE_PATIENCE * max_bad_steps`` batches in a row.
 """
 
 from __future__ import annotations
@@ -31,9 +45,16 @@ from dataclasses import asdict, dataclass
 
 from .settings import GuardSettings
 
-__all__ = ["Policy"]
+__all__ = ["Policy", "RATE_PATIENCE"]
 
 _SATURATE = 2**31 - 1
+RATE_PATIENCE = 10  # a rate cause: 10 * max_bad_steps failing batches in a row (0.5**30 ~ 1e-9 of the rate)
+
+
+def _rate_cause(cause: str | None) -> bool:
+    from ..diagnosis.rules import RATE_CAUSES
+
+    return cause is None or cause in RATE_CAUSES
 
 
 @dataclass
@@ -45,6 +66,8 @@ class Policy:
     clean_streak: int = 0
     bad_streak: int = 0
     rollbacks: int = 0
+    stuck: int = 0  # bad steps in a row whose data were finite
+    stuck_at_weights: int = 0  # of those, the ones whose loss or gradients were non-finite
 
     @property
     def factor(self) -> float:
@@ -62,7 +85,7 @@ class Policy:
 
     def on_good(self) -> str | None:
         """A committed step; returns ``"grew-lr"`` when a back-off is undone."""
-        self.bad_streak = 0
+        self.bad_streak = self.stuck = self.stuck_at_weights = 0
         self.clean_streak = min(self.clean_streak + 1, _SATURATE)
         grow = self.settings.grow_after
         if self.settings.on_nonfinite in ("backoff", "rollback", "auto") and grow and self.backoffs and self.clean_streak >= grow:
@@ -71,26 +94,31 @@ class Policy:
             return "grew-lr"
         return None
 
-    def on_bad(self, bad_data: bool = False) -> str:
+    def on_bad(self, bad_data: bool = False, cause: str | None = None, at_weights: bool = False) -> str:
         """Return the action: ``raise``, ``skipped``, ``backed-off``, ``rolled-back`` or ``applied``.
 
         ``bad_data``: the batch itself holds non-finite values (used by ``auto``).
+        ``cause``: the diagnosis of the run's failure, when one was made; ``at_weights``: the loss or
+        the gradients were non-finite (not only the update). See the module docstring.
         """
         self.clean_streak = 0
         mode = self.settings.on_nonfinite
+        self.stuck = 0 if bad_data else min(self.stuck + 1, _SATURATE)
+        self.stuck_at_weights = min(self.stuck_at_weights + 1, _SATURATE) if at_weights and not bad_data else 0
+        if mode == "auto" and bad_data:  # the data, not the training: nothing to back off from
+            return "skipped"
+        self.bad_streak = min(self.bad_streak + 1, _SATURATE)
+        if mode == "ignore":
+            return "applied"
+        if mode == "raise" or self.burning(cause):
+            return "raise"
         if mode == "auto":
-            if bad_data:  # the data, not the training: nothing to back off from
+            if not _rate_cause(cause):  # a smaller rate cures nothing: skip until it proves to recur
                 return "skipped"
-            self.bad_streak = min(self.bad_streak + 1, _SATURATE)
             if self.bad_streak >= self.settings.max_bad_steps:
                 return "raise"
             self.backoffs = min(self.backoffs + 1, _SATURATE)
             return "backed-off"
-        self.bad_streak = min(self.bad_streak + 1, _SATURATE)
-        if mode == "ignore":
-            return "applied"
-        if mode == "raise":
-            return "raise"
         if mode == "skip":
             return "skipped"
         if mode == "backoff":
@@ -106,9 +134,20 @@ class Policy:
         self.backoffs = min(self.backoffs + 1, _SATURATE)
         return "rolled-back"
 
+    def burning(self, cause: str | None) -> bool:
+        """Whether the failing batches in a row with finite data are enough to stop (module docstring)."""
+        n, mode = self.settings.max_bad_steps, self.settings.on_nonfinite
+        if self.stuck >= n and (mode == "skip" or not _rate_cause(cause)):
+            return True
+        if mode == "rollback":
+            return False  # a rollback restores other weights: bounded by max_rollbacks
+        return self.stuck_at_weights >= n or self.stuck >= RATE_PATIENCE * n
+
     def state_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "settings"}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("backoffs", "clean_streak", "bad_streak", "rollbacks"):
             setattr(self, key, int(state[key]))
+        self.stuck = int(state.get("stuck", 0))
+        self.stuck_at_weights = int(state.get("stuck_at_weights", 0))

@@ -1,12 +1,17 @@
 """The guard's settings, validated once and shared by every entry point.
 
-``StabilityTrainer``, ``TorchGuard`` and ``keras_guard`` take the same keyword
+``StabilityTrainer``, ``TorchGuard`` and ``keras_guard`` take the same flat keyword
 arguments; each builds one :class:`GuardSettings`, so a bad value gets the same
-clear error wherever it is given, before anything runs.
+clear error wherever it is given, before anything runs. Internally the settings
+fall into groups (:data:`GROUPS`, :meth:`GuardSettings.group`): ``clip``,
+``backoff``, ``rollback``, ``spike``, ``alarm`` and ``run`` (the rest). What each
+entry point refuses, and why, is one table: :mod:`stabilize.guard.entries`; a
+wrong keyword gets the closest valid name there too.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -14,13 +19,24 @@ from dataclasses import dataclass, fields
 
 from ..validate import check_count, check_positive_finite
 
-__all__ = ["POLICIES", "SPIKE_ACTIONS", "ALARMS", "REPLAYS", "GuardSettings"]
+__all__ = ["POLICIES", "SPIKE_ACTIONS", "ALARMS", "REPLAYS", "GROUPS", "GuardSettings"]
 
 POLICIES = ("raise", "skip", "backoff", "rollback", "ignore", "auto")
 SPIKE_ACTIONS = (None, "clip", "skip", "rewind")
 ALARMS = ("warn", "raise", "off")
 REPLAYS = ("on", "off")
 SNAPSHOT_PLACES = ("device", "host", "disk")
+
+# The settings by what they are about; every field is in exactly one group (checked below the class).
+GROUPS = {
+    "clip": ("clip_norm", "clip_value"),
+    "backoff": ("on_nonfinite", "backoff_factor", "min_lr", "grow_after", "min_loss_scale"),
+    "rollback": ("max_bad_steps", "max_rollbacks", "snapshot_every", "snapshot_to", "snapshot_path", "replay"),
+    "spike": ("spike", "spike_z", "spike_warmup", "spike_alpha", "spike_skip_batches", "spike_lr_factor",
+              "spike_lr_steps"),
+    "alarm": ("skip_alarm", "skip_alarm_fraction", "skip_alarm_window"),
+    "run": ("max_update_ratio", "distributed", "events_path"),
+}
 
 
 def _number(name, value, *, allow_none=False, low=0.0, low_open=True, high=math.inf, high_open=False, finite=True):
@@ -188,3 +204,31 @@ class GuardSettings:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+    def group(self, name: str) -> dict:
+        """The settings of one group (:data:`GROUPS`), e.g. ``settings.group("clip")`` ->
+        ``{"clip_norm": 1.0, "clip_value": None}``."""
+        if name not in GROUPS:
+            raise ValueError(f"unknown settings group {name!r}; one of {tuple(GROUPS)}")
+        return {k: getattr(self, k) for k in GROUPS[name]}
+
+
+assert sorted(n for g in GROUPS.values() for n in g) == sorted(GuardSettings.names()), "every setting in one group"
+
+
+def _named_init(init):
+    """GuardSettings' own one-line error for a wrong keyword, with the closest valid name."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if any(k not in _NAMES for k in kwargs):
+            from .entries import check_keywords
+
+            check_keywords("GuardSettings", kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+_NAMES = frozenset(GuardSettings.names())
+GuardSettings.__init__ = _named_init(GuardSettings.__init__)

@@ -112,7 +112,7 @@ class Supervisor:
         self.diagnosis = None
         self.skip_rows: set[int] = set()
         self.skip_positions: set[tuple[int, int]] = set()
-        self._streak: list[tuple[Any, Any]] = []  # (position, rows) of the current run of bad steps
+        self._streak: list[tuple] = []  # (position, rows, bad data) of the current run of bad steps
         self._snapshot_applied: int | None = None
         # Whether the adapter holds a snapshot: for ``rollback``, and for a native optimizer whose
         # update is applied before it can be checked (weights it breaks come back from the snapshot).
@@ -174,17 +174,21 @@ class Supervisor:
 
     # -- one step ---------------------------------------------------------------
     def observe(self, stats: dict, *, epoch: int = 0, batch: int = 0, position: Any = None, rows=None,
-                bad_data: bool = False) -> Decision:
+                bad_data: bool = False, diagnose=None) -> Decision:
         """Record one step read from the device and decide what follows.
 
         ``bad_data``: the adapter found non-finite values in the batch itself
         (policy ``auto`` skips such a batch without backing off).
 
+        ``diagnose``: called with no argument at the first non-finite step, before the policy
+        decides, so that the cause decides (a cause no smaller rate cures stops a failure that
+        every batch repeats; :mod:`~stabilize.guard.policies`). It calls :meth:`diagnose`.
+
         ``position`` names the batch for a rollback to leave out (default
         ``(epoch, batch)``); ``rows`` are its sample indices when known.
         """
         self._ran_with = (self.policy.backoffs, self.lowered)
-        decision = self._decide(stats, epoch, batch, position, rows, bad_data)
+        decision = self._decide(stats, epoch, batch, position, rows, bad_data, diagnose)
         held = decision.action not in ("applied", "clipped")
         self.not_applied += held
         self._recent.append(held)
@@ -202,7 +206,7 @@ class Supervisor:
                 logger.warning(message)
         return decision
 
-    def _decide(self, stats, epoch, batch, position, rows, bad_data) -> Decision:
+    def _decide(self, stats, epoch, batch, position, rows, bad_data, diagnose=None) -> Decision:
         step = self.step
         stats = dict(row(stats), step=step, epoch=epoch, batch=batch)
         self.rows.append(stats)
@@ -239,8 +243,11 @@ class Supervisor:
             event = self._event(stats, "lr-growth", (), grew) if grew else None
             snap = self.keeps_snapshot and self.applied % self.settings.snapshot_every == 0
             return Decision("clipped" if spike else "applied", snapshot=snap, event=event)
-        self._streak.append(((epoch, batch) if position is None else position, rows))
-        action = self.policy.on_bad(bad_data)
+        self._streak.append(((epoch, batch) if position is None else position, rows, bad_data))
+        if diagnose is not None and self.diagnosis is None and any(p in bad for p in ("loss", "gradients", "weights")):
+            diagnose()  # before the policy: the cause decides
+        cause = self.diagnosis.cause if self.diagnosis is not None else None
+        action = self.policy.on_bad(bad_data, cause, at_weights="loss" in bad or "gradients" in bad)
         if broken and self.settings.guarded:
             # An earlier update (a native optimizer's, applied before it could be checked) left
             # non-finite weights: they cannot be un-updated, so the last snapshot comes back,
@@ -262,14 +269,28 @@ class Supervisor:
         replay = self.replays and action == "rolled-back"
         event = self._event(stats, kind, bad, "raised" if action == "raise" else action, log=not replay)
         if action == "rolled-back":
-            for pos, idx in self._streak:
+            for pos, idx, dirty in self._streak:
+                if not dirty:  # the data were finite: nothing in them to leave out
+                    continue
                 if idx is None:
                     self.skip_positions.add(pos)
                 else:
                     self.skip_rows.update(int(i) for i in idx)
             self._streak.clear()
             return Decision(action, restore=True, event=event, replay=replay)
-        return Decision(action, stop=action == "raise", event=event)
+        reason = ""
+        if action == "raise" and not bad_data and self.policy.burning(cause):
+            n = self.policy.stuck
+            reason = (f"the step failed on {n} batches in a row whose data are finite: {self.settings.on_nonfinite!r} "
+                      f"cannot cure a failure every batch repeats" + (f" (cause {cause}: "
+                      f"{self.diagnosis.advice.split(';')[0]})" if self.diagnosis is not None else ""))
+        return Decision(action, stop=action == "raise", event=event, reason=reason)
+
+    def left_out_whole(self, *, epoch: int, batch: int) -> None:
+        """Record that a rollback leaves the failing batch out whole: the model's batch is not a set of
+        independent rows (it declares ``rows_independent = False``, or its forward fails without a row)."""
+        nan = float("nan")
+        self._record(Event(self.step - 1, batch, epoch, "left-out", (), "whole-batch", nan, nan, nan))
 
     def replayed(self, verdict: str | None) -> Event | None:
         """Add a replay's verdict (``"transient"``, ``"reproducible"``, None: no verdict) to the
@@ -326,6 +347,18 @@ class Supervisor:
         if is_main():  # every rank records; only rank 0 prints
             logger.warning(self.diagnosis.line())
         return self.diagnosis
+
+    def explain(self, exc, B, model, loss_fn, x, y, params, *, lr: float = float("nan"), optimizer=None):
+        """The user's forward or loss raised (a label or id out of range raises on the CPU): replay the
+        batch and add the diagnosis to the exception as a note. The run's first diagnosis is kept."""
+        first, self.diagnosis = self.diagnosis, None
+        nan = float("nan")
+        d = self.diagnose(B, model, loss_fn, x, y, params, optimizer=optimizer,
+                          pending={"loss": nan, "grad_norm": nan, "lr": lr})
+        self.diagnosis = first if first is not None else d
+        if d is not None and not any(str(n).startswith("stabilize:") for n in getattr(exc, "__notes__", ())):
+            exc.add_note(f"stabilize: {d.line()}")
+        return d
 
     def raise_for(self, decision: Decision, history: History | None = None) -> None:
         """Raise :class:`NonFiniteError` with the run's report (call when ``decision.stop``)."""

@@ -16,11 +16,13 @@ trainer's data loop and is refused here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 from keras import ops
 
 from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.settings import GuardSettings
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
@@ -54,9 +56,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         super().__init__()
         self.guarded = guarded
         self.settings = guarded.settings
-        if self.settings.spike == "rewind":  # the callback does not own fit's data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with keras_guard")
+        refuse("keras_guard", dataclasses.asdict(self.settings))  # the one table (guard/entries.py)
         self.supervisor = Supervisor(self.settings)
         self.diagnose_data, self.loss_fn = diagnose_data, loss_fn
         self._epoch = 0
@@ -163,6 +163,24 @@ class StabilizeGuard(keras.callbacks.Callback):
         self._sync_shadows()
         self._set_inputs()
         self._driver.start()
+        self._explain_errors(self.model)
+
+    def _explain_errors(self, model):
+        """A step that raises (a label or an id out of range: ``InvalidArgumentError``) gets the
+        diagnosis of a replay of ``diagnose_data`` as a note; wraps this model's train function only."""
+        step = getattr(model, "train_function", None)
+        if step is None or self.diagnose_data is None or self.loss_fn is None or getattr(step, "_stabilize", None):
+            return
+
+        def explained(iterator):
+            try:
+                return step(iterator)
+            except Exception as exc:
+                self._maybe_diagnose(explain=exc)
+                raise
+
+        explained._stabilize = True
+        model.train_function = explained
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -175,7 +193,7 @@ class StabilizeGuard(keras.callbacks.Callback):
         if sup.spikes is not None:
             stats.update(state.limits_now())  # the limits this step was judged against
         decision = self._driver.judge(stats, bad_data=lambda: int(ops.convert_to_numpy(state.data_ok)) == 0,
-                                      epoch=self._epoch, batch=batch)
+                                      epoch=self._epoch, batch=batch, diagnose=self._maybe_diagnose)
         self._decide(decision, stats)
 
     def on_train_end(self, logs=None):
@@ -284,10 +302,11 @@ class StabilizeGuard(keras.callbacks.Callback):
 
         return {"model": model_variables(model), "optimizer": optimizer_variables(model.optimizer, model)}
 
-    def _maybe_diagnose(self):
-        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step ones)."""
+    def _maybe_diagnose(self, explain=None):
+        """Replay ``diagnose_data`` through the model at the first bad step (the weights are the pre-step
+        ones), or after a step raised ``explain`` (then the diagnosis is added to it as a note)."""
         sup = self.supervisor
-        if sup.diagnosis is not None or self.diagnose_data is None or self.loss_fn is None:
+        if (sup.diagnosis is not None and explain is None) or self.diagnose_data is None or self.loss_fn is None:
             return
         from ..registry import get_backend
 
@@ -296,7 +315,10 @@ class StabilizeGuard(keras.callbacks.Callback):
         if isinstance(loss, keras.losses.Loss) or getattr(loss, "__module__", "").startswith("keras"):
             loss = lambda pred, target, f=loss: f(target, pred)  # Keras order: (y_true, y_pred)
         x, y = self.diagnose_data
-        sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
+        if explain is not None:
+            sup.explain(explain, B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
+        else:
+            sup.diagnose(B, self.model, loss, B.convert(x), B.convert(y), B.parameters(self.model))
 
 
 def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
@@ -317,6 +339,8 @@ def keras_guard(optimizer, *, diagnose_data=None, loss_fn=None, **settings):
     model at the first bad step and attaches a diagnosis.
     """
     check_optimizer(optimizer, "keras_guard")
+    check_keywords("keras_guard", settings)
+    refuse("keras_guard", {}, settings)  # settings no guard acts on (replay=), before any is built
     if isinstance(optimizer, GuardedOptimizer):  # a reloaded model's optimizer: a callback for it
         if settings:
             raise ValueError(f"this optimizer is already guarded with its own settings; pass no settings "

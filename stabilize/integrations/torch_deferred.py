@@ -61,17 +61,7 @@ class DeferredStep:
     """A guarded torch step committed on the device; its statistics are read one step late."""
 
     def __init__(self, state, settings):
-        s = settings
-        refused = [why for cond, why in (
-            (state.scaler is not None, "a GradScaler (its step reads found_inf on the host)"),
-            (s.on_nonfinite == "rollback", "on_nonfinite='rollback' (a restore must follow the bad step)"),
-            (s.spike == "rewind", "spike='rewind'"),
-            (s.max_update_ratio is not None, "max_update_ratio (the update is checked after it is made)"),
-            (torch.distributed.is_available() and torch.distributed.is_initialized()
-             and torch.distributed.get_world_size() > 1, "several torch.distributed ranks"),
-        ) if cond]
-        if refused:
-            raise ValueError(f"sync_free=True cannot be combined with {'; '.join(refused)}: use sync_free=False")
+        # What this step cannot take is refused by TorchGuard from the one table (guard/entries.py).
         self.state, self.settings = state, settings
         opt = state.optimizer
         self.masked = bool(getattr(opt, "_step_supports_amp_scaling", False)) and \

@@ -9,6 +9,8 @@ are the :class:`~stabilize.guard.supervisor.Supervisor`'s, exactly as in
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import logging
 import numbers
 import sys
@@ -18,6 +20,7 @@ import torch
 from ..data import batch_finite
 from ..guard.settings import GuardSettings
 from ..guard.driver import HostDriver, wants_diagnosis
+from ..guard.entries import check_keywords, refuse
 from ..guard.snapshots import SnapshotStore
 from ..guard.supervisor import Supervisor
 from ..history import History
@@ -29,6 +32,15 @@ from ..names import settings_for
 __all__ = ["TorchGuard", "check_model_and_optimizer", "check_scheduler"]
 
 logger = logging.getLogger("stabilize")
+
+
+# TorchGuard's own arguments besides the settings (for the closest-name hint of a wrong keyword).
+_OWN = ("scaler", "scheduler", "verify_updates", "restore_rng", "loss_fn", "process_group", "sync_free")
+
+
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_model_and_optimizer(model, optimizer) -> None:
@@ -143,10 +155,12 @@ class TorchGuard:
                             "then guard.step(loss) in the loop")
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
+        check_keywords("TorchGuard", settings, _OWN)
         self.settings = GuardSettings(**settings_for("torch", settings, "TorchGuard"))
-        if self.settings.spike == "rewind":  # the guard does not own the data loop
-            raise ValueError("spike='rewind' leaves batches out, which needs StabilityTrainer's data loop; "
-                             "use spike='skip' or 'clip' with TorchGuard")
+        values = dict(dataclasses.asdict(self.settings), scaler=scaler, verify_updates=verify_updates, ranks=_ranks())
+        refuse("TorchGuard", values, settings)  # the one table (guard/entries.py)
+        if sync_free:
+            refuse("TorchGuard(sync_free)", values, settings, lead="sync_free=True cannot be combined with")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.state = TorchState(model, optimizer, scheduler=scheduler, scaler=scaler, restore_rng=restore_rng)
         self._step = TorchStep(self.state, self.settings, verify_updates=verify_updates, group=process_group)
@@ -156,9 +170,6 @@ class TorchGuard:
         self._deferred_at: collections.deque = collections.deque()  # sync_free: (epoch, batch) of unread steps
         self._verdict = None  # (verdict, epoch, batch, data) of a check not yet committed
         if sync_free:
-            if verify_updates:
-                raise ValueError("sync_free=True cannot be combined with verify_updates (each update is read "
-                                 "back before it stays): use one or the other")
             self._deferred = DeferredStep(self.state, self.settings)
             self._deferred.limits = self.supervisor.spike_limits
         # The rollback snapshot, held only when the policy can restore it (guard/snapshots.py).
@@ -193,6 +204,14 @@ class TorchGuard:
         """Backward one micro-batch of an accumulated step (no update)."""
         (self._deferred or self._step).backward(loss)
 
+    def record(self, loss) -> None:
+        """Count one micro-batch loss whose backward a framework has already run (no backward here):
+        the next :meth:`step`/:meth:`check` with ``loss=None`` judges the sum of the recorded losses."""
+        if self._deferred is not None:
+            self._deferred._losses.append(loss.detach())
+        else:
+            self._step.record(loss)
+
     def step(self, loss=None, model=None, optimizer=None, batch=None, *, backward=True, epoch=None,
              data=None) -> bool:
         """Backward ``loss`` (if given), check, and step only if the step is good. Returns whether it was applied.
@@ -210,7 +229,7 @@ class TorchGuard:
             epoch, batch, data = self._position(epoch, batch, data, read_late=True)
             self._driver.start()
             if loss is not None:
-                self._deferred.backward(loss) if backward else self._deferred._losses.append(loss.detach())
+                self._deferred.backward(loss) if backward else self.record(loss)
             self.flush()
             applied = self._deferred.step(self.supervisor.rate(), data)
             self._deferred_at.append((epoch, batch))
@@ -256,9 +275,10 @@ class TorchGuard:
         sup = self.supervisor
         stats = self._step.commit(verdict, sup.rate())
         bad_data = (lambda: self._step.on_any_rank(not batch_finite(self._step.B, data))) if data is not None else False
-        decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch)
-        if self.loss_fn is not None and isinstance(data, (tuple, list)) and len(data) == 2 \
-                and wants_diagnosis(stats, decision, sup):
+        replayable = self.loss_fn is not None and isinstance(data, (tuple, list)) and len(data) == 2
+        diagnose = (lambda: self._diagnose(data, stats)) if replayable else None  # noqa: E731 - before the policy
+        decision = self._driver.judge(stats, bad_data=bad_data, epoch=epoch, batch=batch, diagnose=diagnose)
+        if replayable and wants_diagnosis(stats, decision, sup):
             self._diagnose(data, stats)
         self._driver.follow(decision, before_stop=self._step.zero_grad)
         self._step.zero_grad()
@@ -336,6 +356,30 @@ class TorchGuard:
         """Bytes the guard holds in memory across steps: the rollback snapshot (only under
         ``rollback``), the buffers a skipped step puts back, and with ``verify_updates`` the undo copy."""
         return self._snapshots.held_bytes() + (self._deferred or self._step).held_bytes()
+
+    @contextlib.contextmanager
+    def explain_errors(self, data):
+        """Wrap a step's forward and loss: an exception raised there (a label or an id out of
+        range raises ``IndexError`` on the CPU) gets the diagnosis of a replay of ``data``
+        (``(x, y)``, with the guard's ``loss_fn``) as a note naming the values and rows.
+
+        Example::
+
+            with guard.explain_errors((x, y)):
+                loss = loss_fn(model(x), y)
+            guard.step(loss, data=(x, y))
+        """
+        try:
+            yield
+        except Exception as exc:
+            if self.loss_fn is not None:
+                self.state.undo_forward()
+                try:
+                    self.supervisor.explain(exc, self._step.B, self.model, self.loss_fn, *data, self.state.params,
+                                            lr=self.lr, optimizer=self.optimizer)
+                finally:
+                    self.state.undo_forward()
+            raise
 
     def _diagnose(self, batch, stats):
         """Replay ``batch`` from the pre-step weights; under gradient accumulation, when an earlier

@@ -105,7 +105,11 @@ class TorchStep:
         loss = check_loss(loss)
         self._losses.append(loss.detach().reshape(()))
         scaler = self.state.scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if self.reducer is None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            return
+        with self.reducer.guarding("backward (DDP's gradient all-reduce)"):  # a dead rank: RankLostError
+            (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def record(self, loss) -> None:
         """Count a (micro-)batch loss whose backward the caller (a framework) has already run."""

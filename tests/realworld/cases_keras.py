@@ -344,3 +344,6 @@ def unscaled_features(fixed=False):
 def high_learning_rate(fixed=False):
     lr = 0.01 if fixed else 3.0
     return Setup(_mlp("relu", 16), mse, _sgd(lr), [_regression()], steps=40, lr=lr)
+
+
+from . import cases_keras_more  # noqa: E402,F401 - registers the cases of issue 19

@@ -360,3 +360,6 @@ def high_learning_rate(fixed=False):
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
     lr = 0.01 if fixed else 3.0
     return Setup(model, F.mse_loss, _sgd(model, lr), [_regression()], steps=40, lr=lr)
+
+
+from . import cases_torch_more  # noqa: E402,F401 - registers the cases of issue 19

@@ -19,6 +19,7 @@ class Case:
     accepted: str
     cause: str
     ops: dict = field(default_factory=dict)
+    frameworks: tuple = ("torch", "keras")
 
 
 def _ops(torch=None, keras=None, both=None):
@@ -74,5 +75,68 @@ CATALOGUE = [
          "inputs scaled by 1000 into a ReLU network: normalise the inputs", "unscaled-inputs"),
     Case("high-learning-rate", "https://github.com/tensorflow/tensorflow/issues/38796",
          "a high learning rate makes the loss nan or inf; lower it", "high-lr"),
+]
+
+_TORCH = ("torch",)
+CATALOGUE += [
+    # -- issue 19: a second set, from other public reports ---------------------------------
+    Case("ctc-short-utterance", "https://github.com/k2-fsa/icefall/issues/135",
+         "an utterance too short after subsampling cannot hold its transcript: CTC is inf; filter short "
+         "utterances or zero_infinity=True", "ctc-infeasible", _ops(torch={"ctc_loss"}), _TORCH),
+    Case("ctc-repeats", "https://github.com/ypwhs/captcha_break/issues/29",
+         "a label with repeats needs a blank between them (input_length >= 2*target+1 in the worst case); "
+         "a longer output fixes it", "ctc-infeasible", _ops(torch={"ctc_loss"}), _TORCH),
+    Case("fp16-additive-mask", "https://github.com/NVIDIA/apex/issues/93",
+         "a -1e10 (-1e15) mask value is -inf in float16; use a value float16 holds (-1e4) "
+         "(also bentrevett/pytorch-seq2seq#191)", "low-precision", _ops(torch={"mul"}, keras={"mul"})),
+    Case("fp16-finfo-min-mask", "https://github.com/huggingface/transformers/pull/17306",
+         "finfo(float16).min plus a negative score overflows to -inf; a row with every key masked is then NaN; "
+         "compute the masked softmax in float32", "low-precision", _ops(torch={"add"}, keras={"addv2"})),
+    Case("layernorm-eps-fp16", "https://github.com/pytorch/pytorch/issues/41527",
+         "eps=1e-12 is 0 in float16, so an all-zero (padded) row normalises 0/0 (also deepspeedai/DeepSpeed#581, "
+         "tensorflow/tensorflow#24979): compute the norm in float32 or use eps >= 1e-5", "low-precision",
+         _ops(both={"div"})),
+    Case("normalize-eps-fp16", "https://github.com/pytorch/pytorch/issues/32137",
+         "F.normalize's eps=1e-12 is 0 in float16: a zero vector gives 0/0", "low-precision",
+         _ops(torch={"normalize"}, keras={"rsqrt"})),
+    Case("rmsnorm-underflow", "https://github.com/huggingface/diffusers/pull/13316",
+         "in float16 small activations square to 0, the norm is 0 and the division overflows: normalise in float32",
+         "low-precision", _ops(both={"div"})),
+    Case("cosine-zero-vector", "https://github.com/google-deepmind/optax/pull/946",
+         "the cosine similarity of a zero embedding divides 0 by 0: add an epsilon to the norms", "singular-op",
+         _ops(both={"div"})),
+    Case("triplet-identical", "https://github.com/tensorflow/tensorflow/issues/30199",
+         "a positive identical to its anchor has distance 0 and d sqrt/dx = inf: NaN gradients", "singular-op",
+         _ops(both={"sqrt"})),
+    Case("gcn-isolated-node", "https://github.com/mlx-graphs/mlx-graphs/pull/18",
+         "an isolated node has degree 0 and deg^-1/2 = inf (also pyg-team/pytorch_geometric#61): add self-loops",
+         "singular-op", _ops(both={"pow"})),
+    Case("gat-isolated-node", "https://github.com/PetarV-/GAT/issues/39",
+         "non-edges are masked before the softmax; a node with no neighbour and no self-loop masks its whole row",
+         "masked-softmax", _ops(both={"softmax"})),
+    Case("supcon-no-positive", "https://github.com/HobbitLong/SupContrast/issues/50",
+         "mask.sum(1) is 0 for an anchor with no positive in the batch: the mean over positives is 0/0",
+         "empty-mean", _ops(both={"div"})),
+    Case("seq2seq-all-padding", "https://github.com/lucidrains/recurrent-memory-transformer-pytorch/issues/6",
+         "a segment whose targets are all padding (ignore_index) gives a NaN mean", "empty-mean",
+         _ops(torch={"cross_entropy"}, keras={"div"})),
+    Case("vae-exp-logvar", "https://github.com/vanderschaarlab/synthcity/issues/331",
+         "an unbounded log-variance overflows exp(): clamp it (diffusers clamps to [-30, 20])", "exp-overflow",
+         _ops(both={"exp"})),
+    Case("flow-exp-scale", "https://github.com/VincentStimper/normalizing-flows/issues/47",
+         "the affine coupling's exp(s) overflows: bound s (tanh, as RealNVP) or clamp", "exp-overflow",
+         _ops(both={"exp"})),
+    Case("focal-log-zero", "https://github.com/mkocabas/focal-loss-keras/issues/17",
+         "a saturated sigmoid gives p = 1 and log(1 - p) = -inf: compute from logits or clip", "log-zero",
+         _ops(both={"log"})),
+    Case("sigmoid-bce-hand", "https://github.com/hwalsuklee/tensorflow-mnist-VAE/issues/4",
+         "a hand-written BCE meets log(0): use sigmoid_cross_entropy_with_logits", "log-zero", _ops(both={"log"})),
+    Case("poisson-log-zero", "https://github.com/keras-team/keras/issues/590",
+         "the Poisson loss takes log(y_pred) and a ReLU output is exactly 0", "log-zero", _ops(both={"log"})),
+    Case("embedding-id-out-of-range", "https://github.com/ajhalthor/Transformer-Neural-Network/issues/13",
+         "token ids beyond the embedding's size: 'index out of range in self'; enlarge the vocabulary", "bad-labels"),
+    Case("gather-vocab-out-of-range", "https://github.com/boathit/t2vec/issues/17",
+         "target ids equal to the output size: 'index ... is out of bounds'; the vocabulary sizes disagree",
+         "bad-labels"),
 ]
 BY_NAME = {c.name: c for c in CATALOGUE}

@@ -12,26 +12,32 @@ HERE = Path(__file__).parent
 @functools.lru_cache(maxsize=None)
 def result(framework: str, name: str, fixed: bool):
     """(diagnosis or None, steps run) of one case on one framework."""
+    from .harness import run_keras, run_torch
+
+    run = run_torch if framework == "torch" else run_keras
+    return run(builders(framework)[name](fixed))
+
+
+def builders(framework: str) -> dict:
+    """The case builders of one framework, by name."""
     from conftest import load_backend
 
     load_backend("torch" if framework == "torch" else "tensorflow")
     if framework == "torch":
         from .cases_torch import CASES
-        from .harness import run_torch as run
     else:
         from .cases_keras import CASES
-        from .harness import run_keras as run
-    return run(CASES[name](fixed))
+    return CASES
 
 
 @functools.lru_cache(maxsize=None)
-def origin_line(framework: str, name: str) -> int:
-    """The line of ``# origin: ... <name>`` in the framework's case module."""
-    path = HERE / ("cases_torch.py" if framework == "torch" else "cases_keras.py")
+def origin_line(framework: str, name: str) -> tuple[str, int]:
+    """(module file name, line) of ``# origin: ... <name>`` in the module that builds the case."""
+    path = Path(builders(framework)[name].__code__.co_filename)
     for number, text in enumerate(path.read_text().splitlines(), start=1):
         m = re.search(r"# origin: (.*)$", text)
         if m and name in m.group(1).split():
-            return number
+            return path.name, number
     raise LookupError(f"no '# origin: {name}' line in {path.name}")
 
 
