@@ -128,6 +128,7 @@ def test_the_cause_catalogue_page_lists_every_cause_in_order():
     assert "<!-- causes -->" in (ROOT / "docs" / "guides" / "diagnosis.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # mkdocs in a subprocess
 @pytest.mark.needs("mkdocs", "material", "mkdocstrings")
 def test_mkdocs_build_strict(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), NO_MKDOCS_2_WARNING="1")

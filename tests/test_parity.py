@@ -179,6 +179,7 @@ def ev_true(evidence, key):
     return evidence.get(key) is True
 
 
+@pytest.mark.slow  # the fixed variant trains to the end
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_loss_spike_is_finite_then_diverges_and_the_detector_skips_exactly_the_burst(dtype):
     from stabilize.scenarios.catalogue import SPIKE_ROWS
