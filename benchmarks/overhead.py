@@ -66,7 +66,7 @@ TINY = {"mlp": dict(sizes=(8, 16, 1), batch=8), "conv": dict(batch=4, channels=4
 # The bars of issue 20: each section's guards (keys as in overhead_contenders' ``bars``).
 BARS = {"mlp": dict(guard=1.03, trainer=1.03, fresh=1.10), "conv": dict(guard=1.05, trainer=1.05),
         "lstm": dict(guard=1.05, trainer=1.05), "big": dict(guard=1.01, trainer=1.01)}
-STEPS = {"big": 4}  # steps per round where the section's step is long
+STEPS = {"big": 2}  # steps per round where the section's step is long (~0.5 s on one CPU thread)
 FRESH_STEPS, TINY_FRESH_STEPS = 60, 3
 
 # The sweep: MLPs 256-w-w-w-1 sized to these parameter counts, batch 512 (the guard's cost is a

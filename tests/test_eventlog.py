@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import load_backend
 
 from stabilize import StabilityTrainer, eventlog, scenarios
@@ -11,6 +12,7 @@ from stabilize.optim import SGD
 from stabilize.scenarios import losses as L
 
 
+@pytest.mark.slow  # a long fit (about 3 s of CPU)
 def test_every_event_of_a_rewind_run_is_one_json_line(tmp_path):
     load_backend("torch")
     path = tmp_path / "logs" / "run.events.jsonl"

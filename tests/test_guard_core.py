@@ -301,6 +301,7 @@ def test_a_step_that_raises_gets_the_diagnosis_as_a_note():
     assert "bad-labels" in notes
 
 
+@pytest.mark.slow  # a long fit
 def test_the_high_lr_advice_works_with_a_torch_optimizer():
     # The diagnosis of high-lr advises StabilityTrainer(on_nonfinite='backoff', max_update_ratio=0.5):
     # with a torch.optim optimizer it must run (it raised ValueError before).

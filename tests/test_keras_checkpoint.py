@@ -48,6 +48,7 @@ def assert_same(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
 
 
+@pytest.mark.slow  # a long fit (about 3 s of CPU or more)
 def test_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
     X, Y = data()
     m1, o1, c1 = build(0)
@@ -76,6 +77,7 @@ def test_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
     assert float(o3.state.lr_factor.numpy()) == float(o1.state.lr_factor.numpy()) < 1.0
 
 
+@pytest.mark.slow  # a long fit (about 3 s of CPU or more)
 def test_a_corrupt_or_foreign_checkpoint_changes_nothing(tmp_path):
     X, Y = data()
     m, o, c = build(0)
@@ -101,6 +103,7 @@ def test_a_corrupt_or_foreign_checkpoint_changes_nothing(tmp_path):
     assert_same(values(m2, o2), values(m, o))
 
 
+@pytest.mark.slow  # a long fit (about 3 s of CPU or more)
 def test_trainer_keras_path_resumes_bitwise(tmp_path):
     rng = np.random.RandomState(1)
     X = rng.randn(64, 3).astype("float32")

@@ -56,6 +56,7 @@ def test_guarded_model_saves_and_reloads(tmp_path):
     assert np.isfinite(h.history["loss"][0]) and int(loaded.optimizer.iterations.numpy()) == 16
 
 
+@pytest.mark.slow  # a long fit (about 3 s of CPU or more)
 def test_skipped_batch_consumes_no_rng_and_history_shows_applied_steps_only():
     import keras
 

@@ -12,6 +12,9 @@ import pytest
 
 import zoo_keras as Z
 
+# Every zoo model fits guarded and unguarded, and under each fault and policy: long Keras fits (~60 s CPU).
+pytestmark = pytest.mark.slow
+
 NAMES = ["cnn_bn_dropout", "lstm", "mha_masked", "two_inputs_dict", "mixed_float16"]
 POLICIES = {"skip": {"on_nonfinite": "skip"},
             "backoff": {"on_nonfinite": "backoff"},

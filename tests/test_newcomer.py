@@ -85,6 +85,7 @@ def test_a_history_with_every_step_skipped_for_nan_gradients_says_no_step_was_ap
     assert torch.equal(model.weight.detach(), w0)
 
 
+@pytest.mark.slow  # a subprocess that imports the frameworks
 def test_a_name_formatter_shows_stabilize_once_and_the_default_handler_tags_it(tmp_path):
     code = (
         "import logging, sys, torch, stabilize\n"
@@ -104,6 +105,7 @@ def test_a_name_formatter_shows_stabilize_once_and_the_default_handler_tags_it(t
         assert len(lines) == 1 and lines[0].startswith("stabilize: step 0: nonfinite"), (how, lines)
 
 
+@pytest.mark.slow  # a subprocess that trains on both frameworks
 @pytest.mark.needs("tensorflow")
 def test_the_parity_command_prints_its_table_whole_then_the_log_lines():
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")

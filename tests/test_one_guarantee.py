@@ -259,6 +259,7 @@ def test_6_guarded_optimizer_alone_refuses_to_train_naming_the_callback():
     assert np.isfinite(bn.moving_mean.numpy()).all() and np.isfinite(bn.moving_variance.numpy()).all()
 
 
+@pytest.mark.slow  # a subprocess that imports TensorFlow and Keras
 def test_6_a_saved_guarded_model_reloads_after_only_import_stabilize(tmp_path):
     load_backend("tensorflow")
     import keras

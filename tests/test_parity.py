@@ -13,6 +13,9 @@ import pytest
 from stabilize import parity, scenarios
 
 CASES = [(n, v) for n in scenarios.names() for v in scenarios.variants(n)]
+# The variants that do not diverge train to the end on both backends (3-8 s of CPU each): in the slow
+# run (-m slow). The diverging ones stop at their first non-finite step, and stay in the fast run.
+PARAMS = [pytest.param(n, v, marks=pytest.mark.slow) if v != "diverging" else pytest.param(n, v) for n, v in CASES]
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,7 +27,7 @@ def _report(name, variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name,variant", CASES)
+@pytest.mark.parametrize("name,variant", PARAMS)
 def test_parity_same_first_nonfinite_step_and_losses_within_bar(name, variant, dtype):
     report = _report(name, variant, dtype)
     steps = set(report.first_nonfinite.values())
@@ -43,7 +46,7 @@ def test_parity_same_first_nonfinite_step_and_losses_within_bar(name, variant, d
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name,variant", CASES)
+@pytest.mark.parametrize("name,variant", PARAMS)
 def test_each_variant_shows_what_it_claims_on_each_backend(name, variant, dtype):
     for backend, traj in _report(name, variant, dtype).trajectories.items():
         assert traj.ok, (backend, traj.expect, traj.first_nonfinite_step, traj.final_loss, traj.bound)
@@ -70,6 +73,7 @@ def test_catalogue_has_every_scenario_and_variant_of_the_map():
         scenarios.build("log-zero", "x")
 
 
+@pytest.mark.slow  # a variant that trains to the end
 def test_log_zero_clipped_stalls_with_exactly_zero_gradient_where_clipped():
     for traj in _report("log-zero", "clipped", "float64").trajectories.values():
         f = traj.facts
@@ -78,6 +82,7 @@ def test_log_zero_clipped_stalls_with_exactly_zero_gradient_where_clipped():
         assert f["stalled"]
 
 
+@pytest.mark.slow  # a variant that trains to the end
 def test_unscaled_leaky_variant_fits_the_scaler_on_all_rows():
     from sklearn.preprocessing import StandardScaler
 
@@ -90,6 +95,7 @@ def test_unscaled_leaky_variant_fits_the_scaler_on_all_rows():
     assert t.facts["test_rmse_original_units"] < 150  # predictions inverse-transformed to the original scale
 
 
+@pytest.mark.slow  # a variant that trains to the end
 def test_dirty_data_fixed_names_the_bad_cells_and_lists_dropped_rows():
     t = _report("dirty-data", "fixed", "float64").trajectories["torch"]
     msg = t.facts["check_finite"]
@@ -98,6 +104,7 @@ def test_dirty_data_fixed_names_the_bad_cells_and_lists_dropped_rows():
     assert t.facts["dropped_rows"] == [101, 102, 117, 200]
 
 
+@pytest.mark.slow  # a variant that trains to the end
 def test_masked_loss_diverging_prints_finite_losses_over_nan_weights():
     for traj in _report("masked-loss", "diverging", "float64").trajectories.values():
         assert traj.facts["losses_all_finite"] and not traj.facts["weights_finite_at_end"]
@@ -108,6 +115,7 @@ def test_masked_loss_diverging_prints_finite_losses_over_nan_weights():
         assert traj.facts["weights_finite_at_end"]
 
 
+@pytest.mark.slow  # a variant that trains to the end
 def test_high_lr_backoff_rescues_the_original_rate():
     for traj in _report("high-lr", "backoff", "float64").trajectories.values():
         assert traj.history.lrs[0] == 0.5
@@ -143,7 +151,7 @@ def test_diagnosis_names_the_scenario_on_every_diverging_variant(name, dtype):
             assert d.cause == name, (backend, d)
 
 
-@pytest.mark.parametrize("name,variant", [c for c in CASES if c[1] != "diverging"])
+@pytest.mark.parametrize("name,variant", [p for p in PARAMS if p.values[1] != "diverging"])
 def test_no_diagnosis_on_fixed_variants(name, variant):
     for traj in _report(name, variant, "float64").trajectories.values():
         if variant.startswith("fixed"):
@@ -171,6 +179,7 @@ def ev_true(evidence, key):
     return evidence.get(key) is True
 
 
+@pytest.mark.slow  # the fixed variant trains to the end
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_loss_spike_is_finite_then_diverges_and_the_detector_skips_exactly_the_burst(dtype):
     from stabilize.scenarios.catalogue import SPIKE_ROWS

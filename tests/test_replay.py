@@ -90,6 +90,7 @@ def test_a_nan_in_the_data_is_reproducible(tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["transient", "data"])
+@pytest.mark.slow  # a long fit (about 3 s of CPU or more)
 def test_the_run_with_the_replay_is_bit_identical_to_the_run_without(fault):
     load_backend("torch")
     results = []

@@ -34,6 +34,7 @@ def test_rewind_restores_the_snapshot_before_the_spike_bit_identically(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+@pytest.mark.slow  # a long fit (about 3 s of CPU or more)
 def test_rewind_leaves_out_the_next_batches_as_events_and_the_run_stays_on_track(backend):
     load_backend(backend)
     t, case = _trainer(backend, **REWIND)

@@ -15,6 +15,9 @@ torch = pytest.importorskip("torch")
 import stabilize  # noqa: E402
 from zoo_torch import ZOO, assert_same, make, state_of  # noqa: E402
 
+# Every zoo model trains guarded and unguarded, under each fault and policy: long fits (~40 s CPU).
+pytestmark = pytest.mark.slow
+
 POLICIES = ["skip", "backoff", "rollback"]
 
 

@@ -113,12 +113,10 @@ class StabilizeGuard(keras.callbacks.Callback):
 
         state = self.guarded.ensure_state()
         state.tracks_apply = outer is not None  # only a scaler around the guard may skip its apply
-        # Only policy ``auto`` treats a batch with non-finite values differently: the others trace no data check.
-        checks_data = self.settings.on_nonfinite == "auto"
 
         def guarded_train_step(data):  # Python runs here only while fit's step is traced
             self.tracing_count += 1
-            state.begin(data if checks_data else None)
+            state.begin(data)  # whether the batch is finite: every policy counts failures on finite data
             logs = train_step(data)  # builds the model, the optimizer and the compiled metrics on the first trace
             self._shadow(model, outer)
             scale = None if outer is None else outer.dynamic_scale

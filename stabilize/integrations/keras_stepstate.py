@@ -150,7 +150,7 @@ class StepState:
 
     def read(self) -> dict:
         """Host side: the last step's row (:data:`ROW`) as floats, in one transfer."""
-        return dict(zip(ROW, (float(v) for v in ops.convert_to_numpy(self.stats))))
+        return dict(zip(ROW, ops.convert_to_numpy(self.stats).tolist()))
 
     def begin(self, data=None):
         """Start of the compiled step; with ``data``, note whether its float tensors are finite

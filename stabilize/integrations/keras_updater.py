@@ -64,6 +64,23 @@ class KerasTrainStep:
         # No autograph, as in Keras's own fit: the step branches with ops.cond only, and converting
         # every function it calls would make the one trace several times slower.
         self._step = tf.function(self._traced, reduce_retracing=True, autograph=False)
+        self._concrete = {}  # (shape, dtype) of x and y -> the concrete step the tf.function chose for them
+
+    def _call(self, x, y):
+        """Run the compiled step. The first call of an input signature goes through the tf.function
+        (which traces it, or picks the function it traced for a like signature); later ones call that
+        concrete function directly: the tf.function's own dispatch (binding the arguments, their trace
+        types, the cache lookup) costs as much host time per step as the rest of the trainer's step."""
+        tf = self._tf
+        if not (type(x) is type(y) and isinstance(x, tf.Tensor)):  # a dict, a numpy array, ...: as given
+            return self._step(x, y)
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+        fn = self._concrete.get(key)
+        if fn is None:
+            out = self._step(x, y)
+            self._concrete[key] = self._step.get_concrete_function(x, y)
+            return out
+        return fn(x, y)
 
     def _traced(self, x, y):
         state = self.guard.state
@@ -89,7 +106,7 @@ class KerasTrainStep:
         state = self.guard.state
         state.set_rate(lr_factor if isinstance(lr_factor, Rate) else Rate(float(lr_factor)))
         state.set_limits(limits)
-        stats = dict(zip(ROW, (float(v) for v in ops.convert_to_numpy(self._step(x, y)))))
+        stats = dict(zip(ROW, np.asarray(self._call(x, y)).tolist()))  # Python floats, read in one transfer
         if limits is not None:
             stats.update(state.limits_now())
         return stats
