@@ -13,6 +13,7 @@ and the documentation site builds with ``mkdocs build --strict``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -91,7 +92,19 @@ def test_bash_blocks_run_or_say_why_not(page, tmp_path):
                 pytest.fail(f"{_id(page)}:{line}: {' '.join(argv)!r} is neither run by this test nor marked "
                             f"'<!-- not run: reason -->'")
             out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+            _skip_if_a_backend_is_missing(out)
             assert out.returncode == expected, f"{_id(page)}:{line}: {argv[2:]} exited {out.returncode}: {out.stderr[-1500:]}"
+
+
+def _skip_if_a_backend_is_missing(out):
+    """A command that needs a framework this install lacks (and this run does not require) is skipped,
+    naming the extra, as the conftest rule does for a test that imports it."""
+    missing = re.search(r"backend '(\w+)' is known but its framework failed to import \(ModuleNotFoundError: "
+                        r"No module named '(\w+)'", out.stderr)
+    required = os.environ.get("STABILIZE_TEST_BACKENDS", "torch,tensorflow").split(",")
+    if out.returncode == 2 and missing and missing.group(1) not in required \
+            and importlib.util.find_spec(missing.group(2)) is None:
+        pytest.skip(f"needs {missing.group(2)} (the '{missing.group(1)}' extra), not installed")
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b[0] == "toml" for b in blocks(p))], ids=_id)
