@@ -113,14 +113,16 @@ def _watched(fn, loss):
 
     @functools.wraps(fn)
     def watched(pred, target):
-        shapes = getattr(pred, "shape", None), getattr(target, "shape", None)
-        if not seen and None not in shapes:
-            seen.append(True)
-            if broadcasts_silently(*shapes):
-                name = getattr(loss, "__name__", type(loss).__name__)
-                warnings.warn(f"the model's output has shape {tuple(shapes[0])} but the targets {tuple(shapes[1])}: "
-                              f"the loss {name} broadcasts them into a loss over the wrong pairs; give the model one "
-                              f"output per target column, or reshape y", UserWarning, stacklevel=2)
+        if not seen:  # only the first batch with shapes is looked at: nothing on later steps
+            shapes = getattr(pred, "shape", None), getattr(target, "shape", None)
+            if None not in shapes:
+                seen.append(True)
+                if broadcasts_silently(*shapes):
+                    name = getattr(loss, "__name__", type(loss).__name__)
+                    warnings.warn(f"the model's output has shape {tuple(shapes[0])} but the targets "
+                                  f"{tuple(shapes[1])}: the loss {name} broadcasts them into a loss over the wrong "
+                                  f"pairs; give the model one output per target column, or reshape y",
+                                  UserWarning, stacklevel=2)
         return fn(pred, target)
 
     return watched
